@@ -1,0 +1,175 @@
+"""mamba-cli's runtime: turn a model on disk into streamed tokens.
+
+Public API (stable; tests and benchmarks use it):
+
+    m = load_model(source, device="auto", dtype=None, gpu_layers=None)   # folder, .gguf, repo id or alias
+    m.config, m.arch, m.tokenizer
+    logits = m.forward(tokens)             # LongTensor [B, T] -> FloatTensor [B, T, vocab], no cache
+    cache = m.make_cache(batch=1)
+    logits = m.forward(tokens, cache)      # advances the cache
+    for tok in generate(m, prompt_ids, max_new_tokens=64, temperature=0.0, ...): ...
+
+The way in: load_model -> registry -> runtime/models/<arch>.py -> runtime/generate.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime import registry
+from runtime.device import check_fits, layer_devices, place, resolve_device
+from runtime.errors import MambaCliError, ModelFormatError
+from runtime.generate import generate
+from runtime.weights import iter_safetensors, read_config, read_json, safetensors_files
+
+__all__ = ["load_model", "generate", "LoadedModel", "MambaCliError"]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class LoadedModel:
+    """A model ready to run: the nn.Module plus its config, tokenizer and generation defaults."""
+
+    def __init__(self, module: nn.Module, arch: str, config: dict[str, Any], tokenizer, source: str,
+                 generation: dict[str, Any] | None = None):
+        self.module = module
+        self.arch = arch
+        self.config = config
+        self.tokenizer = tokenizer
+        self.source = source
+        self.generation = generation or {}
+        self.load_seconds = 0.0
+        self.eos_ids: set[int] = set(_ids(config.get("eos_token_id")) + _ids(self.generation.get("eos_token_id")))
+        if tokenizer is not None:
+            self.eos_ids |= set(tokenizer.eos_ids)
+
+    @property
+    def args(self):
+        return self.module.args
+
+    @property
+    def input_device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.module.args, "context_length", None)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        return self.module(tokens.to(self.input_device), cache)
+
+    def make_cache(self, batch: int = 1) -> list:
+        return self.module.make_cache(batch)
+
+    def layer_devices(self) -> list[torch.device]:
+        return layer_devices(self.module)
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _ids(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(i) for i in x] if isinstance(x, list) else [int(x)]
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    from runtime.hub import resolve_model
+
+    return resolve_model(str(source))
+
+
+def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None,
+               gpu_layers: int | None = None) -> LoadedModel:
+    """Load a model folder (HF or mistral-inference layout), a .gguf file, a Hub repo id or an alias."""
+    t0 = time.perf_counter()
+    path = _resolve(source)
+    device = resolve_device(device)
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            dtype = None
+        elif dtype not in DTYPES:
+            raise MambaCliError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        else:
+            dtype = DTYPES[dtype]
+    if path.is_file() and path.suffix == ".gguf":
+        from runtime.gguf_model import load_gguf
+
+        m = load_gguf(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
+    elif path.is_dir():
+        m = _load_folder(path, device, dtype, gpu_layers)
+    else:
+        raise MambaCliError(f"{path}: not a model folder or .gguf file")
+    m.load_seconds = time.perf_counter() - t0
+    return m
+
+
+def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                 where: str) -> nn.Module:
+    """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape."""
+    with torch.device("meta"):
+        module = arch_mod.Model(args)
+    weights = arch_mod.Model.sanitize(weights, args)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing:
+        raise ModelFormatError(f"{where}: weights missing {len(missing)} tensors, e.g. {missing[0]}")
+    if unexpected:
+        raise ModelFormatError(f"{where}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    for k, t in weights.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ModelFormatError(f"{where}: tensor {k} has shape {list(t.shape)}, the config implies "
+                                   f"{list(expected[k].shape)}")
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            weights[k] = t.to(dtype)
+    module.load_state_dict(weights, assign=True, strict=True)
+    module.eval()
+    return module
+
+
+def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
+    from runtime.tokenizer import Tokenizer
+
+    cfg, cfg_path = read_config(folder)
+    if cfg_path.name == "params.json":
+        from runtime.models.mamba2 import config_from_params
+
+        cfg = config_from_params(cfg)
+    arch_mod = registry.arch_for_config(cfg, str(cfg_path))
+    try:
+        args = arch_mod.Args.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{cfg_path}: missing or invalid field {e}") from None
+    files = safetensors_files(folder)
+    size = sum(f.stat().st_size for f in files)
+    check_fits(int(size * 1.05) if gpu_layers is None or device == "cpu" else 0, "cpu", f"{folder.name}")
+    if dtype is None:
+        dtype = DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or ""), None)
+    weights = dict(iter_safetensors(files))
+    module = build_module(arch_mod, args, weights, dtype, str(folder))
+    del weights
+    if device != "cpu":
+        check_fits(size if gpu_layers is None else 0, device, folder.name)
+    place(module, device, gpu_layers)
+    gen_path = folder / "generation_config.json"
+    generation = read_json(gen_path) if gen_path.is_file() else {}
+    tokenizer = Tokenizer.from_dir(folder)
+    return LoadedModel(module, arch_mod.__name__.rsplit(".", 1)[1], cfg, tokenizer, str(folder), generation)

@@ -1,0 +1,245 @@
+"""Typed per-layer caches and their snapshot/restore.
+
+A model's cache is a plain list with one entry per layer (None where a layer keeps no state):
+
+    KVCache         attention keys/values, grown in steps (static shapes within a step)
+    RollingKVCache  sliding-window attention: a ring of `window` slots, memory stops at the window
+    SSMState        Mamba conv + SSM state, fp32, constant size whatever the context
+
+Legend: B batch, H kv heads, S cached positions, T new positions, D head dim.
+
+Every cache counts the tokens it has seen in `offset`, exposes `nbytes`, and turns itself into
+tensors + JSON meta (`to_state` / `from_state`) so `save_cache`/`load_cache` can snapshot a whole
+conversation to one safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP = 256
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [T, S] mask: query at position p sees key at q iff 0 <= q <= p (and p - q < window)."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    m = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        m &= (qp - kp) < window
+    return m
+
+
+class KVCache:
+    """Keys/values of every position seen so far, preallocated in steps of STEP positions."""
+
+    kind = "kv"
+
+    def __init__(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 max_len: int | None = None):
+        self.shape = (batch, n_kv, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k = torch.zeros(batch, n_kv, max_len or 0, head_dim, dtype=dtype, device=device)  # [B, H, S, D]
+        self.v = torch.zeros_like(self.k)
+        self.offset = 0
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.k.shape[2]:
+            return
+        size = ((n + STEP - 1) // STEP) * STEP
+        b, h, d = self.shape
+        k = torch.zeros(b, h, size, d, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        k[:, :, : self.offset] = self.k[:, :, : self.offset]
+        v[:, :, : self.offset] = self.v[:, :, : self.offset]
+        self.k, self.v = k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append k, v [B, H, T, D]; return all keys, values and the [T, S] mask (None: all visible)."""
+        t = k.shape[2]
+        start = self.offset
+        self._reserve(start + t)
+        self.k[:, :, start : start + t] = k
+        self.v[:, :, start : start + t] = v
+        self.offset += t
+        mask = None
+        if t > 1:
+            pos = torch.arange(self.offset, device=k.device)
+            mask = attention_mask(pos[start:], pos, None)
+        return self.k[:, :, : self.offset], self.v[:, :, : self.offset], mask
+
+    def trim(self, n: int) -> None:
+        """Forget the last n positions (used when a chat turn re-renders differently)."""
+        self.offset = max(0, self.offset - n)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return ({"k": self.k[:, :, : self.offset].contiguous(), "v": self.v[:, :, : self.offset].contiguous()},
+                {"offset": self.offset})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device, dtype) -> KVCache:
+        k = tensors["k"]
+        c = cls(k.shape[0], k.shape[1], k.shape[3], dtype, device)
+        c._reserve(k.shape[2])
+        c.k[:, :, : k.shape[2]] = k.to(device, dtype)
+        c.v[:, :, : k.shape[2]] = tensors["v"].to(device, dtype)
+        c.offset = int(meta["offset"])
+        return c
+
+
+class RollingKVCache:
+    """Sliding-window attention cache: position p lives in slot p % window; memory is capped at the window."""
+
+    kind = "rolling_kv"
+
+    def __init__(self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.window = window
+        self.k = torch.zeros(batch, n_kv, window, head_dim, dtype=dtype, device=device)  # [B, H, W, D]
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position held by each slot
+        self.offset = 0
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        slots = positions % self.window
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        self.pos[slots] = positions
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        t = k.shape[2]
+        new_pos = torch.arange(self.offset, self.offset + t, device=k.device)
+        if t == 1:
+            # The slot we overwrite holds position p - window, which p no longer sees.
+            self._write(k, v, new_pos)
+            self.offset += 1
+            mask = None if self.offset >= self.window else (self.pos >= 0)[None, :]
+            return self.k, self.v, mask
+        keys = torch.cat([self.k, k], dim=2)
+        values = torch.cat([self.v, v], dim=2)
+        mask = attention_mask(new_pos, torch.cat([self.pos, new_pos]), self.window)
+        keep = min(t, self.window)
+        self._write(k[:, :, -keep:], v[:, :, -keep:], new_pos[-keep:])
+        self.offset += t
+        return keys, values, mask
+
+    def trim(self, n: int) -> None:
+        """Rewinding a ring is only possible while the dropped positions' predecessors are still held."""
+        if n == 0:
+            return
+        new_offset = max(0, self.offset - n)
+        if self.offset > self.window and new_offset > 0:
+            raise ValueError("cannot rewind a sliding-window cache past its window")
+        self.pos[self.pos >= new_offset] = -1
+        self.offset = new_offset
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"k": self.k, "v": self.v, "pos": self.pos}, {"offset": self.offset, "window": self.window}
+
+    @classmethod
+    def from_state(cls, tensors, meta, device, dtype) -> RollingKVCache:
+        k = tensors["k"]
+        c = cls(k.shape[0], k.shape[1], k.shape[3], int(meta["window"]), dtype, device)
+        c.k.copy_(k)
+        c.v.copy_(tensors["v"])
+        c.pos.copy_(tensors["pos"])
+        c.offset = int(meta["offset"])
+        return c
+
+
+class SSMState:
+    """Mamba layer state: conv [B, C, K-1] (the last K-1 conv inputs) and ssm [B, D, N] or [B, H, P, N], fp32."""
+
+    kind = "ssm"
+
+    def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
+        self.conv = conv
+        self.ssm = ssm
+        self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.numel() * self.conv.element_size() + self.ssm.numel() * self.ssm.element_size()
+
+    def trim(self, n: int) -> None:
+        if n:
+            raise ValueError("an SSM state cannot be rewound")
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"conv": self.conv, "ssm": self.ssm}, {"offset": self.offset}
+
+    @classmethod
+    def from_state(cls, tensors, meta, device, dtype) -> SSMState:
+        c = cls(tensors["conv"].to(device), tensors["ssm"].to(device))
+        c.offset = int(meta["offset"])
+        return c
+
+
+KINDS = {c.kind: c for c in (KVCache, RollingKVCache, SSMState)}
+
+
+def cache_nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache if c is not None)
+
+
+def cache_offset(cache: list) -> int:
+    return next((c.offset for c in cache if c is not None), 0)
+
+
+def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> None:
+    """Snapshot a per-layer cache plus caller metadata (model id, tokens) to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    from runtime.fileio import atomic_path
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for i, c in enumerate(cache):
+        if c is None:
+            layers.append(None)
+            continue
+        ts, m = c.to_state()
+        for name, t in ts.items():
+            tensors[f"{i}.{name}"] = t.detach().to("cpu").contiguous()
+        layers.append({"kind": c.kind, **m})
+    header = {"mamba_cli_cache": json.dumps({"layers": layers, "meta": meta})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def load_cache(path: str | os.PathLike, devices: list[torch.device], dtypes: list[torch.dtype]
+               ) -> tuple[list, dict[str, Any]]:
+    """Read a snapshot written by save_cache; devices/dtypes give each layer's placement."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = json.loads((f.metadata() or {}).get("mamba_cli_cache", "null"))
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: not a mamba-cli state file")
+            layers = info["layers"]
+            if len(layers) != len(devices):
+                raise ValueError(f"{path}: state has {len(layers)} layers, the model has {len(devices)}")
+            cache = []
+            for i, m in enumerate(layers):
+                if m is None:
+                    cache.append(None)
+                    continue
+                cls = KINDS[m["kind"]]
+                ts = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.split(".", 1)[0] == str(i)}
+                cache.append(cls.from_state(ts, m, devices[i], dtypes[i]))
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable state file ({e})") from None
+    return cache, info["meta"]

@@ -1,0 +1,93 @@
+"""Device choice, memory checks, and the --gpu-layers split (first N layers on CUDA, the rest on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from runtime.errors import MambaCliError, ResourceError
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'. 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MambaCliError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MambaCliError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+def available_ram() -> int:
+    """Bytes of RAM this process can still take (MemAvailable, or cgroup limit minus usage)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = int(open("/sys/fs/cgroup/memory.max").read().strip())
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        avail = min(avail or limit, limit - used)
+    except (OSError, ValueError):
+        pass
+    return avail if avail is not None else 1 << 62
+
+
+def check_fits(nbytes: int, device: str, what: str) -> None:
+    """Refuse before loading when the weights cannot fit, with the numbers."""
+    if os.environ.get("MAMBA_CLI_SKIP_MEMCHECK"):
+        return
+    if device == "cpu":
+        have = available_ram()
+    else:
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        have = free
+    if nbytes > have:
+        raise ResourceError(f"{what} needs {gib(nbytes)} but only {gib(have)} is free on {device}; "
+                            "try a 4-bit GGUF (mamba-cli quantize), --gpu-layers, or --device cpu")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _to_device(x, dev: torch.device):
+    if isinstance(x, torch.Tensor):
+        return x.to(dev, non_blocking=True)
+    if isinstance(x, tuple):
+        return tuple(_to_device(v, dev) for v in x)
+    return x
+
+
+def place(model: nn.Module, device: str, gpu_layers: int | None) -> None:
+    """Move `model` to `device`, or split it: layers [0, N) on CUDA, the rest, embeddings and head on CPU.
+
+    Activations follow through forward pre-hooks that move a block's inputs to its device, so the
+    architecture files stay device-agnostic.
+    """
+    layers = model.layers
+    if gpu_layers is None or device == "cpu":
+        model.to(device)
+        return
+    n = max(0, min(gpu_layers, len(layers)))
+    model.to("cpu")
+    for i, layer in enumerate(layers):
+        dev = torch.device(device if i < n else "cpu")
+        layer.to(dev)
+        layer.register_forward_pre_hook(lambda _m, args, dev=dev: _to_device(args, dev))
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    cpu = torch.device("cpu")
+    for m in model.modules():
+        if id(m) not in inside and any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(lambda _m, args: _to_device(args, cpu))
+
+
+def layer_devices(model: nn.Module) -> list[torch.device]:
+    return [next(layer.parameters()).device for layer in model.layers]

@@ -1,0 +1,209 @@
+"""Prefill once, decode step by step; sampling; stop conditions; incremental UTF-8-safe detokenizing.
+
+    Session       a model's cache and the tokens it holds: a new prompt prefills only what is new
+    sample()      repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
+    generate()    yields token ids (the stop token itself is not yielded)
+    Detokenizer   ids -> text pieces that never split a multi-byte character
+    stream_text() generate() + Detokenizer + stop strings, the form run/chat print
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens actually prefilled (new ones only)
+    cached_tokens: int = 0  # prompt tokens reused from the cache
+    prompt_seconds: float = 0.0
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+    stop_reason: str = ""  # "eos" | "length" | "stop" | "interrupted"
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return self.gen_tokens / self.gen_seconds if self.gen_seconds else 0.0
+
+
+@dataclass
+class Session:
+    """A model, its cache, and `tokens`: exactly the ids the cache has consumed, in order."""
+
+    model: object
+    cache: list = field(default=None)
+    tokens: list[int] = field(default_factory=list)
+    last_logits: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.cache is None:
+            self.cache = self.model.make_cache(1)
+
+    def reset(self) -> None:
+        self.cache = self.model.make_cache(1)
+        self.tokens = []
+        self.last_logits = None
+
+    def feed(self, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Run ids through the model in chunks; return the last position's logits [V]."""
+        dev = self.model.input_device
+        for i in range(0, len(ids), chunk):
+            part = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=dev)
+            logits = self.model.forward(part, self.cache)
+            self.last_logits = logits[0, -1]
+            self.tokens.extend(ids[i : i + chunk])
+        return self.last_logits
+
+    def prepare(self, prompt: list[int], stats: Stats | None = None) -> torch.Tensor:
+        """Make the cache hold `prompt`, reusing the longest common prefix; return next-token logits."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        if common == len(prompt) == len(self.tokens) and self.last_logits is not None:
+            new = []
+        else:
+            common = min(common, len(prompt) - 1)
+            drop = len(self.tokens) - common
+            try:
+                for c in self.cache:
+                    if c is not None:
+                        c.trim(drop)
+                del self.tokens[common:]
+            except ValueError:  # an SSM state or a wrapped window cannot rewind: start over
+                self.reset()
+                common = 0
+            new = prompt[common:]
+        t0 = time.perf_counter()
+        logits = self.feed(new) if new else self.last_logits
+        if stats is not None:
+            stats.prompt_tokens, stats.cached_tokens = len(new), len(prompt) - len(new)
+            stats.prompt_seconds = time.perf_counter() - t0
+        return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, generator: torch.Generator | None = None) -> int:
+    """Pick the next token from logits [V] (float32)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        remove = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or not recent:
+        return logits
+    idx = torch.tensor(sorted(set(recent)), device=logits.device)
+    vals = logits[idx]
+    logits = logits.clone()
+    logits[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             repeat_last_n: int = 64, seed: int | None = None, stop_ids: Iterable[int] | None = None,
+             session: Session | None = None, stats: Stats | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens sampled ids. Stops (without yielding) at an EOS / stop id.
+
+    With a Session the prompt's cached prefix is reused and the session keeps the conversation's
+    cache afterwards: it then holds prompt + every yielded id except the last one sampled.
+    """
+    session = session or Session(model)
+    stats = stats if stats is not None else Stats()
+    stop = set(model.eos_ids if stop_ids is None else stop_ids)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    logits = session.prepare(list(prompt_ids), stats)
+    history = list(prompt_ids)
+    t0 = time.perf_counter()
+    stats.stop_reason = "length"
+    try:
+        for i in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, history[-repeat_last_n:], repetition_penalty)
+            tok = sample(logits, temperature, top_k, top_p, min_p, gen)
+            if tok in stop:
+                stats.stop_reason = "eos"
+                return
+            history.append(tok)
+            stats.gen_tokens += 1
+            yield tok
+            if i + 1 < max_new_tokens:
+                logits = session.feed([tok])
+    finally:
+        stats.gen_seconds = time.perf_counter() - t0
+
+
+class Detokenizer:
+    """Turns a stream of ids into text pieces; holds back bytes until they form whole characters."""
+
+    def __init__(self, tokenizer, context: list[int] | None = None):
+        self.tok = tokenizer
+        self.ids: list[int] = list(context or [])[-4:]
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+def stream_text(model, prompt_ids: list[int], stop: list[str] | None = None, stats: Stats | None = None,
+                **kw) -> Iterator[str]:
+    """generate() as printable text; `stop` strings end the reply and are not printed."""
+    stats = stats if stats is not None else Stats()
+    detok = Detokenizer(model.tokenizer, prompt_ids)
+    stop = [s for s in (stop or []) if s]
+    hold = max((len(s) for s in stop), default=0) - 1
+    pending = ""
+    for tok in generate(model, prompt_ids, stats=stats, **kw):
+        pending += detok.add(tok)
+        if stop:
+            hits = [pending.find(s) for s in stop if s in pending]
+            if hits:
+                yield pending[: min(hits)]
+                stats.stop_reason = "stop"
+                return
+            if len(pending) > hold:
+                cut = len(pending) - hold
+                yield pending[:cut]
+                pending = pending[cut:]
+        else:
+            yield pending
+            pending = ""
+    yield pending + detok.flush()

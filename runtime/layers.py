@@ -1,0 +1,185 @@
+"""The few blocks the architectures share: RMSNorm, RoPE, GQA attention over SDPA, SwiGLU, top-k MoE.
+
+Legend: B batch, T new tokens, S attended positions, H query heads, Hk kv heads, D head dim,
+E hidden size, I intermediate size, X experts, K experts per token.
+Parameter names follow the Hugging Face checkpoints so HF safetensors load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.cache import attention_mask
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] and the attention scaling factor for a rope_scaling dict (HF semantics)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(is_mid, mid, scaled), 1.0
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+class RoPE(nn.Module):
+    """Rotary embedding in the HF 'rotate_half' layout (GGUF q/k are un-permuted to it on load)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        with torch.device("cpu"):  # a plain attribute, not a buffer: models are built on the meta device
+            self.inv_freq, self.mscale = rope_inv_freq(head_dim, theta, scaling)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions : (T,)  ->  cos, sin : (T, D)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x : (B, H, T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; RoPE optional (Jamba has none); sliding window via the cache or a mask."""
+
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int, window: int | None = None,
+                 bias: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim, self.window = n_heads, n_kv, head_dim, window
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
+        # x : (B, T, E)
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            mask = None
+            if self.window is not None and t > self.window:
+                pos = torch.arange(t, device=x.device)
+                mask = attention_mask(pos, pos, self.window)
+            out = sdpa(q, k, v, mask, causal=mask is None and t > 1)
+        else:
+            k, v, mask = cache.update(k, v)
+            out = sdpa(q, k, v, mask, causal=False)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of SwiGLU experts, stacked: w1/w3 (X, I, E), w2 (X, E, I); router `gate` (X, E).
+
+    renormalize=True (Mixtral): weights are the softmax over the chosen k logits.
+    renormalize=False (Jamba): weights are the full softmax's values at the chosen k.
+    """
+
+    def __init__(self, hidden: int, inter: int, n_experts: int, top_k: int, renormalize: bool = True):
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = nn.Linear(hidden, n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, E)
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, X)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        if x.shape[0] <= 2:
+            # Decode: gather the K chosen experts' weights and run them as batched matmuls.
+            for n in range(x.shape[0]):
+                e = idx[n]
+                h = F.silu(torch.einsum("kie,e->ki", self.w1[e], x[n])) * torch.einsum("kie,e->ki", self.w3[e], x[n])
+                out[n] = torch.einsum("kei,ki,k->e", self.w2[e], h, weights[n])
+            return out.view(shape)
+        # Prefill: group tokens by expert.
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.w1.shape[0]).tolist()
+        token_of = order // self.top_k
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sel = order[start : start + c]
+            tok = token_of[start : start + c]
+            start += c
+            xe = x[tok]
+            h = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)
+            out.index_add_(0, tok, (h @ self.w2[e].T) * weights.flatten()[sel, None])
+        return out.view(shape)

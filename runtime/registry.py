@@ -1,0 +1,51 @@
+"""Which architecture module serves a model: by config `model_type` or GGUF `general.architecture`.
+
+A new architecture is one file in runtime/models/ plus a line in each table below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from runtime.errors import ModelFormatError
+
+# config.json model_type -> runtime.models.<module>
+MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "mamba": "mamba",
+    "falcon_mamba": "mamba",
+    "mamba2": "mamba2",
+    "jamba": "jamba",
+}
+
+# GGUF general.architecture -> runtime.models.<module>
+GGUF_ARCHS = {
+    "llama": "llama",
+    "mamba": "mamba",
+    "mamba2": "mamba2",
+    "jamba": "jamba",
+}
+
+
+def _import(name: str) -> ModuleType:
+    return importlib.import_module(f"runtime.models.{name}")
+
+
+def arch_for_config(cfg: dict, where: str = "config.json") -> ModuleType:
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise ModelFormatError(f"{where}: no model_type field; cannot tell the architecture")
+    if model_type not in MODEL_TYPES:
+        known = ", ".join(sorted(MODEL_TYPES))
+        raise ModelFormatError(f"{where}: unsupported model_type {model_type!r} (supported: {known})")
+    return _import(MODEL_TYPES[model_type])
+
+
+def arch_for_gguf(architecture: str, where: str) -> ModuleType:
+    if architecture not in GGUF_ARCHS:
+        known = ", ".join(sorted(GGUF_ARCHS))
+        raise ModelFormatError(f"{where}: unsupported GGUF architecture {architecture!r} (supported: {known})")
+    return _import(GGUF_ARCHS[architecture])
