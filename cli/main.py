@@ -31,9 +31,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from cli import run
+    from cli import chat, run
 
     app.command("run")(run.run)
+    app.command("chat")(chat.chat)
 
 
 def main() -> None:

@@ -2,10 +2,62 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
+from cli.common import DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, Sampling, err, load, stats_line
 
-def run(model: str = typer.Argument(..., help="Model folder, .gguf file, repo id or alias."),
-        prompt: str = typer.Argument(None, help="Prompt text; '-' or piped stdin reads it from stdin.")) -> None:
-    """Generate a reply to PROMPT and stream it."""
-    raise NotImplementedError
+
+def run(
+    model: str = MODEL_ARG,
+    prompt: str = typer.Argument(None, help="Prompt text; '-' (or no prompt with piped stdin) reads stdin."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    system: str = typer.Option(None, "--system", "-s", help="System prompt (chat template only)."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty on the last 64 tokens (1 = off)."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed: same seed, same output."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory to stderr."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    gpu_layers: int = GPU_LAYERS_OPT,
+) -> None:
+    """Generate a reply to PROMPT and stream it to stdout."""
+    from runtime.generate import Stats, stream_text
+
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty() and prompt is None:
+            raise typer.BadParameter("give a PROMPT, or pipe one on stdin")
+        prompt = sys.stdin.read()
+    m = load(model, device, dtype, gpu_layers)
+    if raw:
+        ids = m.tokenizer.encode_prompt(prompt)
+    else:
+        from runtime.chat import render
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        ids = render(messages, m.tokenizer, arch_hint=m.config.get("model_type"))
+    sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
+    stats = Stats()
+    if verbose:
+        err.print(f"[dim]loaded {m.source} ({m.arch}) in {m.load_seconds:.2f} s on "
+                  f"{m.input_device}[/]")
+    try:
+        for piece in stream_text(m, ids, stop=stop, stats=stats, **sampling.kwargs()):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats.stop_reason == "context":
+        err.print(f"[yellow]stopped: the model's context of {m.context_length} tokens is full[/]")
+    if verbose:
+        err.print(f"[dim]{stats_line(stats)}[/]")

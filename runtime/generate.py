@@ -10,12 +10,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from runtime.errors import MambaCliError
+
 PREFILL_CHUNK = 512
+
+
+class ContextError(MambaCliError):
+    """The conversation no longer fits the model's context window."""
 
 
 @dataclass
@@ -25,7 +31,7 @@ class Stats:
     prompt_seconds: float = 0.0
     gen_tokens: int = 0
     gen_seconds: float = 0.0
-    stop_reason: str = ""  # "eos" | "length" | "stop" | "interrupted"
+    stop_reason: str = ""  # "eos" | "length" | "context" | "stop" | "interrupted"
 
     @property
     def prompt_tps(self) -> float:
@@ -54,22 +60,34 @@ class Session:
         self.tokens = []
         self.last_logits = None
 
-    def feed(self, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-        """Run ids through the model in chunks; return the last position's logits [V]."""
+    def feed(self, ids: list[int], chunk: int = PREFILL_CHUNK,
+             should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+        """Run ids through the model in chunks; return the last position's logits [V].
+
+        should_stop is polled between chunks; when it says stop, feed returns None and the cache
+        holds exactly self.tokens (never a half-fed chunk).
+        """
         dev = self.model.input_device
         for i in range(0, len(ids), chunk):
+            if should_stop is not None and should_stop():
+                return None
             part = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=dev)
             logits = self.model.forward(part, self.cache)
             self.last_logits = logits[0, -1]
             self.tokens.extend(ids[i : i + chunk])
         return self.last_logits
 
-    def prepare(self, prompt: list[int], stats: Stats | None = None) -> torch.Tensor:
+    def prepare(self, prompt: list[int], stats: Stats | None = None,
+                should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Make the cache hold `prompt`, reusing the longest common prefix; return next-token logits."""
         if not prompt:
             raise ValueError("empty prompt")
+        limit = getattr(self.model, "context_length", None)
+        if limit and len(prompt) > limit:
+            raise ContextError(f"the prompt is {len(prompt)} tokens but the model's context is {limit}; "
+                               "shorten it or start a new conversation (/clear)")
         common = 0
-        for a, b in zip(self.tokens, prompt):
+        for a, b in zip(self.tokens, prompt, strict=False):
             if a != b:
                 break
             common += 1
@@ -88,7 +106,7 @@ class Session:
                 common = 0
             new = prompt[common:]
         t0 = time.perf_counter()
-        logits = self.feed(new) if new else self.last_logits
+        logits = self.feed(new, should_stop=should_stop) if new else self.last_logits
         if stats is not None:
             stats.prompt_tokens, stats.cached_tokens = len(new), len(prompt) - len(new)
             stats.prompt_seconds = time.perf_counter() - t0
@@ -128,8 +146,12 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: f
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              repeat_last_n: int = 64, seed: int | None = None, stop_ids: Iterable[int] | None = None,
-             session: Session | None = None, stats: Stats | None = None) -> Iterator[int]:
+             session: Session | None = None, stats: Stats | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens sampled ids. Stops (without yielding) at an EOS / stop id.
+
+    should_stop (e.g. set by a Ctrl-C handler) is polled between model calls, so an interrupted
+    reply leaves the cache consistent with session.tokens.
 
     With a Session the prompt's cached prefix is reused and the session keeps the conversation's
     cache afterwards: it then holds prompt + every yielded id except the last one sampled.
@@ -138,8 +160,14 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
     stats = stats if stats is not None else Stats()
     stop = set(model.eos_ids if stop_ids is None else stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    logits = session.prepare(list(prompt_ids), stats)
+    logits = session.prepare(list(prompt_ids), stats, should_stop)
+    if logits is None:
+        stats.stop_reason = "interrupted"
+        return
     history = list(prompt_ids)
+    limit = getattr(model, "context_length", None)
+    if limit:
+        max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
     t0 = time.perf_counter()
     stats.stop_reason = "length"
     try:
@@ -152,8 +180,13 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
             history.append(tok)
             stats.gen_tokens += 1
             yield tok
+            if should_stop is not None and should_stop():
+                stats.stop_reason = "interrupted"
+                return
             if i + 1 < max_new_tokens:
                 logits = session.feed([tok])
+        if limit and len(history) >= limit:
+            stats.stop_reason = "context"
     finally:
         stats.gen_seconds = time.perf_counter() - t0
 

@@ -131,7 +131,7 @@ def _check_safetensors_header(path: Path) -> None:
             raise ModelFormatError(f"{path}: tensor {name!r} shape {shape} does not match its byte size")
         spans.append((begin, end, name))
     spans.sort()
-    for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
+    for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise ModelFormatError(f"{path}: tensors {n1!r} and {n2!r} overlap")
 

@@ -1,0 +1,240 @@
+"""`mamba-cli chat MODEL`: an interactive conversation that keeps the model's cache between turns.
+
+Each turn renders the whole conversation with the chat template and hands it to a Session, which
+prefills only the tokens past what the cache already holds. /save writes the cache itself, so
+`--resume FILE` continues a conversation with no re-prefill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from cli.common import DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, Sampling, err, load, stats_line
+from runtime.errors import MambaCliError
+
+HELP = """[bold]Commands[/]
+  /help               this help
+  /clear              forget the conversation (keeps the system prompt)
+  /system TEXT        set the system prompt (empty TEXT removes it)
+  /set PARAM VALUE    temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens
+  /save FILE          save the conversation and the model state (resume with --resume FILE)
+  /load FILE          load a conversation saved with /save
+  /exit               quit (also Ctrl-D)
+Multi-line input: end a line with \\ to continue, or wrap the text in triple quotes \"\"\".
+Ctrl-C stops a reply in progress and keeps the conversation."""
+
+
+def model_fingerprint(m) -> str:
+    """Identifies the weights a saved state belongs to: config + every tensor's name and shape."""
+    h = hashlib.sha256(json.dumps(m.config, sort_keys=True, default=str).encode())
+    for name, t in m.module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}".encode())
+    return h.hexdigest()[:16]
+
+
+class Interrupt:
+    """While active, the first Ctrl-C only sets a flag (polled between model calls); a second one aborts."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __call__(self) -> bool:
+        return self.hit
+
+    def _handler(self, *_):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+class Chat:
+    def __init__(self, m, sampling: Sampling, system: str | None, console: Console, verbose: bool):
+        from runtime.generate import Session
+
+        self.m, self.sampling, self.console, self.verbose = m, sampling, console, verbose
+        self.system = system
+        self.messages: list[dict] = []
+        self.session = Session(m)
+
+    def conversation(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def ids(self) -> list[int]:
+        from runtime.chat import render
+
+        return render(self.conversation(), self.m.tokenizer, arch_hint=self.m.config.get("model_type"))
+
+    def reply(self, text: str) -> None:
+        from runtime.generate import Stats, stream_text
+
+        self.messages.append({"role": "user", "content": text})
+        stats = Stats()
+        pieces: list[str] = []
+        stop = Interrupt()
+        try:
+            with stop:
+                for piece in stream_text(self.m, self.ids(), stats=stats, session=self.session,
+                                         should_stop=stop, **self.sampling.kwargs()):
+                    pieces.append(piece)
+                    self.console.print(piece, end="", style="cyan", markup=False, highlight=False)
+        except MambaCliError as e:
+            self.messages.pop()
+            self.console.print(f"[red]error:[/] {e}")
+            return
+        self.console.print()
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        notes = {"interrupted": " · stopped (Ctrl-C)", "context": " · stopped: context full",
+                 "length": " · stopped: max tokens"}.get(stats.stop_reason, "")
+        self.console.print(f"[dim]{stats.gen_tokens} tokens · {stats.gen_tps:.1f} tok/s{notes}[/]")
+        if self.verbose:
+            self.console.print(f"[dim]{stats_line(stats)}[/]")
+
+    # ------------------------------------------------------------ state files
+
+    def save(self, path: str) -> None:
+        from runtime.cache import save_cache
+
+        meta = {"format": "mamba-cli-chat/1", "model": self.m.source, "arch": self.m.arch,
+                "fingerprint": model_fingerprint(self.m), "tokens": self.session.tokens,
+                "messages": self.messages, "system": self.system}
+        save_cache(path, self.session.cache, meta)
+        size = Path(path).stat().st_size
+        self.console.print(f"[dim]saved {len(self.messages)} messages and the model state "
+                           f"({len(self.session.tokens)} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
+
+    def load(self, path: str) -> None:
+        from runtime.cache import load_cache
+
+        if not Path(path).is_file():
+            raise MambaCliError(f"{path}: no such file")
+        cache, meta = load_cache(path, self.m.layer_devices(), self._layer_dtypes())
+        if meta.get("fingerprint") != model_fingerprint(self.m):
+            raise MambaCliError(f"{path} was saved with another model ({meta.get('model')}); "
+                                f"load it with that model")
+        self.session.cache, self.session.tokens = cache, list(meta["tokens"])
+        self.session.last_logits = None
+        self.messages, self.system = list(meta["messages"]), meta.get("system")
+        self.console.print(f"[dim]resumed {len(self.messages)} messages ({len(self.session.tokens)} tokens "
+                           "in the model state, nothing re-read)[/]")
+
+    def _layer_dtypes(self) -> list:
+        fresh = self.m.make_cache(1)
+        return [getattr(c, "k", getattr(c, "conv", None)).dtype if c is not None else None for c in fresh]
+
+    # ------------------------------------------------------------ commands
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means quit."""
+        name, _, rest = line[1:].partition(" ")
+        rest = rest.strip()
+        if name in ("exit", "quit", "bye"):
+            return False
+        if name == "help":
+            self.console.print(HELP)
+        elif name == "clear":
+            self.messages = []
+            self.session.reset()
+            self.console.print("[dim]conversation cleared[/]")
+        elif name == "system":
+            self.system = rest or None
+            self.console.print(f"[dim]system prompt {'set' if rest else 'removed'}[/]")
+        elif name == "set":
+            param, _, value = rest.partition(" ")
+            try:
+                self.sampling.set(param, value.strip())
+            except ValueError as e:
+                self.console.print(f"[red]{e}[/]")
+            else:
+                self.console.print(f"[dim]{self.sampling}[/]")
+        elif name in ("save", "load"):
+            if not rest:
+                self.console.print(f"[red]usage: /{name} FILE[/]")
+            else:
+                try:
+                    self.save(rest) if name == "save" else self.load(rest)
+                except (MambaCliError, ValueError, OSError) as e:
+                    self.console.print(f"[red]error:[/] {e}")
+        else:
+            self.console.print(f"[red]unknown command /{name}[/]; /help lists them")
+        return True
+
+
+def read_message(console: Console) -> str | None:
+    """One user message; None at end of input. Handles '\\' continuations and \"\"\" blocks."""
+    try:
+        line = console.input("[bold green]>>> [/]")
+    except EOFError:
+        return None
+    if line.strip().startswith('"""'):
+        lines = [line.strip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            try:
+                lines.append(console.input("[bold green]... [/]"))
+            except EOFError:
+                break
+        lines[-1] = lines[-1].rstrip().removesuffix('"""')
+        return "\n".join(lines).strip()
+    lines = [line]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        try:
+            lines.append(console.input("[bold green]... [/]"))
+        except EOFError:
+            break
+    return "\n".join(lines)
+
+
+def chat(
+    model: str = MODEL_ARG,
+    system: str = typer.Option(None, "--system", "-s", help="System prompt."),
+    resume: str = typer.Option(None, "--resume", help="Continue a conversation saved with /save."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t"),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    seed: int = typer.Option(None, "--seed"),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show prefill/decode speed and memory."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    gpu_layers: int = GPU_LAYERS_OPT,
+) -> None:
+    """Chat with a model in the terminal. /help inside lists the commands."""
+    console = Console(highlight=False)
+    m = load(model, device, dtype, gpu_layers)
+    c = Chat(m, Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens), system,
+             console, verbose)
+    if resume:
+        c.load(resume)
+    err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}, loaded in {m.load_seconds:.1f} s. "
+              "/help for commands, /exit or Ctrl-D to quit.[/]")
+    while True:
+        try:
+            text = read_message(console)
+        except KeyboardInterrupt:
+            console.print()
+            break
+        if text is None:
+            console.print()
+            break
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            if not c.command(text.strip()):
+                break
+            continue
+        c.reply(text)
