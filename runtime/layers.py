@@ -90,7 +90,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
         # x : (B, T, E)

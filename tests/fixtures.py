@@ -30,18 +30,22 @@ CORPUS = [
 
 
 def tiny_tokenizer_files(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE with <s>, </s>, <unk>, <|im_start|>, <|im_end|>; exactly vocab_size entries."""
+    """A character BPE (metaspace, like SentencePiece) with <unk>, <s>, </s>, <|im_start|>, <|im_end|>.
+
+    Every token decodes to whole characters, so random models still produce valid text.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = [chr(c) for c in range(33, 127)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    assert tok.get_vocab_size() <= vocab_size, "vocab_size too small for the byte alphabet"
+    assert tok.get_vocab_size() <= vocab_size, "vocab_size too small for the corpus alphabet"
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "<|im_end|>", "add_bos_token": True, "chat_template": CHATML,
