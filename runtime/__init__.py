@@ -91,6 +91,9 @@ def _resolve(source: str | os.PathLike) -> Path:
     p = Path(source).expanduser()
     if p.exists():
         return p
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1:
+        raise MambaCliError(f"{text}: no such file or folder")
     from runtime.hub import resolve_model
 
     return resolve_model(str(source))

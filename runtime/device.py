@@ -23,6 +23,8 @@ def resolve_device(device: str) -> str:
 
 def available_ram() -> int:
     """Bytes of RAM this process can still take (MemAvailable, or cgroup limit minus usage)."""
+    if os.environ.get("MAMBA_CLI_FAKE_FREE_RAM"):  # lets tests exercise the refusal
+        return int(os.environ["MAMBA_CLI_FAKE_FREE_RAM"])
     avail = None
     try:
         with open("/proc/meminfo") as f:
