@@ -122,7 +122,8 @@ def test_malformed_safetensors(folder, case):
         if case == "out_of_file":
             a["data_offsets"] = [a["data_offsets"][0], len(data) * 2]
         elif case == "overlap":
-            b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
+            start = a["data_offsets"][0]
+            b["data_offsets"] = [start, start + b["data_offsets"][1] - b["data_offsets"][0]]
         else:
             a["shape"] = [a["shape"][0] + 1] + a["shape"][1:]
         raw = json.dumps(header).encode()
