@@ -179,3 +179,78 @@ class Model(nn.Module):
         if args.tie_word_embeddings:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         return out
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
+
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.block_sparse_moe.w1",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.w3",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.w2",
+}
+
+
+def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """An HF-style config from llama.cpp metadata (Mistral and Mixtral are `llama` in GGUF)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"llama.{key}", default)
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    experts = int(get("expert_count", 0) or 0)
+    window = get("attention.sliding_window")
+    cfg = {
+        "model_type": "mixtral" if experts else ("mistral" if window else "llama"),
+        "vocab_size": int(get("vocab_size", vocab_size) or vocab_size),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("expert_feed_forward_length") or get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "sliding_window": int(window) if window else None,
+        "num_local_experts": experts,
+        "num_experts_per_tok": int(get("expert_used_count", 2) or 2),
+    }
+    scaling = get("rope.scaling.type")
+    if scaling == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling not in (None, "none"):
+        raise KeyError(f"llama.rope.scaling.type={scaling} (unsupported)")
+    return cfg
+
+
+def unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (its RoPE pairs adjacent dims; HF's pairs the two halves)."""
+    rows = t.shape[0]
+    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def gguf_row_transform(hf_name: str, args: Args):
+    """A function applied to the rows of a tensor (and of its int4 scales/zeros), or None."""
+    if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
+        return lambda t: unpermute_rows(t, args.num_attention_heads)
+    if hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
+        return lambda t: unpermute_rows(t, args.num_key_value_heads)
+    return None
