@@ -178,7 +178,7 @@ class Tokenizer:
                 pieces.append((text, None))
                 continue
             enc = self.tok.encode(text, add_special_tokens=False)
-            controls = self._special_ids()
+            controls = self.special_ids()
             pos = 0
             for tid, (start, end) in zip(enc.ids, enc.offsets, strict=True):
                 if tid in controls:
@@ -198,7 +198,8 @@ class Tokenizer:
             run, after_control = "", True
         return ids
 
-    def _special_ids(self) -> set[int]:
+    def special_ids(self) -> set[int]:
+        """Ids of the control tokens."""
         return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def _encode_section(self, text: str, after_control: bool) -> list[int]:
