@@ -13,9 +13,10 @@
     bos_id / eos_ids / add_bos             what a prompt starts with and where generation stops
 
 A SentencePiece model is read with a small protobuf reader below (no protobuf dependency) and turned
-into a `tokenizers` BPE (merges ordered by piece score, byte fallback) or Unigram model whose
+into a `tokenizers` BPE (merges ordered by the score of the piece they make, byte fallback) whose
 normalizer reproduces SentencePiece's: charsmap, extra-whitespace removal, the '▁' dummy prefix on
-every text section, spaces escaped to '▁'.
+every text section, spaces escaped to '▁'. Unigram models are refused: a `tokenizers` Unigram lattice
+would match control and byte pieces inside plain text, which SentencePiece never does.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ class SpmModel:
     pieces: list[str]
     scores: list[float]
     types: list[int]
-    model_type: int = 1  # TrainerSpec.model_type (3): 1 UNIGRAM, 2 BPE
+    model_type: int = 1  # TrainerSpec.model_type (3): 1 UNIGRAM, 2 BPE (the one supported)
     byte_fallback: bool = False  # TrainerSpec.byte_fallback (35)
     unk_id: int = 0  # TrainerSpec.unk_id (40)
     bos_id: int = 1  # (41)
@@ -342,9 +343,9 @@ def read_spm_model(path: Path) -> SpmModel:
         raise ModelFormatError(f"{path}: not a SentencePiece model ({e})") from None
     if not m.pieces:
         raise ModelFormatError(f"{path}: not a SentencePiece model (no pieces)")
-    if m.model_type not in (1, 2):
-        raise ModelFormatError(f"{path}: SentencePiece model type {m.model_type} is not supported "
-                               "(unigram, bpe)")
+    if m.model_type != 2:
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(m.model_type, str(m.model_type))
+        raise ModelFormatError(f"{path}: SentencePiece {kind} models are not supported (only bpe)")
     if not 0 <= m.unk_id < len(m.pieces):
         raise ModelFormatError(f"{path}: unk_id {m.unk_id} outside the {len(m.pieces)} pieces")
     return m
@@ -364,16 +365,15 @@ def _spm_merges(pieces: list[str], scores: list[float], types: list[int]) -> lis
 
 
 def spm_tokenizer(m: SpmModel) -> HFTokenizer:
-    """A `tokenizers` Tokenizer that encodes and decodes as SentencePiece does with model m."""
+    """A `tokenizers` Tokenizer that encodes and decodes as SentencePiece does with model m.
+
+    One known difference: user-defined pieces (none in Mistral's vocabularies) split the raw text and
+    the text after one gets its own '▁' prefix, as in llama.cpp; SentencePiece adds no prefix there."""
     vocab = {}
     for i, p in enumerate(m.pieces):
         vocab.setdefault(p, i)
-    if m.model_type == 2:
-        model = models.BPE(vocab=vocab, merges=_spm_merges(m.pieces, m.scores, m.types),
-                           unk_token=m.pieces[m.unk_id], fuse_unk=True, byte_fallback=m.byte_fallback)
-    else:
-        model = models.Unigram(list(zip(m.pieces, m.scores, strict=True)), m.unk_id, m.byte_fallback)
-    tok = HFTokenizer(model)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(m.pieces, m.scores, m.types),
+                                 unk_token=m.pieces[m.unk_id], fuse_unk=True, byte_fallback=m.byte_fallback))
     steps: list[normalizers.Normalizer] = []
     if m.charsmap:
         steps.append(normalizers.Precompiled(m.charsmap))
