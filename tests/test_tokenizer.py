@@ -257,6 +257,7 @@ def metaspace_folder(tmp_path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     (tmp_path / "tokenizer.model.v3").unlink()
     tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     return tmp_path
 
 
