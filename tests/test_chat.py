@@ -9,12 +9,7 @@ import threading
 
 import pytest
 from fixtures import tiny_tokenizer_files
-from test_tokenizer import (  # noqa: F401  (smol fixture below)
-    metaspace_folder,
-    smol,  # noqa: F401
-    smollm2_gguf,
-    spm_folder,
-)
+from test_tokenizer import metaspace_folder, smol, spm_folder  # noqa: F401  (smol is a fixture)
 
 from runtime import chat
 from runtime.errors import MambaCliError
