@@ -1,0 +1,425 @@
+"""Chat formatting: messages -> the prompt token ids a model was trained on.
+
+    render(messages, tokenizer)       -> list[int]   what run/chat feed the model
+    render_text(messages, tokenizer)  -> str         the same prompt as text (for show/verbose)
+    chat_format(tokenizer, ...)       -> "template" | "mistral-v3" | "mistral-v1" | "plain"
+    stop_strings(fmt)                 -> text that ends a reply besides the EOS ids
+
+Which format (docs/chat-templates.md): an explicit template, else the tokenizer's chat_template, else
+Mistral's [INST] v3 (the vocabulary has [INST]/[/INST] control tokens), else Mistral v1 (a Llama /
+Mistral / Mamba-2 model with a <s> </s> SentencePiece vocabulary), else a plain "User:/Assistant:"
+transcript.
+
+Templates are untrusted code from the Hub: they run in jinja2's ImmutableSandboxedEnvironment with
+transformers' globals, under a time cap (TEMPLATE_SECONDS) and an output cap (TEMPLATE_MAX_CHARS).
+Message text never becomes a control token: the template is rendered with every message content
+replaced by a unique placeholder, the output is split at the placeholders, and only the template's
+own text may spell control tokens (Tokenizer.encode_parts).
+
+The Mistral formats reproduce mistral-common's encode_chat_completion token for token: system
+messages are joined with a blank line and put in front of the first (v1) or last (v3) user message,
+consecutive messages of one role are merged, and every assistant reply ends with </s>.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
+
+from runtime.errors import MambaCliError
+
+TEMPLATE_SECONDS = 2.0  # a chat template that renders longer than this is stopped
+TEMPLATE_MAX_CHARS = 1_000_000  # ... and one whose output (or any value it builds) grows past this
+MISTRAL_ARCHS = frozenset({"llama", "mistral", "mixtral", "mamba2"})
+PLAIN_NAMES = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
+PLAIN_STOP = ["\nUser:"]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(MambaCliError):
+    """A chat template failed, was refused by the sandbox, or ran past its caps."""
+
+
+# ---- public API ------------------------------------------------------------------------------------
+
+
+def chat_format(tokenizer, template: str | None = None, arch_hint: str | None = None) -> str:
+    """Which of the formats render() will use for this tokenizer / template / architecture."""
+    if template or tokenizer.chat_template:
+        return "template"
+    if tokenizer.is_special("[INST]") and tokenizer.is_special("[/INST]"):
+        return "mistral-v3"
+    if arch_hint in MISTRAL_ARCHS and tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>":
+        return "mistral-v1"
+    return "plain"
+
+
+def stop_strings(fmt: str) -> list[str]:
+    """Strings that end a reply in format fmt (the EOS ids end it in every format)."""
+    return list(PLAIN_STOP) if fmt == "plain" else []
+
+
+def render(messages: list[dict], tokenizer, add_generation_prompt: bool = True, template: str | None = None,
+           arch_hint: str | None = None) -> list[int]:
+    """The prompt ids for a conversation, ready to prefill."""
+    messages = _check_messages(messages)
+    fmt = chat_format(tokenizer, template, arch_hint)
+    if fmt == "template":
+        return _render_template(messages, tokenizer, template or tokenizer.chat_template,
+                                add_generation_prompt)[1]
+    if fmt == "mistral-v3":
+        return _mistral_v3(messages, tokenizer)
+    if fmt == "mistral-v1":
+        return _mistral_v1(messages, tokenizer)
+    return _plain(messages, tokenizer, add_generation_prompt)[1]
+
+
+def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = True,
+                template: str | None = None, arch_hint: str | None = None) -> str:
+    """The prompt as text: the template's output, or the Mistral / plain prompt decoded."""
+    messages = _check_messages(messages)
+    fmt = chat_format(tokenizer, template, arch_hint)
+    if fmt == "template":
+        return _render_template(messages, tokenizer, template or tokenizer.chat_template,
+                                add_generation_prompt)[0]
+    if fmt == "plain":
+        return _plain(messages, tokenizer, add_generation_prompt)[0]
+    return tokenizer.decode(render(messages, tokenizer, add_generation_prompt, template, arch_hint))
+
+
+def _check_messages(messages: list[dict]) -> list[dict]:
+    """Plain copies of the messages (templates see only JSON types), checked for role and content."""
+    if not isinstance(messages, list):
+        raise MambaCliError("chat messages must be a list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise MambaCliError(f"chat message {i}: needs a role, one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, (str, list)) or (isinstance(content, list)
+                                                     and not all(isinstance(p, dict) for p in content)):
+            raise MambaCliError(f"chat message {i}: content must be text or a list of parts")
+        out.append(json.loads(json.dumps({**m, "content": content})))
+    return out
+
+
+def _text(m: dict) -> str:
+    c = m["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+
+
+# ---- jinja templates -------------------------------------------------------------------------------
+
+
+class _Budget:
+    """Wall-clock and size limits for one render; checked from the sandbox's hooks."""
+
+    def __init__(self, seconds: float, max_chars: int):
+        self.deadline = time.monotonic() + seconds
+        self.seconds, self.max_chars = seconds, max_chars
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateError(f"chat template stopped: still rendering after {self.seconds:g} s")
+
+    def size(self, value: Any) -> Any:
+        if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > self.max_chars:
+            raise ChatTemplateError(f"chat template stopped: it built a value over {self.max_chars} items")
+        return value
+
+    def args(self, args: tuple, kwargs: dict) -> None:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.max_chars:
+                raise ChatTemplateError(f"chat template stopped: argument {a} is over the size cap")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with every call, attribute access, operator and filter on a budget."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+    budget: _Budget
+
+    def call(self, context, obj, /, *args, **kwargs):  # type: ignore[override]
+        self.budget.tick()
+        self.budget.args(args, kwargs)
+        return self.budget.size(super().call(context, obj, *args, **kwargs))
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a "
+                                              f"{type(obj).__name__!r} object is unsafe")
+
+    def getattr(self, obj, attribute):
+        self.budget.tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self.budget.tick()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        self.budget.tick()
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise ChatTemplateError(f"chat template stopped: exponent {right} is over the cap")
+        if operator == "*":
+            self.budget.args((left, right), {})
+        return self.budget.size(super().call_binop(context, operator, left, right))
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers): render the body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+class _Range:
+    """range() whose iteration stays on the render's time budget (nested loops add no output)."""
+
+    def __init__(self, budget: _Budget, *args: int):
+        self.r, self.budget = safe_range(*args), budget
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self.r:
+            self.budget.tick()
+            yield i
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+    def __getitem__(self, i):
+        return self.r[i]
+
+    def __contains__(self, x) -> bool:
+        return x in self.r
+
+
+def _guard_filter(f: Callable, budget: _Budget) -> Callable:
+    @functools.wraps(f)
+    def guarded(*args, **kwargs):
+        budget.tick()
+        budget.args(args[1:], kwargs)
+        return budget.size(f(*args, **kwargs))
+
+    return guarded
+
+
+def _environment(budget: _Budget) -> _Sandbox:
+    """transformers' chat-template environment (trim_blocks, lstrip_blocks, tojson without ASCII escapes,
+    raise_exception, strftime_now, loop controls), every hook on `budget`."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env.budget = budget
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    class Namespace(jinja2.utils.Namespace):
+        def __setitem__(self, name, value):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+            super().__setitem__(name, budget.size(value))
+
+    env.filters["tojson"] = tojson
+    env.filters = {k: _guard_filter(f, budget) for k, f in env.filters.items()}
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       range=lambda *a: _Range(budget, *a))
+    return env
+
+
+class _Alarm:
+    """SIGALRM after `seconds` on the main thread (stops pure-Python loops that touch no hook)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.armed, self.old = seconds, False, None
+
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+                and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)):
+            def on_alarm(signum, frame):
+                raise ChatTemplateError(f"chat template stopped: still rendering after {self.seconds:g} s")
+
+            self.old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds + 0.25)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+        return False
+
+
+def run_template(template: str, context: dict[str, Any], seconds: float | None = None,
+                 max_chars: int | None = None) -> str:
+    """Render an untrusted template in the capped sandbox; every failure is one ChatTemplateError line.
+
+    The caps default to TEMPLATE_SECONDS and TEMPLATE_MAX_CHARS."""
+    seconds = TEMPLATE_SECONDS if seconds is None else seconds
+    max_chars = TEMPLATE_MAX_CHARS if max_chars is None else max_chars
+    budget = _Budget(seconds, max_chars)
+    out: list[str] = []
+    total = 0
+    try:
+        with _Alarm(seconds):
+            compiled = _environment(budget).from_string(template)
+            for chunk in compiled.generate(**context):
+                total += len(chunk)
+                if total > max_chars:
+                    raise ChatTemplateError(f"chat template stopped: output passed {max_chars} characters")
+                budget.tick()
+                out.append(chunk)
+    except ChatTemplateError:
+        raise
+    except jinja2.exceptions.SecurityError as e:
+        raise ChatTemplateError(f"chat template refused by the sandbox: {_line(e)}") from None
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template syntax error, line {e.lineno}: {_line(e)}") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise ChatTemplateError(f"chat template error: {_line(e)}") from None
+    except (RecursionError, MemoryError, OverflowError) as e:
+        raise ChatTemplateError(f"chat template stopped: {type(e).__name__} {_line(e)}") from None
+    except Exception as e:  # a template can raise anything its expressions raise
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {_line(e)}") from None
+    return "".join(out)
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _render_template(messages: list[dict], tokenizer, template: str,
+                     add_generation_prompt: bool) -> tuple[str, list[int]]:
+    context = {"add_generation_prompt": add_generation_prompt, "bos_token": tokenizer.bos_token or "",
+               "eos_token": tokenizer.eos_token or "", "tools": None, "documents": None}
+    real = run_template(template, {**context, "messages": messages})
+    nonce = "".join(str(secrets.randbelow(10)) for _ in range(12))
+    marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+    cores: list[str] = []
+
+    def hide(text: str) -> str:
+        core = text.strip()
+        if not core or not text:
+            return text
+        lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
+        cores.append(core)
+        return f"{lead}\ue000{nonce}:{len(cores) - 1}\ue001{trail}"
+
+    hidden = []
+    for m in messages:
+        c = m["content"]
+        if isinstance(c, str):
+            c = hide(c)
+        else:
+            c = [{**p, "text": hide(p["text"])} if isinstance(p.get("text"), str) else p for p in c]
+        hidden.append({**m, "content": c})
+    shown = run_template(template, {**context, "messages": hidden})
+    pieces = marker.split(shown)  # template, index, template, index, ..., template
+    parts: list[tuple[str, bool]] = []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            parts.append((piece, True))
+        elif int(piece) < len(cores):
+            parts.append((cores[int(piece)], False))
+        else:
+            parts.append((piece, False))
+    safe = tokenizer.encode_parts(parts)
+    if "".join(p for p, _ in parts) == real:
+        return real, safe
+    # The template rewrote message text (trimmed it, cut a reasoning block, ...): its own output is the
+    # prompt unless message text added control tokens to it, in which case the placeholder split stands.
+    direct = tokenizer.encode(real, special=True)
+    specials = tokenizer.special_ids()
+    if [i for i in direct if i in specials] == [i for i in safe if i in specials]:
+        return real, direct
+    return real, safe
+
+
+# ---- built-in formats ------------------------------------------------------------------------------
+
+
+def _mistral_turns(messages: list[dict]) -> tuple[str | None, list[tuple[str, str]]]:
+    """mistral-common's normalization: (system prompt, [(role, text)]) with runs of a role merged."""
+    systems = [_text(m) for m in messages if m["role"] == "system" and _text(m)]
+    turns: list[tuple[str, str]] = []
+    run_role, run = None, []
+    for m in [*messages, {"role": None, "content": ""}]:
+        if m["role"] != run_role:
+            if run_role in ("user", "assistant"):
+                turns.append((run_role, "\n\n".join(run)))
+            elif run_role == "tool":
+                raise MambaCliError("tool messages need a chat template (the Mistral formats have none)")
+            run_role, run = m["role"], []
+        run.append(_text(m))
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ("user", ""))
+    return ("\n\n".join(systems) if systems else None), turns
+
+
+def _mistral_v1(messages: list[dict], tok) -> list[int]:
+    """<s>[INST] user [/INST] answer</s>[INST] ... : [INST] is text; system before the first user turn."""
+    system, turns = _mistral_turns(messages)
+    ids = [tok.bos_id]
+    first_user = True
+    for role, text in turns:
+        if role == "user":
+            if first_user and system:
+                text = f"{system}\n\n{text}"
+            first_user = False
+            ids += tok.encode(f"[INST] {text} [/INST]")
+        else:
+            ids += tok.encode(text) + [tok.eos_ids[0]]
+    return ids
+
+
+def _mistral_v3(messages: list[dict], tok) -> list[int]:
+    """<s>[INST]user[/INST]answer</s>... with [INST]/[/INST] control ids; system before the last user turn."""
+    system, turns = _mistral_turns(messages)
+    inst, end_inst = tok.token_to_id("[INST]"), tok.token_to_id("[/INST]")
+    last_user = max(i for i, (role, _) in enumerate(turns) if role == "user")
+    ids = [tok.bos_id]
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            if i == last_user and system:
+                text = f"{system}\n\n{text}"
+            ids += [inst, *tok.encode(text), end_inst]
+        else:
+            ids += tok.encode(text.rstrip(" ")) + [tok.eos_ids[0]]
+    return ids
+
+
+def _plain(messages: list[dict], tok, add_generation_prompt: bool) -> tuple[str, list[int]]:
+    """A transcript for models with no chat format: system text, then 'User: ...' / 'Assistant: ...' lines."""
+    systems = [_text(m) for m in messages if m["role"] == "system" and _text(m)]
+    lines = ["\n\n".join(systems) + "\n\n"] if systems else []
+    for m in messages:
+        if m["role"] != "system":
+            lines.append(f"{PLAIN_NAMES[m['role']]}: {_text(m)}\n")
+    if add_generation_prompt:
+        lines.append("Assistant:")
+    text = "".join(lines)
+    ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)
+    return text, ids
