@@ -62,12 +62,14 @@ class Interrupt:
 
 class Chat:
     def __init__(self, m, sampling: Sampling, system: str | None, console: Console, verbose: bool):
+        from runtime.chat import chat_format, stop_strings
         from runtime.generate import Session
 
         self.m, self.sampling, self.console, self.verbose = m, sampling, console, verbose
         self.system = system
         self.messages: list[dict] = []
         self.session = Session(m)
+        self.stop = stop_strings(chat_format(m.tokenizer, arch_hint=m.config.get("model_type")))
 
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -83,11 +85,11 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         stats = Stats()
         pieces: list[str] = []
-        stop = Interrupt()
+        interrupt = Interrupt()
         try:
-            with stop:
+            with interrupt:
                 for piece in stream_text(self.m, self.ids(), stats=stats, session=self.session,
-                                         should_stop=stop, **self.sampling.kwargs()):
+                                         stop=self.stop, should_stop=interrupt, **self.sampling.kwargs()):
                     pieces.append(piece)
                     self.console.print(piece, end="", style="cyan", markup=False, highlight=False)
         except MambaCliError as e:

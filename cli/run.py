@@ -38,11 +38,13 @@ def run(
     if raw:
         ids = m.tokenizer.encode_prompt(prompt)
     else:
-        from runtime.chat import render
+        from runtime.chat import chat_format, render, stop_strings
 
+        hint = m.config.get("model_type")
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
-        ids = render(messages, m.tokenizer, arch_hint=m.config.get("model_type"))
+        ids = render(messages, m.tokenizer, arch_hint=hint)
+        stop = list(stop or []) + stop_strings(chat_format(m.tokenizer, arch_hint=hint))
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     stats = Stats()
     if verbose:
