@@ -1,0 +1,205 @@
+"""Jamba: attention + Mamba hybrid with MoE feed-forwards (AI21). Reuses mamba.MambaMixer and layers.MoE.
+
+Layer i mixes with attention when i % attn_layer_period == attn_layer_offset (no RoPE: position comes
+from the Mamba layers), otherwise with a Mamba-1 mixer whose dt, B and C pass through RMSNorms; its
+feed-forward is a top-k MoE when i % expert_layer_period == expert_layer_offset, a dense SwiGLU otherwise.
+
+Module tree (names as in the HF checkpoints; per-expert and fused expert tensors stacked by sanitize):
+
+    Model
+      model.embed_tokens            (V, E)
+      model.layers[i]               Block
+        input_layernorm             RMSNorm
+        self_attn | mamba           Attention (GQA, no RoPE) | MambaMixer (bcdt_norm="weighted")
+        pre_ff_layernorm            RMSNorm
+        feed_forward                SwiGLU | MoE (router `gate` (X, E); w1/w3 (X, I, E); w2 (X, E, I))
+      model.final_layernorm         RMSNorm
+      lm_head                       (V, E)
+
+Legend: B batch, T tokens, E hidden, I intermediate, X experts, V vocab.
+Cache: a list with a KVCache for each attention layer and an SSMState for each Mamba layer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.cache import KVCache
+from runtime.layers import Attention, MoE, RMSNorm, SwiGLU
+from runtime.models.mamba import MambaMixer
+
+
+@dataclass
+class Args:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attn_layer_period: int = 8
+    attn_layer_offset: int = 4
+    expert_layer_period: int = 2
+    expert_layer_offset: int = 1
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    max_position_embeddings: int = 262144
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Args:
+        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in need if cfg.get(k) is None]
+        if missing:
+            raise KeyError(", ".join(missing))
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        rank = cfg.get("mamba_dt_rank", "auto")
+        a = cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attn_layer_period=int(cfg.get("attn_layer_period", 8)),
+            attn_layer_offset=int(cfg.get("attn_layer_offset", 4)),
+            expert_layer_period=int(cfg.get("expert_layer_period", 2)),
+            expert_layer_offset=int(cfg.get("expert_layer_offset", 1)),
+            num_experts=int(cfg.get("num_experts", cfg.get("num_local_experts", 16))),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+            mamba_d_state=int(cfg.get("mamba_d_state", 16)),
+            mamba_d_conv=int(cfg.get("mamba_d_conv", 4)),
+            mamba_expand=int(cfg.get("mamba_expand", 2)),
+            mamba_dt_rank=math.ceil(hidden / 16) if rank in (None, "auto") else int(rank),
+            mamba_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
+            mamba_proj_bias=bool(cfg.get("mamba_proj_bias", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 262144),
+        )
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        return a
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
+    def is_attention(self, i: int) -> bool:
+        return i % self.attn_layer_period == self.attn_layer_offset
+
+    def is_moe(self, i: int) -> bool:
+        return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
+
+
+class Block(nn.Module):
+    def __init__(self, a: Args, i: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        if a.is_attention(i):
+            self.self_attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
+                                       a.head_dim)
+        else:
+            self.mamba = MambaMixer(a.hidden_size, a.mamba_expand * a.hidden_size, a.mamba_d_state,
+                                    a.mamba_dt_rank, a.mamba_d_conv, a.mamba_proj_bias, a.mamba_conv_bias,
+                                    bcdt_norm="weighted", norm_eps=a.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        if a.is_moe(i):
+            self.feed_forward = MoE(a.hidden_size, a.intermediate_size, a.num_experts, a.num_experts_per_tok,
+                                    renormalize=False)
+        else:
+            self.feed_forward = SwiGLU(a.hidden_size, a.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cache) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        if hasattr(self, "self_attn"):
+            h = h + self.self_attn(x, None, cache)
+        else:
+            h = h + self.mamba(x, cache)
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: Args):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
+        self.final_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(self, tokens: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        # tokens : (B, T)  ->  logits : (B, T, V) float32
+        h = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.lm_head(self.model.final_layernorm(h)).float()
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
+        a, caches = self.args, []
+        for layer in self.model.layers:
+            if hasattr(layer, "self_attn"):
+                w = layer.self_attn.q_proj.weight
+                dtype = w.dtype if w.is_floating_point() else torch.float32
+                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, dtype, w.device, max_len))
+            else:
+                caches.append(layer.mamba.make_state(batch))
+        return caches
+
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
+        """Router `router` -> `gate`; per-expert (or fused gate_up) expert weights -> stacked w1/w3/w2."""
+        out: dict[str, torch.Tensor] = {}
+        experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        per_expert = re.compile(r"(model\.layers\.\d+\.feed_forward)\.experts\.(\d+)\."
+                                r"(gate_proj|up_proj|down_proj)\.weight")
+        stacked = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+        for name, t in weights.items():
+            m = per_expert.fullmatch(name)
+            if m:
+                experts.setdefault((m[1], stacked[m[3]]), {})[int(m[2])] = t
+            elif name.endswith(".feed_forward.router.weight"):
+                out[name.replace(".router.", ".gate.")] = t
+            elif name.endswith(".feed_forward.experts.gate_up_proj"):  # fused (X, 2I, E), gate first
+                prefix = name[: -len(".experts.gate_up_proj")]
+                out[f"{prefix}.w1"], out[f"{prefix}.w3"] = (p.contiguous() for p in t.chunk(2, dim=1))
+            elif name.endswith(".feed_forward.experts.down_proj"):
+                out[name.replace(".experts.down_proj", ".w2")] = t
+            else:
+                out[name] = t
+        for (prefix, w), per in experts.items():
+            out[f"{prefix}.{w}"] = torch.stack([per[e] for e in sorted(per)])
+        if args.tie_word_embeddings:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        return out

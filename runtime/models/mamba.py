@@ -1,0 +1,217 @@
+"""Mamba-1 and Falcon-Mamba: a stack of selective-SSM mixers, no attention. Jamba reuses MambaMixer.
+
+Module tree (names as in the HF checkpoints):
+
+    Model
+      backbone.embeddings           (V, E)
+      backbone.layers[i]            Block
+        norm                        RMSNorm
+        mixer                       MambaMixer
+          in_proj                   (2D, E)      -> x, z (gate)
+          conv1d                    (D, 1, K)    depthwise causal conv (+ bias)
+          x_proj                    (R + 2N, D)  -> dt (low rank), B, C
+          dt_proj                   (D, R) + (D,)
+          A_log, D                  (D, N), (D,)
+          out_proj                  (E, D)
+          [dt|b|c]_layernorm        Jamba only: RMSNorms on dt, B, C (Falcon-Mamba: the same, weightless)
+      backbone.norm_f               RMSNorm
+      lm_head                       (V, E), tied to the embeddings when tie_word_embeddings
+
+Legend: B batch, T tokens, E hidden, D inner (expand * E), N state size, R dt rank, K conv kernel, V vocab.
+Cache: one SSMState per layer, conv (B, D, K-1) and ssm (B, D, N), float32 whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime import ssm
+from runtime.cache import SSMState
+from runtime.layers import RMSNorm
+
+
+@dataclass
+class Args:
+    vocab_size: int
+    hidden_size: int
+    state_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    time_step_rank: int
+    conv_kernel: int = 4
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_word_embeddings: bool = True
+    bcdt_norm: str | None = None  # None | "weightless" (Falcon-Mamba)
+    mixer_rms_eps: float = 1e-6
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Args:
+        need = ["vocab_size", "hidden_size", "state_size", "num_hidden_layers"]
+        missing = [k for k in need if cfg.get(k) is None]
+        if missing:
+            raise KeyError(", ".join(missing))
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        hidden = int(cfg["hidden_size"])
+        rank = cfg.get("time_step_rank", "auto")
+        falcon = cfg.get("model_type") == "falcon_mamba"
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            state_size=int(cfg["state_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=int(cfg.get("intermediate_size") or int(cfg.get("expand", 2) * hidden)),
+            time_step_rank=math.ceil(hidden / 16) if rank in (None, "auto") else int(rank),
+            conv_kernel=int(cfg.get("conv_kernel", 4)),
+            use_bias=bool(cfg.get("use_bias", False)),
+            use_conv_bias=bool(cfg.get("use_conv_bias", True)),
+            layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            bcdt_norm="weightless" if falcon else None,
+            mixer_rms_eps=float(cfg.get("mixer_rms_eps", 1e-6)),
+        )
+
+    @property
+    def context_length(self) -> int | None:
+        return None  # a recurrent state has no length limit
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim, computed in float32 (Falcon-Mamba's B/C/dt norms)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class MambaMixer(nn.Module):
+    """Selective SSM mixer. bcdt_norm: None (Mamba), "weightless" (Falcon-Mamba), "weighted" (Jamba)."""
+
+    def __init__(self, hidden: int, inner: int, state: int, rank: int, kernel: int, bias: bool,
+                 conv_bias: bool, bcdt_norm: str | None = None, norm_eps: float = 1e-6):
+        super().__init__()
+        self.inner, self.state, self.rank, self.kernel = inner, state, rank, kernel
+        self.bcdt_norm, self.norm_eps = bcdt_norm, norm_eps
+        self.in_proj = nn.Linear(hidden, 2 * inner, bias=bias)
+        self.conv1d = nn.Conv1d(inner, inner, kernel, groups=inner, padding=kernel - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(inner, rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, state))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, hidden, bias=bias)
+        if bcdt_norm == "weighted":
+            self.dt_layernorm = RMSNorm(rank, norm_eps)
+            self.b_layernorm = RMSNorm(state, norm_eps)
+            self.c_layernorm = RMSNorm(state, norm_eps)
+
+    def make_state(self, batch: int) -> SSMState:
+        dev = self.A_log.device
+        return SSMState(torch.zeros(batch, self.inner, self.kernel - 1, device=dev),
+                        torch.zeros(batch, self.inner, self.state, device=dev))
+
+    def _norms(self, dt, B, C):
+        if self.bcdt_norm == "weighted":
+            return self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        if self.bcdt_norm == "weightless":
+            return rms(dt, self.norm_eps), rms(B, self.norm_eps), rms(C, self.norm_eps)
+        return dt, B, C
+
+    def forward(self, h: torch.Tensor, cache: SSMState | None = None) -> torch.Tensor:
+        # h : (B, T, E)  ->  (B, T, E)
+        b, t, _ = h.shape
+        wdt = self.in_proj.weight.dtype
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, D) each
+        conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
+        conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        if cache is not None and t == 1:
+            return self._step(x[:, 0], z[:, 0], conv_w, conv_b, A, cache).unsqueeze(1)
+        conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
+        x = ssm.causal_conv1d(x.float().transpose(1, 2), conv_w, conv_b, conv_state)
+        x = F.silu(x).transpose(1, 2)  # (B, T, D) float32
+        dt, B, C = self.x_proj(x.to(wdt)).split([self.rank, self.state, self.state], dim=-1)
+        dt, B, C = self._norms(dt, B, C)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, T, D)
+        y, _ = ssm.selective_scan(x, dt, A, B.float(), C.float(), self.D.float(), ssm_state)
+        if cache is not None:
+            cache.offset += t
+        return self.out_proj((y * F.silu(z.float())).to(wdt))
+
+    def _step(self, x, z, conv_w, conv_b, A, cache: SSMState) -> torch.Tensor:
+        # x, z : (B, D) -> (B, E)
+        wdt = self.in_proj.weight.dtype
+        x = F.silu(ssm.conv1d_step(x.float(), conv_w, conv_b, cache.conv))
+        dt, B, C = self.x_proj(x.to(wdt)).split([self.rank, self.state, self.state], dim=-1)
+        dt, B, C = self._norms(dt, B, C)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, D)
+        y = ssm.selective_step(x, dt, A, B.float(), C.float(), self.D.float(), cache.ssm)
+        cache.offset += 1
+        return self.out_proj((y * F.silu(z.float())).to(wdt))
+
+
+class Block(nn.Module):
+    def __init__(self, a: Args):
+        super().__init__()
+        self.norm = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
+        self.mixer = MambaMixer(a.hidden_size, a.intermediate_size, a.state_size, a.time_step_rank,
+                                a.conv_kernel, a.use_bias, a.use_conv_bias, a.bcdt_norm, a.mixer_rms_eps)
+
+    def forward(self, h: torch.Tensor, cache: SSMState | None) -> torch.Tensor:
+        return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: Args):
+        super().__init__()
+        self.embeddings = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
+        self.norm_f = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
+
+
+class Model(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args = args
+        self.backbone = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def forward(self, tokens: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        # tokens : (B, T)  ->  logits : (B, T, V) float32
+        h = self.backbone.embeddings(tokens)
+        if self.args.residual_in_fp32:
+            h = h.float()
+        for i, layer in enumerate(self.backbone.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        h = self.backbone.norm_f(h)
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
+        return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
+
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
+        """Quirks: mamba_ssm's `backbone.embedding`; Falcon-Mamba's dummy norm weights; the tied head."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in weights.items():
+            if name.startswith("backbone.embedding."):
+                name = name.replace("backbone.embedding.", "backbone.embeddings.", 1)
+            if args.bcdt_norm == "weightless" and name.endswith("_layernorm.weight"):
+                continue
+            out[name] = t
+        if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
+            out["lm_head.weight"] = out["backbone.embeddings.weight"]
+        return out

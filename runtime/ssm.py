@@ -1,0 +1,223 @@
+"""State-space kernels in plain PyTorch: causal depthwise conv, Mamba-1 selective scan, Mamba-2 SSD scan.
+
+Every scan comes three ways with one contract:
+
+    *_ref     the recurrence written out token by token: the reference the fast versions are tested against
+    *_scan    chunked parallel prefill: a Python loop only over chunks, all work inside a chunk vectorized
+    *_step    one decode token, updating the state in place
+
+    selective_scan_ref / selective_scan / selective_step      Mamba-1 (A per channel and state: (D, N))
+    ssd_scan_ref / ssd_scan / ssd_step                        Mamba-2 (A per head: (H,), B/C per group)
+    causal_conv1d / conv1d_step                               depthwise causal conv with a rolling state
+
+A scan takes the initial state (None: zeros), overwrites it in place with the final state when one is
+given, and returns (y, final_state); so a second chat turn prefills from where the first one stopped.
+Inputs are float32 (callers cast); `dt` is already discretized (softplus'd, biased, clamped).
+
+Legend: B batch, T tokens, L tokens in a chunk, D inner channels, N state size, C conv channels,
+K conv kernel, H heads, P head dim, G groups (B/C shared by H/G heads), R heads per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MAMBA1_CHUNK = 128  # power of two: the in-chunk scan is a Blelloch tree
+MAMBA2_CHUNK = 256
+
+
+# ---------------------------------------------------------------- causal depthwise conv
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None,
+                  state: Tensor | None = None) -> Tensor:
+    """Depthwise causal conv over time, no activation. x : (B, C, T), weight : (C, K), state : (B, C, K-1).
+
+    With a state, the state's K-1 inputs precede x and the state is overwritten with the last K-1
+    inputs seen (which may still include old ones when T < K-1).
+    """
+    k = weight.shape[1]
+    if state is None:
+        return F.conv1d(x, weight[:, None, :], bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[2]]
+    xx = torch.cat([state, x], dim=-1)  # (B, C, K-1+T)
+    if k > 1:
+        state.copy_(xx[..., -(k - 1) :])
+    return F.conv1d(xx, weight[:, None, :], bias, groups=x.shape[1])
+
+
+def conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None,
+                state: Tensor) -> Tensor:
+    """One token of causal_conv1d. x : (B, C), weight : (C, K), state : (B, C, K-1) rolled in place."""
+    k = weight.shape[1]
+    y = x * weight[:, -1]
+    if k > 1:
+        y += torch.einsum("bck,ck->bc", state, weight[:, :-1])
+        for j in range(k - 2):  # shift left by one; column j+1 is read before it is written
+            state[:, :, j].copy_(state[:, :, j + 1])
+        state[:, :, -1].copy_(x)
+    if bias is not None:
+        y += bias
+    return y
+
+
+# ---------------------------------------------------------------- Mamba-1 selective scan
+#   h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t        h : (B, D, N)
+#   y_t = h_t C_t + D x_t
+
+
+def selective_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    # x, dt : (B, T, D); A : (D, N); B, C : (B, T, N); D : (D,); state : (B, D, N)
+    b, t, d = x.shape
+    h = state.clone() if state is not None else x.new_zeros(b, d, A.shape[1])
+    ys = []
+    for i in range(t):
+        h = torch.exp(dt[:, i, :, None] * A) * h + (dt[:, i] * x[:, i])[:, :, None] * B[:, i, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, i]))
+    y = torch.stack(ys, dim=1) + x * D
+    if state is not None:
+        state.copy_(h)
+    return y, h
+
+
+def _blelloch(a: Tensor, u: Tensor) -> None:
+    """In-place inclusive scan of h_t = a_t * h_{t-1} + u_t along dim 1 (h_{-1} = 0); u becomes h.
+
+    a, u : (B, L, ...) with L a power of two. Up-sweep builds block aggregates, down-sweep fills in the
+    prefixes: 2 log2(L) vectorized steps, O(L) work, only products of decays (no division, no overflow).
+    """
+    b, n = a.shape[0], a.shape[1]
+    rest = a.shape[2:]
+    s = 1
+    while s < n:  # up-sweep: the last element of each 2s-block absorbs its first half
+        av, uv = a.view(b, n // (2 * s), 2 * s, *rest), u.view(b, n // (2 * s), 2 * s, *rest)
+        uv[:, :, -1].addcmul_(av[:, :, -1], uv[:, :, s - 1])
+        av[:, :, -1].mul_(av[:, :, s - 1])
+        s *= 2
+    s = n // 4
+    while s >= 1:  # down-sweep: the mid element of each 2s-block takes the prefix ending just before it
+        av, uv = a.view(b, n // (2 * s), 2 * s, *rest), u.view(b, n // (2 * s), 2 * s, *rest)
+        uv[:, 1:, s - 1].addcmul_(av[:, 1:, s - 1], uv[:, :-1, -1])
+        s //= 2
+
+
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Tensor, state: Tensor | None = None,
+                   chunk: int = MAMBA1_CHUNK) -> tuple[Tensor, Tensor]:
+    """selective_scan_ref, vectorized within chunks of `chunk` tokens (a power of two)."""
+    # x, dt : (B, T, D); A : (D, N); B, C : (B, T, N); D : (D,); state : (B, D, N)
+    b, t, d = x.shape
+    n = A.shape[1]
+    h = state if state is not None else x.new_zeros(b, d, n)
+    y = torch.empty_like(x)
+    for s in range(0, t, chunk):
+        e = min(s + chunk, t)
+        size = 1 << (e - s - 1).bit_length()  # the chunk padded to a power of two
+        a = x.new_ones(b, size, d, n)  # padding: a = 1, u = 0 leaves the prefixes before it unchanged
+        u = x.new_zeros(b, size, d, n)
+        torch.exp(dt[:, s:e, :, None] * A, out=a[:, : e - s])  # (B, L, D, N)
+        torch.mul((dt[:, s:e] * x[:, s:e])[..., None], B[:, s:e, None, :], out=u[:, : e - s])
+        u[:, 0].addcmul_(a[:, 0], h)  # fold the carried state into the first step
+        _blelloch(a, u)  # u : (B, L, D, N) now holds h_t
+        y[:, s:e] = torch.matmul(u[:, : e - s], C[:, s:e, :, None]).squeeze(-1)
+        h = u[:, e - s - 1]  # (B, D, N)
+    y.addcmul_(x, D)
+    if state is not None:
+        state.copy_(h)
+        h = state
+    return y, h
+
+
+def selective_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Tensor, state: Tensor) -> Tensor:
+    """One token. x, dt : (B, D); B, C : (B, N); state : (B, D, N) updated in place; returns y : (B, D)."""
+    state.mul_(torch.exp(dt[:, :, None] * A)).addcmul_((dt * x)[:, :, None], B[:, None, :])
+    return torch.bmm(state, C[:, :, None]).squeeze(-1).addcmul_(x, D)
+
+
+# ---------------------------------------------------------------- Mamba-2 SSD scan
+#   h_t = exp(dt_t A_h) * h_{t-1} + dt_t x_t B_t^T    h : (B, H, P, N), A scalar per head
+#   y_t = h_t C_t + D_h x_t
+
+
+def ssd_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    # x : (B, T, H, P); dt : (B, T, H); A, D : (H,); B, C : (B, T, G, N); state : (B, H, P, N)
+    b, t, nh, p = x.shape
+    rep = nh // B.shape[2]
+    Bh, Ch = B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)  # (B, T, H, N)
+    h = state.clone() if state is not None else x.new_zeros(b, nh, p, B.shape[3])
+    ys = []
+    for i in range(t):
+        decay = torch.exp(dt[:, i] * A)[:, :, None, None]  # (B, H, 1, 1)
+        h = decay * h + (dt[:, i, :, None] * x[:, i])[..., None] * Bh[:, i, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, i]))
+    y = torch.stack(ys, dim=1) + x * D[:, None]
+    if state is not None:
+        state.copy_(h)
+    return y, h
+
+
+def _segsum(a: Tensor) -> Tensor:
+    """a : (..., L) -> (..., L, L) with [l, s] = a[s+1] + ... + a[l] for l >= s, -inf above the diagonal.
+
+    Summed directly (not as a difference of cumulative sums) so near-diagonal decays stay exact.
+    """
+    n = a.shape[-1]
+    ones = torch.ones(n, n, dtype=torch.bool, device=a.device)
+    seg = a[..., :, None].expand(*a.shape, n).masked_fill(~torch.tril(ones, -1), 0).cumsum(dim=-2)
+    return seg.masked_fill(~torch.tril(ones), float("-inf"))
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             D: Tensor, state: Tensor | None = None,
+             chunk: int = MAMBA2_CHUNK) -> tuple[Tensor, Tensor]:
+    """ssd_scan_ref by the SSD chunk algorithm (ssd_minimal_discrete), one chunk at a time.
+
+    Per chunk: 1. intra-chunk outputs (a masked, decayed C B^T "attention"), 2. the carried state's
+    contribution, 3. the state at the chunk's end. The loop over chunks is the inter-chunk recurrence.
+    """
+    # x : (B, T, H, P); dt : (B, T, H); A, D : (H,); B, C : (B, T, G, N); state : (B, H, P, N)
+    b, t, nh, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = nh // g
+    h = state if state is not None else x.new_zeros(b, nh, p, n)
+    y = torch.empty_like(x)
+    for s in range(0, t, chunk):
+        e = min(s + chunk, t)
+        L = e - s
+        xdt = (x[:, s:e] * dt[:, s:e, :, None]).view(b, L, g, r, p)  # (B, L, G, R, P)
+        Bc, Cc = B[:, s:e], C[:, s:e]  # (B, L, G, N)
+        dA = (dt[:, s:e] * A).transpose(1, 2)  # (B, H, L)
+        cum = dA.cumsum(-1)  # (B, H, L)
+        # 1. intra-chunk: y_l += sum_{s<=l} (C_l . B_s) exp(segsum[l, s]) dt_s x_s
+        decay = torch.exp(_segsum(dA)).view(b, g, r, L, L)  # (B, G, R, L, S)
+        scores = torch.einsum("blgn,bsgn->bgls", Cc, Bc)[:, :, None] * decay  # (B, G, R, L, S)
+        yc = torch.einsum("bgrls,bsgrp->blgrp", scores, xdt)
+        # 2. carried state: y_l += exp(cum_l) C_l h
+        grow = torch.exp(cum).view(b, g, r, L).permute(0, 3, 1, 2)  # (B, L, G, R)
+        yc += torch.einsum("blgn,bgrpn->blgrp", Cc, h.view(b, g, r, p, n)) * grow[..., None]
+        y[:, s:e] = yc.reshape(b, L, nh, p)
+        # 3. state at the chunk's end: exp(cum_L) h + sum_s exp(cum_L - cum_s) dt_s x_s B_s^T
+        w = torch.exp(cum[:, :, -1:] - cum).view(b, g, r, L)  # (B, G, R, L)
+        new = torch.einsum("bgrl,blgn,blgrp->bgrpn", w, Bc, xdt).reshape(b, nh, p, n)
+        h = torch.exp(cum[:, :, -1])[:, :, None, None] * h + new
+    y += x * D[:, None]
+    if state is not None:
+        state.copy_(h)
+        h = state
+    return y, h
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             D: Tensor, state: Tensor) -> Tensor:
+    """One token. x : (B, H, P); dt : (B, H); B, C : (B, G, N); state : (B, H, P, N) updated in place."""
+    b, nh, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    hg = state.view(b, g, nh // g, p, n)
+    hg.mul_(torch.exp(dt * A).view(b, g, nh // g, 1, 1))
+    hg.addcmul_((dt[:, :, None] * x).view(b, g, nh // g, p, 1), B.view(b, g, 1, 1, n))
+    y = torch.matmul(hg, C.view(b, g, 1, n, 1)).view(b, nh, p)
+    return y.addcmul_(x, D[:, None])
