@@ -31,9 +31,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from cli import run
+    from cli import models, pull, run
 
     app.command("run")(run.run)
+    app.command("pull")(pull.pull)
+    app.command("list")(models.list_models)
+    app.command("show")(models.show)
+    app.command("rm")(models.rm)
+    app.command("aliases")(models.aliases)
 
 
 def main() -> None:

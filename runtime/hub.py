@@ -323,7 +323,7 @@ def plan_pull(ref: ModelRef, revision: str | None = None, token: str | None = No
 # --------------------------------------------------------------------------------------------- download
 
 
-def _fmt(n: float) -> str:
+def format_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -338,8 +338,8 @@ def check_disk_space(need: int, where: Path) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise ResourceError(f"not enough disk space: {_fmt(need)} to download, {_fmt(free)} free in {where}; "
-                            "free some space or point HF_HUB_CACHE at another disk")
+        raise ResourceError(f"not enough disk space: {format_size(need)} to download, {format_size(free)} "
+                            f"free in {where}; free some space or point HF_HUB_CACHE at another disk")
 
 
 class _Bars:
@@ -445,8 +445,9 @@ def _fetch(plan: Plan, f: RemoteFile, blobs: Path, token: str | None, bars: _Bar
                     attempt += 1
                     if attempt >= RETRIES:
                         raise MambaCliError(f"{f.name}: download failed {RETRIES} times "
-                                            f"({type(e).__name__}: {e}); {_fmt(done)} of {_fmt(f.size)} "
-                                            "kept, run the pull again to resume") from None
+                                            f"({type(e).__name__}: {e}); {format_size(done)} of "
+                                            f"{format_size(f.size)} kept, run the pull again to "
+                                            "resume") from None
                     time.sleep(min(0.25 * 2 ** attempt, 4.0))
                     done = out.tell()
             os.fsync(out.fileno())
@@ -497,8 +498,9 @@ def _transfer(plan: Plan, f: RemoteFile, out, done: int, digest, token: str | No
                 out.write(chunk)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    raise MambaCliError(f"disk full while downloading {f.name} into {out.name}; {_fmt(done)} "
-                                        "kept, free space and run the pull again to resume") from None
+                    raise MambaCliError(f"disk full while downloading {f.name} into {out.name}; "
+                                        f"{format_size(done)} kept, free space and run the pull again to "
+                                        "resume") from None
                 raise
             digest.update(chunk)
             done += len(chunk)
