@@ -91,12 +91,14 @@ def show(model: str = typer.Argument(..., help="Alias, owner/repo or owner/repo:
 
 
 def rm(model: str = typer.Argument(..., help="Alias, owner/repo (all of its models) or owner/repo:QUANT."),
+       revision: str = typer.Option(None, "--revision", "-r", help="Remove only this snapshot (branch, tag "
+                                    "or commit); default: every snapshot."),
        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Remove a pulled model; frees only the blobs no other snapshot in the store uses."""
     from runtime import hub
 
     out = _console()
-    entries = hub.find_entries(model)
+    entries = hub.find_entries(model, revision)
     if not entries:
         raise MambaCliError(f"{model} is not in the local store (see `mamba-cli list`)")
     removal = hub.plan_removal(entries)

@@ -663,10 +663,13 @@ def store_entries(repo: str | None = None) -> list[StoreEntry]:
     return entries
 
 
-def find_entries(source: str) -> list[StoreEntry]:
-    """Store entries matching an alias, `owner/repo` (all of its models) or `owner/repo:QUANT`."""
+def find_entries(source: str, revision: str | None = None) -> list[StoreEntry]:
+    """Store entries matching an alias, `owner/repo` (all of its models) or `owner/repo:QUANT`; with
+    `revision` (branch, tag or commit), only that snapshot's."""
     ref = parse_ref(source)
-    return [e for e in store_entries(ref.repo) if ref.quant is None or e.quant == ref.quant]
+    commit = _read_ref(repo_dir(ref.repo), revision) if revision else None
+    return [e for e in store_entries(ref.repo) if (ref.quant is None or e.quant == ref.quant)
+            and (revision is None or e.commit == commit)]
 
 
 def _safetensors_params(files: list[Path]) -> tuple[int, str]:

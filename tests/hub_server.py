@@ -71,9 +71,11 @@ class HubServer:
     """The Hub (API + resolve) on one port, its CDN on another; `endpoint` is HF_ENDPOINT."""
 
     def __init__(self, repos: list[Repo], tokens: set[str] = frozenset()):
-        self.repos = {r.repo_id: r for r in repos}
+        self.repos: dict[str, Repo] = {}
         self.tokens = set(tokens)  # tokens granted access to every gated repo
-        self.blobs = {hashlib.sha256(d).hexdigest(): d for r in repos for d in r.files.values()}
+        self.blobs: dict[str, bytes] = {}
+        for r in repos:
+            self.add(r)
         self.log: list[dict] = []
         self.throttle: tuple[int, float] | None = None
         self.drop_after: dict[str, int] = {}
@@ -90,6 +92,11 @@ class HubServer:
     @property
     def cdn_url(self) -> str:
         return f"http://127.0.0.1:{self.cdn.server_address[1]}"
+
+    def add(self, repo: Repo) -> None:
+        """Serve `repo` (replacing a repo of that id: a new commit)."""
+        self.repos[repo.repo_id] = repo
+        self.blobs.update({hashlib.sha256(d).hexdigest(): d for d in repo.files.values()})
 
     def start(self) -> HubServer:
         for srv in (self.hub, self.cdn):
@@ -277,3 +284,84 @@ def repo_from_folder(repo_id: str, folder: Path, extra: dict[str, bytes] | None 
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "done"}
     files.update(extra or {})
     return Repo(repo_id, files, **kw)
+
+
+# ------------------------------------------------------------------------------------ the test Hub's repos
+
+LLAMA_CFG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_gguf(path: Path, seed: int, n: int = 64) -> bytes:
+    """A small valid GGUF (llama architecture metadata, one F32 tensor of n*seed elements)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(n)
+    w.add_block_count(1)
+    w.add_chat_template("{{ messages }}")
+    w.add_tensor("token_embd.weight", np.full((seed, n), seed, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def sharded(folder: Path) -> dict[str, bytes]:
+    """model.safetensors of `folder` split in two shards, plus model.safetensors.index.json."""
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    files, weight_map = {}, {}
+    for i, part in enumerate(halves, 1):
+        shard = f"model-{i:05d}-of-00002.safetensors"
+        files[shard] = save({k: tensors[k].contiguous() for k in part}, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}).encode()
+    return files
+
+
+def make_repos(work: Path) -> tuple[list[Repo], Path]:
+    """The repos the pull/store tests use, and the tiny Llama folder they come from."""
+    import random
+
+    import torch
+    from fixtures import build_tiny
+    from safetensors.torch import save
+
+    llama = build_tiny("LlamaForCausalLM", LLAMA_CFG)
+    hf_files = {p.name: p.read_bytes() for p in llama.iterdir()
+                if p.is_file() and p.name not in ("done", "model.safetensors")}
+    hf_files.update(sharded(llama))
+    decoys = {"pytorch_model.bin": b"PK\x03\x04 pickle", "README.md": b"# tiny", "params.json": b"{}",
+              "consolidated.safetensors": save({"x": torch.zeros(4)}), "original/consolidated.pth": b"pickle"}
+    rng = random.Random(0)
+    work.mkdir(parents=True, exist_ok=True)
+    ggufs = {name: tiny_gguf(work / name, seed) for seed, name in enumerate(
+        ["tiny-Q4_K_M.gguf", "tiny-Q4_0.gguf", "tiny-F16.gguf", "tiny-Q8_0-00001-of-00002.gguf",
+         "tiny-Q8_0-00002-of-00002.gguf", "tiny-Q2_K-00001-of-00002.gguf", "mmproj-tiny-f16.gguf"], start=2)}
+    params = {"dim": 64, "n_layers": 2, "vocab_size": 320, "n_groups": 1}
+    codestral = {"params.json": json.dumps(params).encode(),
+                 "consolidated.safetensors": save({"backbone.embedding.weight": torch.zeros(320, 64)}),
+                 "tokenizer.model.v3": b"\x0a\x05sentencepiece", "README.md": b"# codestral-like"}
+    big = {"config.json": b'{"model_type": "llama"}', "model.safetensors": rng.randbytes(3 << 19)}
+    repos = [
+        Repo("tiny/llama", {**hf_files, **decoys}),
+        Repo("state-spaces/mamba-130m-hf", hf_files),  # an alias's repo, served with the tiny Llama
+        Repo("tiny/gated", hf_files, gated=True),
+        Repo("tiny/codestral", codestral),
+        Repo("tiny/model-GGUF", ggufs),
+        Repo("tiny/pickle", {"config.json": b'{"model_type": "llama"}', "pytorch_model.bin": b"pickle"}),
+        Repo("tiny/big", big),
+        Repo("tiny/corrupt", {**big, "model.safetensors": rng.randbytes(1 << 18)}),
+        Repo("tiny/flaky", {**big, "model.safetensors": rng.randbytes(1 << 19)}),
+        Repo("tiny/huge", big, listed_sizes={"model.safetensors": 10 ** 16}),
+    ]
+    return repos, llama
