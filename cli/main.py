@@ -45,7 +45,11 @@ def main() -> None:
     _register()
     debug = "--debug" in sys.argv or os.environ.get("MAMBA_CLI_DEBUG")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer returns Exit codes (Ctrl-C: 130) instead of exiting
+        if isinstance(rc, int) and rc:
+            if rc == 130:
+                err.print("[yellow]interrupted[/]")
+            sys.exit(rc)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         sys.exit(130)

@@ -489,7 +489,7 @@ def _transfer(plan: Plan, f: RemoteFile, out, done: int, digest, token: str | No
         elif done and not r.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
             raise MambaCliError(f"{f.name}: the server answered Range bytes={done}- with "
                                 f"{r.headers.get('Content-Range')!r}; delete {out.name} and pull again")
-        for chunk in r.iter_bytes(CHUNK):
+        for chunk in r.iter_bytes():
             if done + len(chunk) > f.size:
                 out.truncate(0)
                 raise MambaCliError(f"{f.name}: the server sent more than the {f.size} bytes listed; "

@@ -362,6 +362,6 @@ def make_repos(work: Path) -> tuple[list[Repo], Path]:
         Repo("tiny/big", big),
         Repo("tiny/corrupt", {**big, "model.safetensors": rng.randbytes(1 << 18)}),
         Repo("tiny/flaky", {**big, "model.safetensors": rng.randbytes(1 << 19)}),
-        Repo("tiny/huge", big, listed_sizes={"model.safetensors": 10 ** 16}),
+        Repo("tiny/huge", big, listed_sizes={"model.safetensors": 10 ** 13}),
     ]
     return repos, llama
