@@ -31,17 +31,26 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from cli import chat, run
+    from cli import chat, models, pull, run
 
     app.command("run")(run.run)
     app.command("chat")(chat.chat)
+    app.command("pull")(pull.pull)
+    app.command("list")(models.list_models)
+    app.command("show")(models.show)
+    app.command("rm")(models.rm)
+    app.command("aliases")(models.aliases)
 
 
 def main() -> None:
     _register()
     debug = "--debug" in sys.argv or os.environ.get("MAMBA_CLI_DEBUG")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer returns Exit codes (Ctrl-C: 130) instead of exiting
+        if isinstance(rc, int) and rc:
+            if rc == 130:
+                err.print("[yellow]interrupted[/]")
+            sys.exit(rc)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         sys.exit(130)

@@ -50,8 +50,8 @@ def safetensors_files(folder: Path) -> list[Path]:
             raise ModelFormatError(f"{index}: missing or empty weight_map")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
-            p = (folder / shard).resolve()
-            if p.parent != folder.resolve():
+            p = folder / shard  # a plain name in the folder; it may be a symlink (the Hub cache's blobs)
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
                 raise ModelFormatError(f"{index}: shard {shard!r} points outside the model folder")
             if not p.is_file():
                 raise ModelFormatError(f"{index}: shard {shard} is missing; re-run `mamba-cli pull`")
