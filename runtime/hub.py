@@ -241,7 +241,6 @@ class Plan:
     commit: str
     selection: Selection
     files: list[RemoteFile]
-    gated: bool = False
 
     @property
     def total(self) -> int:
@@ -259,6 +258,7 @@ class Plan:
 def _hub_error(e: BaseException, repo: str, revision: str | None, token: str | None) -> BaseException:
     """Turn huggingface_hub / transport exceptions into one-line MambaCliErrors; others pass through."""
     import httpx2
+    from huggingface_hub import get_token
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -270,7 +270,7 @@ def _hub_error(e: BaseException, repo: str, revision: str | None, token: str | N
 
     page = f"{endpoint()}/{repo}"
     if isinstance(e, GatedRepoError):
-        if token or os.environ.get("HF_TOKEN"):
+        if token or get_token():
             return MambaCliError(f"{repo} is gated and your token has not been granted access; accept its "
                                  f"terms at {page} with the account the token belongs to, then retry")
         return MambaCliError(f"{repo} is gated: accept its terms at {page}, then set HF_TOKEN (or pass "
@@ -317,7 +317,7 @@ def plan_pull(ref: ModelRef, revision: str | None = None, token: str | None = No
                                 "verify it")
         sha = s.lfs.sha256 if s.lfs else None
         files.append(RemoteFile(name, int(s.lfs.size if s.lfs else s.size), sha or s.blob_id, sha))
-    return Plan(ref, revision or "main", info.sha, selection, files, bool(info.gated))
+    return Plan(ref, revision or "main", info.sha, selection, files)
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -614,9 +614,9 @@ class StoreEntry:
 
     @property
     def alias(self) -> str | None:
+        """The alias that resolves to this entry, if any."""
         for a in ALIASES.values():
-            if (self.kind == "gguf" and a.gguf == self.repo and self.quant == DEFAULT_QUANT) or \
-                    (self.kind != "gguf" and a.repo == self.repo):
+            if (a.gguf or a.repo) == self.repo and self.quant == (DEFAULT_QUANT if a.gguf else None):
                 return a.name
         return None
 
