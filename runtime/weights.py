@@ -317,6 +317,10 @@ class _Cursor:
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
 
 
+def _pad(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
 def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
     from quant.formats import GGML_BLOCKS, GGMLType
 
@@ -380,22 +384,28 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
         if row % block:
             raise cur.fail(f"tensor {name!r} rows of {row} elements are not a multiple of the "
                            f"{GGMLType(ttype).name} block size {block}")
-        nbytes = n_elems // block * bsize
-        if nbytes > size:
-            raise cur.fail(f"tensor {name!r} {GGMLType(ttype).name} {shape} needs {nbytes} bytes, more than "
-                           f"the whole file ({size} bytes)")
         offset = cur.unpack("<Q", f"data offset of {name!r}")
         if offset % alignment:
             raise cur.fail(f"tensor {name!r} data offset {offset} is not a multiple of "
                            f"the alignment {alignment}")
-        tensors[name] = TensorInfo(name, ttype, shape, offset, nbytes)
+        tensors[name] = TensorInfo(name, ttype, shape, offset, n_elems // block * bsize)
 
-    data_offset = -(-cur.pos // alignment) * alignment
+    # the table is sound; now every tensor must lie inside the file, padding after the last included
+    data_offset = _pad(cur.pos, alignment)
+    data_end = data_offset
     for info in tensors.values():
+        kind = f"{GGMLType(info.ggml_type).name} {info.shape}"
+        if info.nbytes > size:
+            raise cur.fail(f"tensor {info.name!r} {kind} needs {info.nbytes} bytes, more than the whole file "
+                           f"({size} bytes)")
         end = data_offset + info.offset + info.nbytes
         if end > size:
             raise cur.fail(f"tensor {info.name!r} ({info.nbytes} bytes at data offset {info.offset}) runs "
                            f"past the end of the file ({size} bytes); is the download complete?")
+        data_end = max(data_end, _pad(end, alignment))
+    if data_end > size:
+        raise cur.fail(f"the data section ends {data_end - size} bytes short of its final alignment padding "
+                       f"({size} of {data_end} bytes); is the download complete?")
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     for (_, end1, n1), (start2, _, n2) in zip(spans, spans[1:], strict=False):
         if start2 < end1:
