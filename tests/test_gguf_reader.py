@@ -16,6 +16,7 @@ import tracemalloc
 import zipfile
 from pathlib import Path
 
+import ggml_oracle
 import gguf
 import numpy as np
 import pytest
@@ -330,6 +331,21 @@ def test_handcrafted(tmp_path: Path, case: str, seed: int) -> None:
         if H[case] >= DATA:
             expected_bytes = (np.arange(offset, offset + info.nbytes) % 256).astype(np.uint8)
             assert np.array_equal(g.raw(name), expected_bytes), name
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", list(H))
+def test_handcrafted_files_get_llama_cpp_verdicts(tmp_path: Path, case: str) -> None:
+    """The port is faithful: llama.cpp's own gguf_init_from_file, called as test-gguf.cpp calls it,
+    accepts exactly the files the C++ test expects it to; and read_gguf accepts no file it rejects."""
+    hft = H[case]
+    path = tmp_path / f"{case}.gguf"
+    for seed in (1, 2, 3):
+        path.write_bytes(handcrafted(seed, hft)[0])
+        llama_ok = ggml_oracle.gguf_loads(path, read_data=hft >= DATA)
+        assert llama_ok == (hft % 1000 >= 800 or case == "TENSORS_ZERO_DIM"), (case, seed)
+        if EXPECTED[case] is None:
+            assert llama_ok
 
 
 def test_handcrafted_cover_every_case_of_test_gguf_cpp() -> None:
