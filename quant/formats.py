@@ -342,7 +342,7 @@ def _q_q4_k(b: torch.Tensor) -> torch.Tensor:
     # b : (B, 256) -> (B, 144): d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
     nb = b.shape[0]
     x = b.reshape(nb * 8, 32).T.contiguous()  # (E=32, S)
-    av_x = torch.sqrt(_seqsum(x * x) / 32)
+    av_x = torch.sqrt((_seqsum(x * x) / 32).double()).float()  # torch's float32 sqrt is not correctly rounded
     w = av_x + x.abs()
     scales, mins, lv = _make_qkx2_quants(x, w, 15, -1.0, 0.1, 20)
     scales, mins = scales.view(nb, 8), mins.view(nb, 8)

@@ -20,7 +20,7 @@ F16_FIELDS = {  # byte ranges of the fp16 numbers in each block
 PACKED = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K]
 
 
-def weights(rows: int = 48, cols: int = 1024, seed: int = 0) -> torch.Tensor:
+def weights(rows: int = 256, cols: int = 2048, seed: int = 0) -> torch.Tensor:
     """Rows that exercise the packers' corners: gaussian of varied scale, heavy tails, outliers,
     zero / constant / one-signed blocks, +-max ties, values too small for fp16."""
     g = torch.Generator().manual_seed(seed)
