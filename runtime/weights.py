@@ -3,17 +3,21 @@
     read_config(dir)          config.json (HF) or params.json (mistral-inference), validated JSON
     safetensors_files(dir)    model.safetensors | sharded files from the index | consolidated.safetensors
     iter_safetensors(files)   (name, tensor) pairs, one tensor in memory at a time, errors name the file
-
-GGUF reading (validated before any tensor is mapped) lives in the GGUF section below.
+    read_gguf(path)           GGUFFile: metadata, tensor table, raw(name), tensor(name, dtype);
+                              the header is validated whole before any tensor is mapped
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from runtime.errors import ModelFormatError
@@ -138,3 +142,274 @@ def _check_safetensors_header(path: Path) -> None:
 
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: the whole header is parsed and checked against the file's size before any tensor is
+# mapped, so a truncated or hostile file fails fast with one line naming what is wrong. The
+# rules are llama.cpp's (ggml/src/gguf.cpp, gguf_init_from_reader), listed in docs/formats.md.
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGUF_DEFAULT_ALIGNMENT = 32
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64  # ggml keeps a tensor name in char[64], the terminating NUL included
+INT64_MAX = 2**63 - 1
+_MAX_ARRAY_DEPTH = 4  # GGUF allows arrays of arrays; llama.cpp reads none, real files use none
+
+# GGUF metadata value types: id -> (name, little-endian numpy dtype); 8 is string, 9 is array
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+_GGUF_SCALARS: dict[int, tuple[str, str]] = {
+    0: ("UINT8", "<u1"), 1: ("INT8", "<i1"), 2: ("UINT16", "<u2"), 3: ("INT16", "<i2"),
+    4: ("UINT32", "<u4"), 5: ("INT32", "<i4"), 6: ("FLOAT32", "<f4"), 7: ("BOOL", "<u1"),
+    10: ("UINT64", "<u8"), 11: ("INT64", "<i8"), 12: ("FLOAT64", "<f8"),
+}
+# fewest bytes one value of a type can occupy: bounds every count before anything is read
+_MIN_VALUE_BYTES = {**{t: np.dtype(d).itemsize for t, (_, d) in _GGUF_SCALARS.items()},
+                    _GGUF_STRING: 8, _GGUF_ARRAY: 12}
+_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, type, a 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file. shape is in GGUF order (ne0, the contiguous axis, first)."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+class GGUFFile:
+    """A validated GGUF file: metadata and tensor table in memory, tensor data mapped on demand."""
+
+    def __init__(self, path: Path, version: int, metadata: dict[str, Any], tensors: dict[str, TensorInfo],
+                 alignment: int, data_offset: int) -> None:
+        self.path = path
+        self.version = version
+        self.metadata = metadata
+        self.tensors = tensors
+        self.alignment = alignment
+        self.data_offset = data_offset
+        self._map: np.memmap | None = None
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str) or not arch:
+            raise ModelFormatError(f"{self.path}: no general.architecture string in the GGUF metadata")
+        return arch
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelFormatError(f"{self.path}: no tensor named {name!r}")
+        return info
+
+    def _bytes(self, info: TensorInfo) -> np.ndarray:
+        if self._map is None:
+            # copy-on-write: the arrays are writable (torch.from_numpy wants that), the file never is
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        return self._map[info.offset:info.offset + info.nbytes]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored (uint8, read-only view of the mapped file)."""
+        view = self._bytes(self._info(name)).view()
+        view.flags.writeable = False
+        return view
+
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed)."""
+        from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
+
+        info = self._info(name)
+        t = GGMLType(info.ggml_type)
+        if t not in DEQUANTIZABLE:
+            known = ", ".join(sorted(x.name for x in DEQUANTIZABLE))
+            raise ModelFormatError(f"{self.path}: tensor {name} is stored as {t.name}, which mamba-cli "
+                                   f"cannot read (it reads {known})")
+        shape = tuple(reversed(info.shape))
+        if info.nbytes == 0:
+            return torch.zeros(shape, dtype=dtype)
+        data = self._bytes(info)
+        if data.ctypes.data % 16:  # an odd custom general.alignment: give the kernels aligned memory
+            data = data.copy()
+        block, size = GGML_BLOCKS[t]
+        rows = torch.from_numpy(data).view(-1, info.shape[0] // block * size)
+        return dequantize(rows, t).reshape(shape).to(dtype)
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse and validate a GGUF file's header; ModelFormatError (one line, naming the file) if malformed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        if size < 4:
+            raise ModelFormatError(f"{path}: not a GGUF file ({size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                return _parse_gguf(path, view, size)
+            finally:
+                view.release()
+
+
+class _Cursor:
+    """Reads little-endian fields from the header, checking every length against the bytes left."""
+
+    def __init__(self, path: Path, buf: memoryview) -> None:
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def fail(self, what: str) -> ModelFormatError:
+        return ModelFormatError(f"{self.path}: malformed GGUF: {what}")
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n > self.left():
+            raise self.fail(f"{what} needs {n} bytes at offset {self.pos} but only {self.left()} remain "
+                            "(truncated or corrupt file)")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str, max_len: int | None = None) -> str:
+        n = self.unpack("<Q", f"{what} length")
+        if max_len is not None and n >= max_len:
+            raise self.fail(f"{what} is {n} bytes long; at most {max_len - 1} are allowed")
+        return bytes(self.take(n, what)).decode("utf-8", errors="surrogateescape")
+
+    def count(self, vtype: int, what: str) -> int:
+        n = self.unpack("<Q", f"{what} length")
+        if n * _MIN_VALUE_BYTES[vtype] > self.left():
+            raise self.fail(f"{what} claims {n} elements, more than the {self.left()} bytes left can hold")
+        return n
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _GGUF_SCALARS:
+            name, dt = _GGUF_SCALARS[vtype]
+            v = np.frombuffer(self.take(np.dtype(dt).itemsize, what), dtype=dt)[0].item()
+            return bool(v) if name == "BOOL" else v
+        if vtype == _GGUF_STRING:
+            return self.string(what)
+        if vtype != _GGUF_ARRAY:
+            raise self.fail(f"{what} has unknown value type {vtype}")
+        etype = self.unpack("<I", f"{what} element type")
+        if etype not in _MIN_VALUE_BYTES:
+            raise self.fail(f"{what} has unknown element type {etype}")
+        if etype == _GGUF_ARRAY and depth + 1 >= _MAX_ARRAY_DEPTH:
+            raise self.fail(f"{what} nests arrays deeper than {_MAX_ARRAY_DEPTH} levels")
+        n = self.count(etype, what)
+        if etype in _GGUF_SCALARS:
+            name, dt = _GGUF_SCALARS[etype]
+            arr = np.frombuffer(self.take(n * np.dtype(dt).itemsize, what), dtype=dt)
+            return (arr != 0).tolist() if name == "BOOL" else arr.tolist()
+        return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
+
+
+def _pad(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
+    from quant.formats import GGML_BLOCKS, GGMLType
+
+    cur = _Cursor(path, buf)
+    magic = bytes(cur.take(4, "magic"))
+    if magic != GGUF_MAGIC:
+        raise ModelFormatError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    version = cur.unpack("<I", "version")
+    if version and not version & 0xFFFF:
+        raise cur.fail(f"version field reads {version:#x}: a big-endian GGUF, which is not supported")
+    if version not in GGUF_VERSIONS:
+        hint = "; v1 files must be re-converted" if version == 1 else ""
+        raise cur.fail(f"version {version}, only versions 2 and 3 are supported{hint}")
+    n_tensors = cur.unpack("<Q", "tensor count")
+    n_kv = cur.unpack("<Q", "metadata count")
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left():
+        raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the "
+                       f"{cur.left()} bytes left in the file can hold")
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, int] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        if not key:
+            raise cur.fail(f"metadata key #{i} is empty")
+        if key in metadata:
+            raise cur.fail(f"metadata key {key!r} appears twice")
+        vtype = cur.unpack("<I", f"type of {key!r}")
+        metadata[key] = cur.value(vtype, f"metadata {key!r}")
+        types[key] = vtype
+
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    if "general.alignment" in metadata:
+        if types["general.alignment"] != _GGUF_UINT32:
+            raise cur.fail(f"general.alignment must be a UINT32, not type {types['general.alignment']}")
+        alignment = metadata["general.alignment"]
+        if alignment == 0 or alignment & (alignment - 1):
+            raise cur.fail(f"general.alignment {alignment} is not a power of two")
+
+    tensors: dict[str, TensorInfo] = {}
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor #{i}", max_len=GGML_MAX_NAME)
+        if name in tensors:
+            raise cur.fail(f"tensor name {name!r} appears twice")
+        n_dims = cur.unpack("<I", f"dimension count of {name!r}")
+        if n_dims > GGML_MAX_DIMS:
+            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions; at most {GGML_MAX_DIMS} are allowed")
+        shape = tuple(cur.unpack("<q", f"shape of {name!r}") for _ in range(n_dims))
+        if any(d < 0 for d in shape):
+            raise cur.fail(f"tensor {name!r} has a negative dimension {shape}")
+        n_elems = 1
+        for d in shape:
+            n_elems *= d
+        if n_elems > INT64_MAX:
+            raise cur.fail(f"tensor {name!r} shape {shape} has more than 2^63 elements")
+        ttype = cur.unpack("<i", f"type of {name!r}")
+        if ttype not in GGMLType._value2member_map_:
+            raise cur.fail(f"tensor {name!r} has unknown ggml type {ttype}")
+        block, bsize = GGML_BLOCKS[GGMLType(ttype)]
+        row = shape[0] if shape else 1
+        if row % block:
+            raise cur.fail(f"tensor {name!r} rows of {row} elements are not a multiple of the "
+                           f"{GGMLType(ttype).name} block size {block}")
+        offset = cur.unpack("<Q", f"data offset of {name!r}")
+        if offset % alignment:
+            raise cur.fail(f"tensor {name!r} data offset {offset} is not a multiple of "
+                           f"the alignment {alignment}")
+        tensors[name] = TensorInfo(name, ttype, shape, offset, n_elems // block * bsize)
+
+    # the table is sound; now every tensor must lie inside the file, padding after the last included
+    data_offset = _pad(cur.pos, alignment)
+    data_end = data_offset
+    for info in tensors.values():
+        kind = f"{GGMLType(info.ggml_type).name} {info.shape}"
+        if info.nbytes > size:
+            raise cur.fail(f"tensor {info.name!r} {kind} needs {info.nbytes} bytes, more than the whole file "
+                           f"({size} bytes)")
+        end = data_offset + info.offset + info.nbytes
+        if end > size:
+            raise cur.fail(f"tensor {info.name!r} ({info.nbytes} bytes at data offset {info.offset}) runs "
+                           f"past the end of the file ({size} bytes); is the download complete?")
+        data_end = max(data_end, _pad(end, alignment))
+    if data_end > size:
+        raise cur.fail(f"the data section ends {data_end - size} bytes short of its final alignment padding "
+                       f"({size} of {data_end} bytes); is the download complete?")
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end1, n1), (start2, _, n2) in zip(spans, spans[1:], strict=False):
+        if start2 < end1:
+            raise cur.fail(f"tensors {n1!r} and {n2!r} overlap")
+    tensors = {n: TensorInfo(n, t.ggml_type, t.shape, data_offset + t.offset, t.nbytes)
+               for n, t in tensors.items()}
+    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
