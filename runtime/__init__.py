@@ -113,9 +113,7 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | tor
         else:
             dtype = DTYPES[dtype]
     if path.is_file() and path.suffix == ".gguf":
-        from runtime.gguf_model import load_gguf
-
-        m = load_gguf(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
+        m = _load_gguf(path, device, dtype, gpu_layers)
     elif path.is_dir():
         m = _load_folder(path, device, dtype, gpu_layers)
     else:
@@ -125,10 +123,17 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | tor
 
 
 def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                 where: str) -> nn.Module:
-    """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape."""
+                 where: str, int4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+                 ) -> nn.Module:
+    """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape.
+
+    int4 maps module paths (an nn.Linear or nn.Embedding) to (q, scales, zeros): those modules become
+    QuantLinear / QuantEmbedding and keep their weights in 4 bits.
+    """
     with torch.device("meta"):
         module = arch_mod.Model(args)
+    for path, (q, scales, zeros) in (int4 or {}).items():
+        _swap_int4(module, path, q, scales, zeros, dtype or torch.float32, where)
     weights = arch_mod.Model.sanitize(weights, args)
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -146,6 +151,75 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
     module.load_state_dict(weights, assign=True, strict=True)
     module.eval()
     return module
+
+
+def _swap_int4(module: nn.Module, path: str, q, scales, zeros, dtype: torch.dtype, where: str) -> None:
+    from quant.linear import QuantEmbedding, QuantLinear
+
+    parent_path, _, child = path.rpartition(".")
+    parent = module.get_submodule(parent_path) if parent_path else module
+    old = getattr(parent, child, None)
+    if isinstance(old, nn.Embedding):
+        new: nn.Module = QuantEmbedding(q, scales, zeros, dtype)
+    elif isinstance(old, nn.Linear):
+        if tuple(q.shape) != (old.out_features, old.in_features):
+            raise ModelFormatError(f"{where}: tensor {path}.weight has shape {list(q.shape)}, the config implies "
+                                   f"{[old.out_features, old.in_features]}")
+        bias = torch.empty(old.out_features) if old.bias is not None else None
+        new = QuantLinear(q, scales, zeros, bias)
+    else:
+        raise ModelFormatError(f"{where}: {path} is 4-bit but is not a linear layer or embedding here")
+    setattr(parent, child, new)
+
+
+def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
+    """A GGUF file: llama.cpp names and layouts -> our modules; Q4_0/Q4_1/Q4_K linears stay 4-bit."""
+    import re
+
+    from quant.formats import INT4_TYPES, to_int4
+    from runtime.tokenizer import Tokenizer
+    from runtime.weights import read_gguf
+
+    gf = read_gguf(path)
+    where = str(path)
+    check_fits(int(path.stat().st_size * 1.25), "cpu", path.name)
+    arch_mod = registry.arch_for_gguf(gf.architecture, where)
+    embd = gf.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ModelFormatError(f"{where}: no token_embd.weight tensor")
+    try:
+        cfg = arch_mod.config_from_gguf(gf.metadata, int(embd.shape[1]))
+        cfg["tie_word_embeddings"] = "output.weight" not in gf.tensors
+        args = arch_mod.Args.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{where}: missing or invalid metadata {e}") from None
+    patterns = [(re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in arch_mod.GGUF_NAMES.items()]
+    with torch.device("meta"):
+        linears = {n for n, mod in arch_mod.Model(args).named_modules() if isinstance(mod, (nn.Linear, nn.Embedding))}
+    row_fn = getattr(arch_mod, "gguf_row_transform", lambda _n, _a: None)
+    tensor_fn = getattr(arch_mod, "gguf_tensor_transform", lambda _n, t, _a: t)
+    weights: dict[str, torch.Tensor] = {}
+    int4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for name, info in gf.tensors.items():
+        hf = next((h.replace("{i}", m[1]) if "{i}" in h else h for p, h in patterns if (m := p.match(name))), None)
+        if hf is None:
+            raise ModelFormatError(f"{where}: unexpected tensor {name} for architecture {gf.architecture}")
+        rows = row_fn(hf, args)
+        owner = hf.rsplit(".", 1)[0]
+        if info.ggml_type in INT4_TYPES and hf.endswith(".weight") and owner in linears and len(info.shape) == 2:
+            blocks = torch.from_numpy(gf.raw(name).copy()).view(info.shape[1], -1)
+            parts = to_int4(blocks, info.ggml_type)
+            int4[owner] = tuple(rows(t) for t in parts) if rows else parts
+            continue
+        t = gf.tensor(name, torch.float32)
+        weights[hf] = tensor_fn(hf, rows(t) if rows else t, args)
+    if args.tie_word_embeddings and "model.embed_tokens" in int4:
+        int4["lm_head"] = int4["model.embed_tokens"]
+    module = build_module(arch_mod, args, weights, dtype, where, int4)
+    del weights
+    place(module, device, gpu_layers)
+    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)
+    return LoadedModel(module, arch_mod.__name__.rsplit(".", 1)[1], cfg, tokenizer, str(path))
 
 
 def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:

