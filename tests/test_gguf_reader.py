@@ -615,3 +615,13 @@ def test_smollm2_real_file(smollm2: Path) -> None:
     assert parse_s < 5, parse_s
     some = {"token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight", "output_norm.weight"}
     _compare_with_gguf_reader(g, gguf.GGUFReader(smollm2), some)
+
+
+def test_zero_dimensional_tensor(tmp_path: Path) -> None:
+    """n_dims = 0 is one element (found by fuzzing: .tensor() once indexed shape[0])."""
+    blob = bytearray(_header(1, 0) + struct.pack("<Q", 1) + b"s" + struct.pack("<IiQ", 0, 0, 0))
+    blob += b"\0" * (-len(blob) % 32) + struct.pack("<f", 2.5) + b"\0" * 28
+    path = tmp_path / "scalar.gguf"
+    path.write_bytes(blob)
+    t = read_gguf(path).tensor("s")
+    assert t.shape == () and float(t) == 2.5
