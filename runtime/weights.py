@@ -221,7 +221,8 @@ class GGUFFile:
         return view
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed)."""
+        """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed). Stored F32 read as
+        float32 is a view of the file's copy-on-write mapping (paged in lazily, never written back)."""
         from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
 
         info = self._info(name)
@@ -378,7 +379,7 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
         if n_elems > INT64_MAX:
             raise cur.fail(f"tensor {name!r} shape {shape} has more than 2^63 elements")
         ttype = cur.unpack("<i", f"type of {name!r}")
-        if ttype not in GGMLType._value2member_map_:
+        if ttype not in GGML_BLOCKS:
             raise cur.fail(f"tensor {name!r} has unknown ggml type {ttype}")
         block, bsize = GGML_BLOCKS[GGMLType(ttype)]
         row = shape[0] if shape else 1

@@ -127,7 +127,7 @@ U64 = (1 << 64) - 1
 
 
 def _blocks(t: int) -> tuple[int, int]:
-    return GGML_BLOCKS.get(t, (1, 0)) if t in GGMLType._value2member_map_ else (1, 0)
+    return GGML_BLOCKS.get(t, (1, 0))
 
 
 def _tensor_configs(rng: MT19937) -> list[tuple[int, list[int]]]:
