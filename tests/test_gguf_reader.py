@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.formats import GGML_BLOCKS, GGMLType, quantize
+from quant.formats import GGML_BLOCKS, GGMLType, quantize, to_int4
 from runtime.errors import ModelFormatError
 from runtime.weights import read_gguf
 
@@ -615,6 +615,13 @@ def test_smollm2_real_file(smollm2: Path) -> None:
     assert parse_s < 5, parse_s
     some = {"token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight", "output_norm.weight"}
     _compare_with_gguf_reader(g, gguf.GGUFReader(smollm2), some)
+    # llama.cpp-made Q4_1 blocks map onto int4 + per-32 scale/zero without loss
+    name = "blk.0.attn_q.weight"
+    assert g.tensors[name].ggml_type == GGMLType.Q4_1
+    w = g.tensor(name)
+    q, scale, zero = to_int4(torch.from_numpy(g.raw(name).copy()).view(w.shape[0], -1), GGMLType.Q4_1)
+    recon = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    assert (recon - w).abs().max() <= 1e-6 * w.abs().max()
 
 
 def test_zero_dimensional_tensor(tmp_path: Path) -> None:
