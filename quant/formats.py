@@ -309,7 +309,7 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     la, tmp = torch.empty_like(x), torch.empty_like(x)
     sums_in = torch.empty(3, *x.shape)  # w*l, w*l*l, w*l*x, summed together in one pass
     for i in range(nstep + 1):
-        trial = _f32(_f32(rmin) + _f32(_f32(rdelta) * _f32(i))) + _f32(nmax)
+        trial = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * i)) + nmax)  # rmin + rdelta*is + nmax, in float
         # the C loop moves `min` with each better fit, and both uses of it below see the move
         torch.sub(x, mn, out=tmp)
         torch.mul(tmp, _c(trial) / (mx - mn), out=la).round_().clamp_(0, nmax)

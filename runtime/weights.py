@@ -106,7 +106,7 @@ def _check_safetensors_header(path: Path) -> None:
             raise ModelFormatError(f"{path}: safetensors header of {n} bytes does not fit the file")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ModelFormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
@@ -119,7 +119,7 @@ def _check_safetensors_header(path: Path) -> None:
             begin, end = (int(x) for x in info["data_offsets"])
             shape = [int(d) for d in info["shape"]]
             dtype = str(info["dtype"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # Overflow: an Infinity from the JSON
             raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if not 0 <= begin <= end <= data_len:
             raise ModelFormatError(f"{path}: tensor {name!r} lies outside the file")
@@ -221,7 +221,8 @@ class GGUFFile:
         return view
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed)."""
+        """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed). Stored F32 read as
+        float32 is a view of the file's copy-on-write mapping (paged in lazily, never written back)."""
         from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
 
         info = self._info(name)
@@ -237,7 +238,8 @@ class GGUFFile:
         if data.ctypes.data % 16:  # an odd custom general.alignment: give the kernels aligned memory
             data = data.copy()
         block, size = GGML_BLOCKS[t]
-        rows = torch.from_numpy(data).view(-1, info.shape[0] // block * size)
+        row = info.shape[0] if info.shape else 1  # a 0-dimensional tensor is one element
+        rows = torch.from_numpy(data).view(-1, row // block * size)
         return dequantize(rows, t).reshape(shape).to(dtype)
 
 
@@ -377,7 +379,7 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
         if n_elems > INT64_MAX:
             raise cur.fail(f"tensor {name!r} shape {shape} has more than 2^63 elements")
         ttype = cur.unpack("<i", f"type of {name!r}")
-        if ttype not in GGMLType._value2member_map_:
+        if ttype not in GGML_BLOCKS:
             raise cur.fail(f"tensor {name!r} has unknown ggml type {ttype}")
         block, bsize = GGML_BLOCKS[GGMLType(ttype)]
         row = shape[0] if shape else 1

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.formats import GGML_BLOCKS, GGMLType, quantize
+from quant.formats import GGML_BLOCKS, GGMLType, quantize, to_int4
 from runtime.errors import ModelFormatError
 from runtime.weights import read_gguf
 
@@ -127,7 +127,7 @@ U64 = (1 << 64) - 1
 
 
 def _blocks(t: int) -> tuple[int, int]:
-    return GGML_BLOCKS.get(t, (1, 0)) if t in GGMLType._value2member_map_ else (1, 0)
+    return GGML_BLOCKS.get(t, (1, 0))
 
 
 def _tensor_configs(rng: MT19937) -> list[tuple[int, list[int]]]:
@@ -615,3 +615,20 @@ def test_smollm2_real_file(smollm2: Path) -> None:
     assert parse_s < 5, parse_s
     some = {"token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight", "output_norm.weight"}
     _compare_with_gguf_reader(g, gguf.GGUFReader(smollm2), some)
+    # llama.cpp-made Q4_1 blocks map onto int4 + per-32 scale/zero without loss
+    name = "blk.0.attn_q.weight"
+    assert g.tensors[name].ggml_type == GGMLType.Q4_1
+    w = g.tensor(name)
+    q, scale, zero = to_int4(torch.from_numpy(g.raw(name).copy()).view(w.shape[0], -1), GGMLType.Q4_1)
+    recon = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    assert (recon - w).abs().max() <= 1e-6 * w.abs().max()
+
+
+def test_zero_dimensional_tensor(tmp_path: Path) -> None:
+    """n_dims = 0 is one element (found by fuzzing: .tensor() once indexed shape[0])."""
+    blob = bytearray(_header(1, 0) + struct.pack("<Q", 1) + b"s" + struct.pack("<IiQ", 0, 0, 0))
+    blob += b"\0" * (-len(blob) % 32) + struct.pack("<f", 2.5) + b"\0" * 28
+    path = tmp_path / "scalar.gguf"
+    path.write_bytes(blob)
+    t = read_gguf(path).tensor("s")
+    assert t.shape == () and float(t) == 2.5
