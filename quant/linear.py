@@ -55,6 +55,20 @@ class QuantLinear(nn.Module):
         self._packed: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
         self.use_kernel = True
 
+    @classmethod
+    def concat(cls, mods: list[QuantLinear]) -> QuantLinear | None:
+        """Stack several QuantLinears over the same input into one (outputs concatenated)."""
+        if len({m.in_features for m in mods}) != 1 or any(m.bias is not None for m in mods):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features = mods[0].in_features
+        fused.out_features = sum(m.out_features for m in mods)
+        for name in ("nibbles", "scales", "zeros"):
+            fused.register_buffer(name, torch.cat([getattr(m, name) for m in mods]), persistent=False)
+        fused.bias, fused._packed, fused.use_kernel = None, None, mods[0].use_kernel
+        return fused
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (float32); for inspection and the fallback path, not the hot path."""

@@ -26,6 +26,7 @@ from runtime import registry
 from runtime.device import check_fits, layer_devices, place, resolve_device
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.generate import generate
+from runtime.layers import fuse_projections
 from runtime.weights import iter_safetensors, read_config, read_json, safetensors_files
 
 __all__ = ["load_model", "generate", "LoadedModel", "MambaCliError"]
@@ -150,6 +151,7 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
             weights[k] = t.to(dtype)
     module.load_state_dict(weights, assign=True, strict=True)
     module.eval()
+    fuse_projections(module)
     return module
 
 

@@ -95,9 +95,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
         # x : (B, T, E)
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([nq, nk, nk], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -115,11 +120,45 @@ class Attention(nn.Module):
 
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+# ---------------------------------------------------------------- fused projections
+
+
+def fuse_linears(mods: list[nn.Module]) -> nn.Module:
+    """One module computing torch.cat([m(x) for m in mods], -1): fewer, larger matmuls per token."""
+    from quant.linear import QuantLinear
+
+    if all(isinstance(m, QuantLinear) for m in mods):
+        return QuantLinear.concat(mods)
+    if all(type(m) is nn.Linear for m in mods):
+        has_bias = [m.bias is not None for m in mods]
+        if any(has_bias) and not all(has_bias):
+            return None
+        w = torch.cat([m.weight.data for m in mods])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=all(has_bias), device=w.device, dtype=w.dtype)
+        fused.weight.data = w
+        if all(has_bias):
+            fused.bias.data = torch.cat([m.bias.data for m in mods])
+        return fused
+    return None
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """After loading: q/k/v -> qkv_proj and gate/up -> gate_up_proj wherever both sides allow it."""
+    for mod in model.modules():
+        if isinstance(mod, Attention) and not hasattr(mod, "qkv_proj"):
+            fused = fuse_linears([mod.q_proj, mod.k_proj, mod.v_proj])
+            if fused is not None:
+                mod.qkv_proj = fused
+                del mod.q_proj, mod.k_proj, mod.v_proj
+        elif isinstance(mod, SwiGLU) and not hasattr(mod, "gate_up_proj"):
+            fused = fuse_linears([mod.gate_proj, mod.up_proj])
+            if fused is not None:
+                mod.gate_up_proj = fused
+                del mod.gate_proj, mod.up_proj
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -133,7 +172,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fixtures import build_tiny, convert_with_llama_cpp, hf_model, smollm2_gguf, spm_model_folder
 
-from quant.linear import QuantEmbedding, QuantLinear
+from quant.linear import QuantLinear
 from runtime import generate, load_model
 
 LLAMA_CONFIGS = {
@@ -77,8 +77,9 @@ def smol():
 def test_smollm2_loads_4bit_and_stays_small(smol):
     m = load_model(smol, device="cpu")
     assert m.arch == "llama" and m.config["num_hidden_layers"] == 30
-    quant = [mod for mod in m.module.modules() if isinstance(mod, QuantLinear | QuantEmbedding)]
-    assert len(quant) == 30 * 7  # every Q4_1 projection stays 4-bit
+    layers = list(m.module.model.layers.modules())
+    assert not any(type(mod) is torch.nn.Linear for mod in layers)  # every Q4_1 projection stays 4-bit
+    assert sum(isinstance(mod, QuantLinear) for mod in layers) == 30 * 4  # qkv, o, gate_up, down (fused)
     assert m.nbytes() <= 2.0 * smol.stat().st_size
 
 

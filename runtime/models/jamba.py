@@ -170,9 +170,8 @@ class Model(nn.Module):
         a, caches = self.args, []
         for layer in self.model.layers:
             if hasattr(layer, "self_attn"):
-                w = layer.self_attn.q_proj.weight
-                dtype = w.dtype if w.is_floating_point() else torch.float32
-                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, dtype, w.device, max_len))
+                w = layer.input_layernorm.weight  # the layer's compute dtype and device
+                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, w.dtype, w.device, max_len))
             else:
                 caches.append(layer.mamba.make_state(batch))
         return caches

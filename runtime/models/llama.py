@@ -151,13 +151,12 @@ class Model(nn.Module):
         a = self.args
         caches = []
         for layer in self.model.layers:
-            w = layer.self_attn.q_proj.weight
+            w = layer.input_layernorm.weight  # the layer's compute dtype and device
             if a.sliding_window:
                 caches.append(RollingKVCache(batch, a.num_key_value_heads, a.head_dim, a.sliding_window,
-                                             w.dtype if w.is_floating_point() else torch.float32, w.device))
+                                             w.dtype, w.device))
             else:
-                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim,
-                                      w.dtype if w.is_floating_point() else torch.float32, w.device, max_len))
+                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, w.dtype, w.device, max_len))
         return caches
 
     @staticmethod
