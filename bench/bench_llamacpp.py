@@ -1,0 +1,98 @@
+"""Ours vs llama.cpp (llama-cpp-python) on the same GGUF files, alternating, in one process.
+
+    python bench/bench_llamacpp.py FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
+
+For each file: load time (to a usable model), prefill tokens/s for -p tokens and decode tokens/s for
+-n tokens (greedy, fed one at a time), median of --reps alternating runs, and the ratio ours/llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def ours_run(m, ids: list[int], n: int) -> tuple[float, float]:
+    cache = m.make_cache(1)
+    t0 = time.perf_counter()
+    logits = m.forward(torch.tensor([ids]), cache)
+    t1 = time.perf_counter()
+    tok = logits[:, -1:].argmax(-1)
+    for _ in range(n):
+        tok = m.forward(tok, cache)[:, -1:].argmax(-1)
+    t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), n / (t2 - t1)
+
+
+def cpp_run(llm, ids: list[int], n: int) -> tuple[float, float]:
+    import numpy as np
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), n / (t2 - t1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from llama_cpp import Llama
+
+    from runtime import load_model
+
+    rows = []
+    for f in a.files:
+        t0 = time.perf_counter()
+        m = load_model(f, device="cpu")
+        ours_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        llm = Llama(model_path=f, n_ctx=a.p + a.n + 8, n_batch=max(a.p, 8), n_threads=a.threads,
+                    logits_all=True, verbose=False)
+        cpp_load = time.perf_counter() - t0
+        vocab = m.tokenizer.vocab_size
+        ids = torch.randint(10, vocab, (a.p,), generator=torch.Generator().manual_seed(0)).tolist()
+        ours_run(m, ids[:32], 4)
+        cpp_run(llm, ids[:32], 4)
+        ours, cpp = [], []
+        for _ in range(a.reps):
+            ours.append(ours_run(m, ids, a.n))
+            cpp.append(cpp_run(llm, ids, a.n))
+        op, od = (statistics.median(x) for x in zip(*ours, strict=True))
+        cp, cd = (statistics.median(x) for x in zip(*cpp, strict=True))
+        rows.append(dict(file=Path(f).name, ours_load_s=ours_load, cpp_load_s=cpp_load, ours_pp=op, cpp_pp=cp,
+                         pp_ratio=op / cp, ours_tg=od, cpp_tg=cd, tg_ratio=od / cd))
+        del llm, m
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"threads {a.threads}, prefill {a.p} tokens, decode {a.n} tokens, median of {a.reps}")
+    print("| file | load s (ours / llama.cpp) | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours "
+          "| llama.cpp | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['file']} | {r['ours_load_s']:.2f} / {r['cpp_load_s']:.2f} | {r['ours_pp']:.1f} | "
+              f"{r['cpp_pp']:.1f} | {r['pp_ratio']:.2f}x | {r['ours_tg']:.1f} | {r['cpp_tg']:.1f} | "
+              f"{r['tg_ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
