@@ -6,13 +6,15 @@ which is the convention of torch's int4 kernels (`aten._weight_int4pack_mm_for_c
 `aten._weight_int4pack_mm` on CUDA, bf16 activations). Q4_0, Q4_1 and Q4_K map onto it losslessly
 (quant/formats.py: to_int4).
 
-The kernel's packed layout depends on the device, so packing happens at the first forward on the
-device the module ended up on (after --gpu-layers placement); until then the weights are kept as
+The kernel's packed layout depends on the device, so packing happens once the module is on the
+device it ended up on (runtime.device.place calls prepare()); until then the weights are kept as
 plain nibble pairs (uint8 [N, K/2]). Where the kernel is unavailable (shapes it does not take, other
 devices), a dequantize-then-matmul fallback gives the same result in float.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -41,67 +43,76 @@ def dequantize_int4(p: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 class QuantLinear(nn.Module):
-    """y = x @ w.T (+ bias) with w held as int4; in_features must be a multiple of 32."""
+    """y = x @ w.T (+ bias) with w held as int4; in_features must be a multiple of 32.
+
+    prepare() (called once the module is on its final device) packs the weights for that device's
+    kernel and drops the plain copy, so memory is the 4-bit size plus bf16 scales and zeros.
+    MAMBA_CLI_NO_INT4_KERNEL=1 keeps the plain copy and runs the exact float fallback instead.
+    """
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         if self.in_features % GROUP:
             raise ValueError(f"in_features {self.in_features} is not a multiple of {GROUP}")
-        self.register_buffer("nibbles", pack_nibbles(q), persistent=False)
-        self.register_buffer("scales", scales.float().contiguous(), persistent=False)
-        self.register_buffer("zeros", zeros.float().contiguous(), persistent=False)
+        self._set_source(pack_nibbles(q), scales.float().contiguous(), zeros.float().contiguous())
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._packed: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
-        self.use_kernel = True
+
+    def _set_source(self, nibbles, scales, zeros) -> None:
+        self.register_buffer("nibbles", nibbles, persistent=False)  # (N, K/2) uint8
+        self.register_buffer("scales", scales, persistent=False)  # (N, K/32) float32
+        self.register_buffer("zeros", zeros, persistent=False)  # (N, K/32) float32
+        self.register_buffer("packed", None, persistent=False)  # the kernel's layout for its device
+        self.register_buffer("sz", None, persistent=False)  # (K/32, N, 2) bf16 scales and zeros
 
     @classmethod
     def concat(cls, mods: list[QuantLinear]) -> QuantLinear | None:
         """Stack several QuantLinears over the same input into one (outputs concatenated)."""
-        if len({m.in_features for m in mods}) != 1 or any(m.bias is not None for m in mods):
+        if len({m.in_features for m in mods}) != 1 or any(m.bias is not None or m.nibbles is None for m in mods):
             return None
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features = mods[0].in_features
         fused.out_features = sum(m.out_features for m in mods)
-        for name in ("nibbles", "scales", "zeros"):
-            fused.register_buffer(name, torch.cat([getattr(m, name) for m in mods]), persistent=False)
-        fused.bias, fused._packed, fused.use_kernel = None, None, mods[0].use_kernel
+        fused._set_source(*(torch.cat([getattr(m, n) for m in mods]) for n in ("nibbles", "scales", "zeros")))
+        fused.bias = None
         return fused
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (float32); for inspection and the fallback path, not the hot path."""
-        return dequantize_int4(self.nibbles, self.scales, self.zeros, torch.float32)
-
-    def _pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._packed is not None and self._packed[0] == device:
-            return self._packed[1], self._packed[2]
-        sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/32, N, 2)
+    def prepare(self) -> None:
+        """Pack for the int4 kernel of the device the weights are on; keep the plain copy if it cannot."""
+        if self.packed is not None or os.environ.get("MAMBA_CLI_NO_INT4_KERNEL"):
+            return
+        device = self.nibbles.device
         try:
             if device.type == "cpu":
                 w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.nibbles).int(), 1)
             elif device.type == "cuda":
                 w = torch.ops.aten._convert_weight_to_int4pack(self.nibbles, 8 if self.in_features % 256 == 0 else 2)
             else:
-                return None
+                return
         except RuntimeError:
-            return None
-        self._packed = (device, w, sz)
-        return w, sz
+            return
+        self.packed = w
+        self.sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.nibbles = self.scales = self.zeros = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32), while the plain copy is kept (before prepare())."""
+        if self.nibbles is None:
+            raise RuntimeError("the int4 weights were packed for the kernel; the plain copy is gone")
+        return dequantize_int4(self.nibbles, self.scales, self.zeros, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x : (..., K)  ->  (..., N)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        packed = self._pack(x.device) if self.use_kernel else None
-        if packed is not None:
-            w, sz = packed
+        if self.packed is not None:
             xb = x2.to(torch.bfloat16)
             if x.device.type == "cpu":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.sz)
             else:
-                y = torch.ops.aten._weight_int4pack_mm(xb, w, GROUP, sz)
+                y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, GROUP, self.sz)
             y = y.to(x.dtype)
         else:
             y = F.linear(x2, dequantize_int4(self.nibbles, self.scales, self.zeros, x.dtype))
@@ -128,3 +139,19 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         rows = dequantize_int4(self.nibbles[flat], self.scales[flat], self.zeros[flat], self.dtype)
         return rows.view(*ids.shape, -1)
+
+
+class CastLinear(nn.Linear):
+    """A linear layer stored in a narrower float (bf16) than the activations it serves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class CastEmbedding(nn.Embedding):
+    """An embedding table stored in bf16 that returns rows in the model's activation dtype."""
+
+    out_dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.out_dtype)

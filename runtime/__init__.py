@@ -174,6 +174,20 @@ def _swap_int4(module: nn.Module, path: str, q, scales, zeros, dtype: torch.dtyp
     setattr(parent, child, new)
 
 
+FLOAT_TYPES = (0, 1, 30)  # ggml F32, F16, BF16
+
+
+def _narrow_modules(module: nn.Module) -> None:
+    """Linear/Embedding layers whose weights were kept in bf16 compute in bf16 and return float32."""
+    from quant.linear import CastEmbedding, CastLinear
+
+    for mod in module.modules():
+        if type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16:
+            mod.__class__ = CastLinear
+        elif type(mod) is nn.Embedding and mod.weight.dtype == torch.bfloat16:
+            mod.__class__ = CastEmbedding
+
+
 def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
     """A GGUF file: llama.cpp names and layouts -> our modules; Q4_0/Q4_1/Q4_K linears stay 4-bit."""
     import re
@@ -213,12 +227,16 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
             parts = to_int4(blocks, info.ggml_type)
             int4[owner] = tuple(rows(t) for t in parts) if rows else parts
             continue
-        t = gf.tensor(name, torch.float32)
+        # Other block-quantized matrices (Q8_0, Q6_K, Q5_x) are kept in bf16 rather than float32:
+        # their own quantization error is larger than bf16's rounding, and it halves their memory.
+        narrow = dtype is None and owner in linears and info.ggml_type not in FLOAT_TYPES
+        t = gf.tensor(name, torch.bfloat16 if narrow else torch.float32)
         weights[hf] = tensor_fn(hf, rows(t) if rows else t, args)
     if args.tie_word_embeddings and "model.embed_tokens" in int4:
         int4["lm_head"] = int4["model.embed_tokens"]
     module = build_module(arch_mod, args, weights, dtype, where, int4)
     del weights
+    _narrow_modules(module)
     place(module, device, gpu_layers)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)
     return LoadedModel(module, arch_mod.__name__.rsplit(".", 1)[1], cfg, tokenizer, str(path))

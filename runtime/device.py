@@ -74,6 +74,13 @@ def place(model: nn.Module, device: str, gpu_layers: int | None) -> None:
     Activations follow through forward pre-hooks that move a block's inputs to its device, so the
     architecture files stay device-agnostic.
     """
+    _place(model, device, gpu_layers)
+    for mod in model.modules():
+        if hasattr(mod, "prepare"):
+            mod.prepare()
+
+
+def _place(model: nn.Module, device: str, gpu_layers: int | None) -> None:
     layers = model.layers
     if gpu_layers is None or device == "cpu":
         model.to(device)

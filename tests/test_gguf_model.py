@@ -80,7 +80,7 @@ def test_smollm2_loads_4bit_and_stays_small(smol):
     layers = list(m.module.model.layers.modules())
     assert not any(type(mod) is torch.nn.Linear for mod in layers)  # every Q4_1 projection stays 4-bit
     assert sum(isinstance(mod, QuantLinear) for mod in layers) == 30 * 4  # qkv, o, gate_up, down (fused)
-    assert m.nbytes() <= 2.0 * smol.stat().st_size
+    assert m.nbytes() <= 1.25 * smol.stat().st_size  # int4 kernels' layout, Q8_0 embedding kept in bf16
 
 
 def test_smollm2_answers_in_chat_format(smol):
@@ -88,9 +88,9 @@ def test_smollm2_answers_in_chat_format(smol):
     from runtime.generate import stream_text
 
     m = load_model(smol, device="cpu")
-    ids = render([{"role": "user", "content": "What is the capital of France?"}], m.tokenizer)
+    ids = render([{"role": "user", "content": "What is the capital of Germany?"}], m.tokenizer)
     reply = "".join(stream_text(m, ids, max_new_tokens=24, temperature=0.0))
-    assert "Paris" in reply
+    assert "Berlin" in reply
 
 
 def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol):
