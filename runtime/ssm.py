@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MAMBA1_CHUNK = 128  # power of two: the in-chunk scan is a Blelloch tree
+MAMBA1_CHUNK = 32  # power of two (the in-chunk scan is a Blelloch tree); small chunks stay in cache
 MAMBA2_CHUNK = 256
 
 
@@ -114,15 +114,16 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     y = torch.empty_like(x)
     for s in range(0, t, chunk):
         e = min(s + chunk, t)
-        size = 1 << (e - s - 1).bit_length()  # the chunk padded to a power of two
-        a = x.new_ones(b, size, d, n)  # padding: a = 1, u = 0 leaves the prefixes before it unchanged
-        u = x.new_zeros(b, size, d, n)
-        torch.exp(dt[:, s:e, :, None] * A, out=a[:, : e - s])  # (B, L, D, N)
-        torch.mul((dt[:, s:e] * x[:, s:e])[..., None], B[:, s:e, None, :], out=u[:, : e - s])
+        n_t = e - s
+        size = 1 << (n_t - 1).bit_length()  # the chunk padded to a power of two
+        a, u = x.new_empty(b, size, d, n), x.new_empty(b, size, d, n)  # (B, L, D, N)
+        a[:, n_t:], u[:, n_t:] = 1.0, 0.0  # padding: a = 1, u = 0 leaves the prefixes before it unchanged
+        torch.mul(dt[:, s:e, :, None], A, out=a[:, :n_t]).exp_()
+        torch.mul((dt[:, s:e] * x[:, s:e])[..., None], B[:, s:e, None, :], out=u[:, :n_t])
         u[:, 0].addcmul_(a[:, 0], h)  # fold the carried state into the first step
         _blelloch(a, u)  # u : (B, L, D, N) now holds h_t
-        y[:, s:e] = torch.matmul(u[:, : e - s], C[:, s:e, :, None]).squeeze(-1)
-        h = u[:, e - s - 1]  # (B, D, N)
+        y[:, s:e] = torch.einsum("bldn,bln->bld", u[:, :n_t], C[:, s:e])
+        h = u[:, n_t - 1]  # (B, D, N)
     y.addcmul_(x, D)
     if state is not None:
         state.copy_(h)
