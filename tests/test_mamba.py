@@ -184,3 +184,20 @@ def test_codestral_layout_loads_and_matches_transformers():
     with torch.no_grad():
         ref = hf_model(folder)(ids).logits
     assert rel(m.forward(ids), ref) < 1e-4
+
+
+def test_mamba2_dt_limit_applies_to_prefill_and_decode():
+    """time_step_limit clamps dt. transformers clamps only in its chunked path; we clamp in both, so a
+    cached decode still equals the full forward, which equals transformers' full forward."""
+    cls, cfg = CONFIGS["mamba2-g2"]
+    folder = build_tiny(cls, {**cfg, "time_step_limit": [0.0, 0.3]})
+    m = load_model(folder, device="cpu")
+    assert m.module.layers[0].mixer.dt_limit == (0.0, 0.3)
+    ids = prompt(45, seed=9)
+    with torch.no_grad():
+        ref = hf_model(folder)(ids).logits
+    full = m.forward(ids)
+    assert rel(full, ref) < 1e-4
+    cache = m.make_cache(1)
+    outs = [m.forward(ids[:, :40], cache)] + [m.forward(ids[:, i : i + 1], cache) for i in range(40, 45)]
+    assert rel(torch.cat(outs, 1), full) < 1e-4

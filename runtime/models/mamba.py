@@ -117,17 +117,20 @@ class MambaMixer(nn.Module):
         return SSMState(torch.zeros(batch, self.inner, self.kernel - 1, device=dev),
                         torch.zeros(batch, self.inner, self.state, device=dev))
 
-    def _norms(self, dt, B, C):
+    def _dt_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x : (..., D) float32  ->  dt : (..., D), B, C : (..., N), float32
+        proj = self.x_proj(x.to(self.x_proj.weight.dtype))  # (..., R + 2N)
+        dt, B, C = proj.split([self.rank, self.state, self.state], dim=-1)
         if self.bcdt_norm == "weighted":
-            return self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        if self.bcdt_norm == "weightless":
-            return rms(dt, self.norm_eps), rms(B, self.norm_eps), rms(C, self.norm_eps)
-        return dt, B, C
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        elif self.bcdt_norm == "weightless":
+            dt, B, C = rms(dt, self.norm_eps), rms(B, self.norm_eps), rms(C, self.norm_eps)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        return dt, B.float(), C.float()
 
     def forward(self, h: torch.Tensor, cache: SSMState | None = None) -> torch.Tensor:
         # h : (B, T, E)  ->  (B, T, E)
-        b, t, _ = h.shape
-        wdt = self.in_proj.weight.dtype
+        t = h.shape[1]
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, D) each
         conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
         conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
@@ -137,24 +140,19 @@ class MambaMixer(nn.Module):
         conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
         x = ssm.causal_conv1d(x.float().transpose(1, 2), conv_w, conv_b, conv_state)
         x = F.silu(x).transpose(1, 2)  # (B, T, D) float32
-        dt, B, C = self.x_proj(x.to(wdt)).split([self.rank, self.state, self.state], dim=-1)
-        dt, B, C = self._norms(dt, B, C)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, T, D)
-        y, _ = ssm.selective_scan(x, dt, A, B.float(), C.float(), self.D.float(), ssm_state)
+        dt, B, C = self._dt_b_c(x)
+        y, _ = ssm.selective_scan(x, dt, A, B, C, self.D.float(), ssm_state)
         if cache is not None:
             cache.offset += t
-        return self.out_proj((y * F.silu(z.float())).to(wdt))
+        return self.out_proj((y * F.silu(z.float())).to(self.out_proj.weight.dtype))
 
     def _step(self, x, z, conv_w, conv_b, A, cache: SSMState) -> torch.Tensor:
         # x, z : (B, D) -> (B, E)
-        wdt = self.in_proj.weight.dtype
         x = F.silu(ssm.conv1d_step(x.float(), conv_w, conv_b, cache.conv))
-        dt, B, C = self.x_proj(x.to(wdt)).split([self.rank, self.state, self.state], dim=-1)
-        dt, B, C = self._norms(dt, B, C)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, D)
-        y = ssm.selective_step(x, dt, A, B.float(), C.float(), self.D.float(), cache.ssm)
+        dt, B, C = self._dt_b_c(x)
+        y = ssm.selective_step(x, dt, A, B, C, self.D.float(), cache.ssm)
         cache.offset += 1
-        return self.out_proj((y * F.silu(z.float())).to(wdt))
+        return self.out_proj((y * F.silu(z.float())).to(self.out_proj.weight.dtype))
 
 
 class Block(nn.Module):

@@ -157,7 +157,8 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, a: Args):
         super().__init__()
         self.heads, self.head_dim, self.groups, self.state = a.num_heads, a.head_dim, a.n_groups, a.state_size
-        self.inner, self.kernel, self.chunk = a.inner, a.conv_kernel, a.chunk_size
+        self.inner, self.kernel = a.inner, a.conv_kernel
+        self.chunk = min(a.chunk_size, ssm.MAMBA2_CHUNK)  # any chunk gives the same result; small is fast
         self.conv_dim = a.inner + 2 * a.n_groups * a.state_size
         lo, hi = a.time_step_limit
         self.dt_limit = None if (lo, hi) == (0.0, math.inf) else (lo, hi)
