@@ -64,8 +64,9 @@ class LoadedModel:
         return getattr(self.module.args, "context_length", None)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: list | None = None) -> torch.Tensor:
-        return self.module(tokens.to(self.input_device), cache)
+    def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (float32), or [B, 1, V] for the last position only when last_only."""
+        return self.module(tokens.to(self.input_device), cache, last_only=last_only)
 
     def make_cache(self, batch: int = 1) -> list:
         return self.module.make_cache(batch)

@@ -72,7 +72,7 @@ class Session:
             if should_stop is not None and should_stop():
                 return None
             part = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=dev)
-            logits = self.model.forward(part, self.cache)
+            logits = self.model.forward(part, self.cache, last_only=True)
             self.last_logits = logits[0, -1]
             self.tokens.extend(ids[i : i + chunk])
         return self.last_logits

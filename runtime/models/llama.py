@@ -136,7 +136,7 @@ class Model(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def forward(self, tokens: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
         h = self.model.embed_tokens(tokens)
         start = cache_offset(cache) if cache is not None else 0
@@ -144,6 +144,8 @@ class Model(nn.Module):
         rope = self.rope(pos, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, rope, cache[i] if cache is not None else None)
+        if last_only:
+            h = h[:, -1:]
         h = self.model.norm(h)
         return self.lm_head(h).float()
 
