@@ -1,0 +1,126 @@
+"""`mamba-cli chat`: turns reuse the cache, /save + --resume continue with no re-prefill, bad files refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixtures import build_tiny
+from rich.console import Console
+
+from cli.chat import Chat
+from cli.common import Sampling
+from runtime import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "mamba": ("MambaForCausalLM", dict(hidden_size=64, state_size=8, num_hidden_layers=2, conv_kernel=4, expand=2)),
+    "mistral": ("MistralForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=512)),
+    "jamba": ("JambaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                                       attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                                       num_experts=4, num_experts_per_tok=2, mamba_d_state=8,
+                                       mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False)),
+}
+
+
+def chat_for(name: str) -> Chat:
+    m = load_model(build_tiny(*MODELS[name]), device="cpu")
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    return Chat(m, greedy, None, Console(file=open(os.devnull, "w")), verbose=False)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_saved_conversation_resumes_identically(name, tmp_path):
+    a = chat_for(name)
+    a.reply("Hello there, how are you?")
+    a.reply("Tell me about state space models.")
+    path = tmp_path / "conv.safetensors"
+    a.save(str(path))
+    b = chat_for(name)
+    b.load(str(path))
+    assert b.messages == a.messages and b.session.tokens == a.session.tokens
+    a.reply("And then?")
+    b.reply("And then?")
+    assert a.messages[-1] == b.messages[-1]
+    assert a.session.tokens == b.session.tokens
+
+
+def test_turns_prefill_only_new_tokens():
+    from runtime.generate import Stats
+
+    c = chat_for("mamba")
+    c.reply("First question, quite a long one with many words in it.")
+    cached = len(c.session.tokens)
+    stats = Stats()
+    from runtime.generate import stream_text
+
+    c.messages.append({"role": "user", "content": "Second."})
+    list(stream_text(c.m, c.ids(), stats=stats, session=c.session, max_new_tokens=2, temperature=0.0))
+    assert stats.cached_tokens == cached
+    assert stats.prompt_tokens == len(c.ids()) - cached
+
+
+def test_ssm_state_file_size_and_resume_time_do_not_grow_with_history(tmp_path):
+    c = chat_for("mamba")
+    c.reply("short")
+    c.save(str(tmp_path / "short.safetensors"))
+    c.m.module.eval()
+    long_text = " ".join(["state space models keep a constant-size state"] * 60)
+    for _ in range(4):
+        c.reply(long_text)
+    c.save(str(tmp_path / "long.safetensors"))
+    assert len(c.session.tokens) > 1000
+    sizes = {}
+    for name in ("short", "long"):
+        f = tmp_path / f"{name}.safetensors"
+        d = chat_for("mamba")
+        t0 = time.perf_counter()
+        d.load(str(f))
+        sizes[name] = (f.stat().st_size, time.perf_counter() - t0, len(d.session.tokens))
+    # the state itself is the same size; the file only adds the token ids and messages as metadata
+    tensor_bytes = {n: s[0] - 8 * s[2] for n, s in sizes.items()}
+    assert tensor_bytes["long"] - tensor_bytes["short"] < 64 * 1024 + len(long_text) * 8
+    print(f"resume: {sizes['short'][2]} tokens in {sizes['short'][1] * 1e3:.1f} ms, "
+          f"{sizes['long'][2]} tokens in {sizes['long'][1] * 1e3:.1f} ms")
+
+
+def test_state_of_another_model_is_refused(tmp_path):
+    a = chat_for("mamba")
+    a.reply("hi")
+    a.save(str(tmp_path / "s.safetensors"))
+    b = chat_for("mistral")
+    with pytest.raises(Exception, match="saved with another model|layers"):
+        b.load(str(tmp_path / "s.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a state file at all")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        b.load(str(tmp_path / "junk.safetensors"))
+
+
+def run_chat(folder: Path, stdin: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", "chat", str(folder), "-t", "0", "-n", "8", "-v", *extra],
+                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+
+
+def test_chat_command_end_to_end(tmp_path):
+    folder = build_tiny(*MODELS["mamba"])
+    state = tmp_path / "conv.safetensors"
+    p = run_chat(folder, f'hello\n"""multi\nline"""\n/set temperature 0\n/save {state}\n/exit\n')
+    assert p.returncode == 0, p.stderr
+    prompts = [int(x) for x in re.findall(r"prompt: (\d+) new tokens", p.stdout)]
+    cached = [int(x) for x in re.findall(r"\((\d+) cached\)", p.stdout)]
+    assert len(prompts) == 2 and len(cached) == 1 and cached[0] > prompts[0]  # turn 1 + its reply reused
+    assert state.exists()
+    p2 = run_chat(folder, "again\n/exit\n", "--resume", str(state))
+    assert p2.returncode == 0, p2.stderr
+    assert "resumed 4 messages" in p2.stdout
+    assert re.search(r"\((\d+) cached\)", p2.stdout), p2.stdout
+    p3 = run_chat(folder, "/load /no/such/file\n/bogus\n/exit\n")
+    assert p3.returncode == 0 and "no such file" in p3.stdout and "unknown command /bogus" in p3.stdout
