@@ -36,7 +36,7 @@ from quant.recipe import QUANT_TYPES, tensor_types
 from runtime import registry
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.fileio import atomic_path
-from runtime.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, SPM_FILES
+from runtime.tokenizer import BYTE, CONTROL, NORMAL, SPM_FILES, UNKNOWN, UNUSED, USER_DEFINED
 
 QUANTIZATION_VERSION = 2
 # keys a .gguf source's metadata does not pass on: the writer sets them (or they describe the old file)
@@ -65,6 +65,7 @@ class Plan:
     tokenizer: Any = None  # runtime.tokenizer.Tokenizer the written file must reproduce
     source_bytes: int = 0
     name: str = ""
+    path: Path = Path()
     keep: list[Any] = field(default_factory=list)  # objects the loaders need alive (the weights dict)
 
 
@@ -130,7 +131,7 @@ def plan_from_folder(folder: Path) -> Plan:
     for hf, t in weights.items():
         name = next((g.replace("{i}", m[1]) if "{i}" in g else g for p, g in to_gguf if (m := p.match(hf))), None)
         if name is None:
-            raise ModelFormatError(f"{folder}: tensor {hf} has no GGUF name for architecture {_gguf_arch_name(arch_mod)}")
+            raise ModelFormatError(f"{folder}: tensor {hf} has no GGUF name for {_gguf_arch_name(arch_mod)}")
         shape = tuple(transform(hf, torch.empty(t.shape, device="meta"), args).shape)
         tensors.append(PlannedTensor(name, shape, lambda hf=hf: transform(hf, weights[hf], args).float().contiguous()))
     tensors.sort(key=lambda p: _layer_order(p.name, order))
@@ -142,7 +143,7 @@ def plan_from_folder(folder: Path) -> Plan:
     meta = {"general.name": folder.name, **meta, **tokenizer_metadata(folder, args.vocab_size, cfg, tokenizer)}
     experts = getattr(args, "num_local_experts", 0) or getattr(args, "num_experts", 0)
     return Plan(_gguf_arch_name(arch_mod), meta, tensors, args.num_hidden_layers, experts if experts > 1 else 0,
-                tokenizer, sum(f.stat().st_size for f in files), folder.name, [weights])
+                tokenizer, sum(f.stat().st_size for f in files), folder.name, folder, [weights])
 
 
 def plan_from_gguf(path: Path) -> Plan:
@@ -159,7 +160,7 @@ def plan_from_gguf(path: Path) -> Plan:
                for n, info in gf.tensors.items()]
     experts = int(gf.metadata.get(f"{arch}.expert_count", 0) or 0)
     return Plan(arch, meta, tensors, int(gf.metadata.get(f"{arch}.block_count", 0)), experts if experts > 1 else 0,
-                Tokenizer.from_gguf_metadata(gf.metadata, str(path)), path.stat().st_size, path.stem, [gf])
+                Tokenizer.from_gguf_metadata(gf.metadata, str(path)), path.stat().st_size, path.stem, path, [gf])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ def _components(node: Any, kind: str) -> bool:
         return False
     if node.get("type") == kind:
         return True
-    return any(_components(n, kind) for key in ("pretokenizers", "normalizers", "decoders") for n in node.get(key) or [])
+    parts = [n for key in ("pretokenizers", "normalizers", "decoders") for n in node.get(key) or []]
+    return any(_components(n, kind) for n in parts)
 
 
 def _tokenizer_json_metadata(folder: Path, tok) -> tuple[dict, list[str], list[float], list[int], dict]:

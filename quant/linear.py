@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
         packed = self._pack(x.device) if self.use_kernel else None
         if packed is not None:
             w, sz = packed
-            xb = x2.to(torch.bfloat16)
+            xb = x2.to(torch.bfloat16).contiguous()  # the kernel refuses strided input (Mamba's x_proj)
             if x.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz)
             else:

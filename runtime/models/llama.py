@@ -288,7 +288,8 @@ def gguf_metadata(args: Args) -> dict[str, Any]:
         meta["llama.expert_used_count"] = args.num_experts_per_tok
     meta["llama.vocab_size"] = args.vocab_size
     meta["llama.rope.dimension_count"] = args.head_dim
-    meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = args.head_dim
+    if args.head_dim != args.hidden_size // args.num_attention_heads:
+        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = args.head_dim
     if args.sliding_window:
         meta["llama.attention.sliding_window"] = args.sliding_window
     if args.rope_scaling:
