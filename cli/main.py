@@ -31,7 +31,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from cli import bench, chat, models, pull, run
+    from cli import bench, chat, models, perplexity, pull, quantize, run
 
     app.command("run")(run.run)
     app.command("chat")(chat.chat)
@@ -40,6 +40,8 @@ def _register() -> None:
     app.command("show")(models.show)
     app.command("rm")(models.rm)
     app.command("aliases")(models.aliases)
+    app.command("quantize")(quantize.quantize)
+    app.command("perplexity")(perplexity.perplexity_cmd)
     app.command("bench")(bench.bench)
 
 

@@ -108,7 +108,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.packed is not None:
-            xb = x2.to(torch.bfloat16)
+            xb = x2.to(torch.bfloat16).contiguous()  # the kernel refuses strided input (Mamba's x_proj)
             if x.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.sz)
             else:

@@ -206,6 +206,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         raise ModelFormatError(f"{where}: no token_embd.weight tensor")
     try:
         cfg = arch_mod.config_from_gguf(gf.metadata, int(embd.shape[1]))
+        cfg.update(getattr(arch_mod, "config_from_gguf_tensors", lambda _names: {})(set(gf.tensors)))
         cfg["tie_word_embeddings"] = "output.weight" not in gf.tensors
         args = arch_mod.Args.from_config(cfg)
     except (KeyError, TypeError, ValueError) as e:

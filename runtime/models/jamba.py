@@ -204,3 +204,140 @@ class Model(nn.Module):
         if args.tie_word_embeddings:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         return out
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
+# llama.cpp arch `jamba`: attention layers are those with a non-zero attention.head_count_kv entry,
+# MoE layers those with an ffn_gate_inp tensor; no RoPE, so q/k rows are not permuted. Mamba
+# tensors as in mamba.py (ssm_a = -exp(A_log), conv (D, K)); experts stacked (X, out, in).
+
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.final_layernorm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ssm_in.weight": "model.layers.{i}.mamba.in_proj.weight",
+    "blk.{i}.ssm_in.bias": "model.layers.{i}.mamba.in_proj.bias",
+    "blk.{i}.ssm_conv1d.weight": "model.layers.{i}.mamba.conv1d.weight",
+    "blk.{i}.ssm_conv1d.bias": "model.layers.{i}.mamba.conv1d.bias",
+    "blk.{i}.ssm_x.weight": "model.layers.{i}.mamba.x_proj.weight",
+    "blk.{i}.ssm_dt.weight": "model.layers.{i}.mamba.dt_proj.weight",
+    "blk.{i}.ssm_dt.bias": "model.layers.{i}.mamba.dt_proj.bias",
+    "blk.{i}.ssm_dt_norm.weight": "model.layers.{i}.mamba.dt_layernorm.weight",
+    "blk.{i}.ssm_b_norm.weight": "model.layers.{i}.mamba.b_layernorm.weight",
+    "blk.{i}.ssm_c_norm.weight": "model.layers.{i}.mamba.c_layernorm.weight",
+    "blk.{i}.ssm_a": "model.layers.{i}.mamba.A_log",
+    "blk.{i}.ssm_d": "model.layers.{i}.mamba.D",
+    "blk.{i}.ssm_out.weight": "model.layers.{i}.mamba.out_proj.weight",
+    "blk.{i}.ssm_out.bias": "model.layers.{i}.mamba.out_proj.bias",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_ff_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.feed_forward.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.feed_forward.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.feed_forward.down_proj.weight",
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.feed_forward.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.feed_forward.w1",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.feed_forward.w3",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.feed_forward.w2",
+}
+
+
+def fit_period(flags: list[bool]) -> tuple[int, int]:
+    """The (period, offset) with flags[i] == (i % period == offset) for every layer i."""
+    n = len(flags)
+    if not any(flags):
+        return n + 1, n  # matches no layer
+    for period in range(1, n + 1):
+        for offset in range(period):
+            if all(f == (i % period == offset) for i, f in enumerate(flags)):
+                return period, offset
+    raise ValueError(f"layer pattern {[int(f) for f in flags]} is not periodic")
+
+
+def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """An HF-style Jamba config from llama.cpp `jamba` metadata (MoE layers: config_from_gguf_tensors)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        v = meta.get(f"jamba.{key}", default)
+        if v is None:
+            raise KeyError(f"jamba.{key}")
+        return v
+
+    layers, hidden = int(get("block_count")), int(get("embedding_length"))
+    kv = get("attention.head_count_kv")
+    kv = [int(x) for x in kv] if isinstance(kv, list) else [int(kv)] * layers
+    if len(kv) != layers:
+        raise ValueError(f"jamba.attention.head_count_kv has {len(kv)} entries for {layers} layers")
+    period, offset = fit_period([k > 0 for k in kv])
+    return {
+        "model_type": "jamba",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": int(get("attention.head_count")),
+        "num_key_value_heads": max(kv) or int(get("attention.head_count")),
+        "attn_layer_period": period,
+        "attn_layer_offset": offset,
+        "num_experts": int(get("expert_count", 1) or 1),
+        "num_experts_per_tok": int(get("expert_used_count", 1) or 1),
+        "mamba_d_state": int(get("ssm.state_size")),
+        "mamba_d_conv": int(get("ssm.conv_kernel")),
+        "mamba_expand": int(get("ssm.inner_size")) // hidden,
+        "mamba_dt_rank": int(get("ssm.time_step_rank")),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(get("context_length", 262144)),
+    }
+
+
+def config_from_gguf_tensors(names: set[str]) -> dict[str, Any]:
+    """MoE layers (those with a router) and the optional Mamba biases, from the tensor list."""
+    layers = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("blk."))
+    period, offset = fit_period([f"blk.{i}.ffn_gate_inp.weight" in names for i in range(layers)])
+    mamba = [n.split(".")[1] for n in names if n.endswith(".ssm_in.weight")]
+    first = mamba[0] if mamba else "0"
+    return {"expert_layer_period": period, "expert_layer_offset": offset,
+            "mamba_conv_bias": f"blk.{first}.ssm_conv1d.bias" in names,
+            "mamba_proj_bias": f"blk.{first}.ssm_in.bias" in names}
+
+
+def gguf_tensor_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """A GGUF tensor -> our layout: A = -exp(A_log) back to A_log; conv (D, K) -> (D, 1, K)."""
+    if hf_name.endswith(".A_log"):
+        return torch.log(-t)
+    if hf_name.endswith("conv1d.weight"):
+        return t.unsqueeze(1)
+    return t
+
+
+def gguf_write_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """Our tensor -> llama.cpp's layout (the inverse of gguf_tensor_transform)."""
+    if hf_name.endswith(".A_log"):
+        return -torch.exp(t.float())
+    if hf_name.endswith("conv1d.weight"):
+        return t[:, 0]
+    return t
+
+
+def gguf_metadata(args: Args) -> dict[str, Any]:
+    """The `jamba.*` keys llama.cpp's converter writes; head_count_kv is 0 on the Mamba layers."""
+    n = args.num_hidden_layers
+    return {
+        "jamba.block_count": n,
+        "jamba.context_length": args.max_position_embeddings,
+        "jamba.embedding_length": args.hidden_size,
+        "jamba.feed_forward_length": args.intermediate_size,
+        "jamba.attention.head_count": args.num_attention_heads,
+        "jamba.attention.head_count_kv": [args.num_key_value_heads if args.is_attention(i) else 0
+                                          for i in range(n)],
+        "jamba.ssm.conv_kernel": args.mamba_d_conv,
+        "jamba.ssm.inner_size": args.mamba_expand * args.hidden_size,
+        "jamba.ssm.state_size": args.mamba_d_state,
+        "jamba.ssm.time_step_rank": args.mamba_dt_rank,
+        "jamba.attention.layer_norm_rms_epsilon": args.rms_norm_eps,
+        "jamba.expert_count": args.num_experts,
+        "jamba.expert_used_count": args.num_experts_per_tok,
+    }

@@ -255,3 +255,48 @@ def gguf_row_transform(hf_name: str, args: Args):
     if hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
         return lambda t: unpermute_rows(t, args.num_key_value_heads)
     return None
+
+
+def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (the inverse of unpermute_rows), as its converter applies it."""
+    rows = t.shape[0]
+    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def gguf_write_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """Our tensor -> llama.cpp's layout: q/k rows permuted for its RoPE."""
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return permute_rows(t, args.num_attention_heads)
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return permute_rows(t, args.num_key_value_heads)
+    return t
+
+
+def gguf_metadata(args: Args) -> dict[str, Any]:
+    """The `llama.*` keys llama.cpp's converter writes, plus attention.sliding_window (which it forgets)."""
+    meta: dict[str, Any] = {
+        "llama.block_count": args.num_hidden_layers,
+        "llama.context_length": args.max_position_embeddings,
+        "llama.embedding_length": args.hidden_size,
+        "llama.feed_forward_length": args.intermediate_size,
+        "llama.attention.head_count": args.num_attention_heads,
+        "llama.attention.head_count_kv": args.num_key_value_heads,
+        "llama.rope.freq_base": args.rope_theta,
+        "llama.attention.layer_norm_rms_epsilon": args.rms_norm_eps,
+    }
+    if args.num_local_experts:
+        meta["llama.expert_count"] = args.num_local_experts
+        meta["llama.expert_used_count"] = args.num_experts_per_tok
+    meta["llama.vocab_size"] = args.vocab_size
+    meta["llama.rope.dimension_count"] = args.head_dim
+    if args.head_dim != args.hidden_size // args.num_attention_heads:
+        meta["llama.attention.key_length"] = meta["llama.attention.value_length"] = args.head_dim
+    if args.sliding_window:
+        meta["llama.attention.sliding_window"] = args.sliding_window
+    if args.rope_scaling:
+        kind = args.rope_scaling.get("rope_type", args.rope_scaling.get("type"))
+        if kind != "linear":
+            raise ValueError(f"rope_scaling {kind!r} has no GGUF form mamba-cli writes (linear only)")
+        meta["llama.rope.scaling.type"] = "linear"
+        meta["llama.rope.scaling.factor"] = float(args.rope_scaling["factor"])
+    return meta

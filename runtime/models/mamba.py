@@ -215,3 +215,89 @@ class Model(nn.Module):
         if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
             out["lm_head.weight"] = out["backbone.embeddings.weight"]
         return out
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
+# llama.cpp arch `mamba` serves Mamba-1 and Falcon-Mamba (ssm.dt_b_c_rms = true). It stores
+# ssm_a = -exp(A_log) and the depthwise conv as (D, K); Falcon-Mamba's dt/B/C norms have no weights.
+
+GGUF_NAMES = {
+    "token_embd.weight": "backbone.embeddings.weight",
+    "output_norm.weight": "backbone.norm_f.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "backbone.layers.{i}.norm.weight",
+    "blk.{i}.ssm_in.weight": "backbone.layers.{i}.mixer.in_proj.weight",
+    "blk.{i}.ssm_in.bias": "backbone.layers.{i}.mixer.in_proj.bias",
+    "blk.{i}.ssm_conv1d.weight": "backbone.layers.{i}.mixer.conv1d.weight",
+    "blk.{i}.ssm_conv1d.bias": "backbone.layers.{i}.mixer.conv1d.bias",
+    "blk.{i}.ssm_x.weight": "backbone.layers.{i}.mixer.x_proj.weight",
+    "blk.{i}.ssm_dt.weight": "backbone.layers.{i}.mixer.dt_proj.weight",
+    "blk.{i}.ssm_dt.bias": "backbone.layers.{i}.mixer.dt_proj.bias",
+    "blk.{i}.ssm_a": "backbone.layers.{i}.mixer.A_log",
+    "blk.{i}.ssm_d": "backbone.layers.{i}.mixer.D",
+    "blk.{i}.ssm_out.weight": "backbone.layers.{i}.mixer.out_proj.weight",
+    "blk.{i}.ssm_out.bias": "backbone.layers.{i}.mixer.out_proj.bias",
+}
+
+
+def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """An HF-style config from llama.cpp `mamba` metadata (Falcon-Mamba when ssm.dt_b_c_rms)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        v = meta.get(f"mamba.{key}", default)
+        if v is None:
+            raise KeyError(f"mamba.{key}")
+        return v
+
+    hidden = int(get("embedding_length"))
+    return {
+        "model_type": "falcon_mamba" if get("ssm.dt_b_c_rms", False) else "mamba",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("ssm.inner_size")),
+        "state_size": int(get("ssm.state_size")),
+        "num_hidden_layers": int(get("block_count")),
+        "time_step_rank": int(get("ssm.time_step_rank")),
+        "conv_kernel": int(get("ssm.conv_kernel")),
+        "layer_norm_epsilon": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+    }
+
+
+def config_from_gguf_tensors(names: set[str]) -> dict[str, Any]:
+    """Config fields only the tensor list tells: the optional biases."""
+    return {"use_bias": "blk.0.ssm_in.bias" in names, "use_conv_bias": "blk.0.ssm_conv1d.bias" in names}
+
+
+def gguf_tensor_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """A GGUF tensor -> our layout: A = -exp(A_log) back to A_log; conv (D, K) -> (D, 1, K)."""
+    if hf_name.endswith(".A_log"):
+        return torch.log(-t)
+    if hf_name.endswith("conv1d.weight"):
+        return t.unsqueeze(1)
+    return t
+
+
+def gguf_write_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """Our tensor -> llama.cpp's layout (the inverse of gguf_tensor_transform)."""
+    if hf_name.endswith(".A_log"):
+        return -torch.exp(t.float())
+    if hf_name.endswith("conv1d.weight"):
+        return t[:, 0]
+    return t
+
+
+def gguf_metadata(args: Args) -> dict[str, Any]:
+    """The `mamba.*` keys llama.cpp's converter writes (context length: its arbitrary 2**20)."""
+    return {
+        "mamba.context_length": 2**20,
+        "mamba.embedding_length": args.hidden_size,
+        "mamba.feed_forward_length": 0,
+        "mamba.attention.head_count": 0,
+        "mamba.block_count": args.num_hidden_layers,
+        "mamba.ssm.conv_kernel": args.conv_kernel,
+        "mamba.ssm.inner_size": args.intermediate_size,
+        "mamba.ssm.state_size": args.state_size,
+        "mamba.ssm.time_step_rank": args.time_step_rank,
+        "mamba.attention.layer_norm_rms_epsilon": args.layer_norm_epsilon,
+        "mamba.ssm.dt_b_c_rms": args.bcdt_norm == "weightless",
+    }

@@ -266,3 +266,99 @@ class Model(nn.Module):
         if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
             out["lm_head.weight"] = out["backbone.embeddings.weight"]
         return out
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
+# llama.cpp arch `mamba2`: ssm_a = -exp(A_log) and ssm_d as (H, 1), the conv as (C, K), the gated
+# norm's weight as (G, D / G), dt_bias named ssm_dt.bias; time_step_rank holds the head count.
+
+GGUF_NAMES = {
+    "token_embd.weight": "backbone.embeddings.weight",
+    "output_norm.weight": "backbone.norm_f.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "backbone.layers.{i}.norm.weight",
+    "blk.{i}.ssm_in.weight": "backbone.layers.{i}.mixer.in_proj.weight",
+    "blk.{i}.ssm_in.bias": "backbone.layers.{i}.mixer.in_proj.bias",
+    "blk.{i}.ssm_conv1d.weight": "backbone.layers.{i}.mixer.conv1d.weight",
+    "blk.{i}.ssm_conv1d.bias": "backbone.layers.{i}.mixer.conv1d.bias",
+    "blk.{i}.ssm_dt.bias": "backbone.layers.{i}.mixer.dt_bias",
+    "blk.{i}.ssm_a": "backbone.layers.{i}.mixer.A_log",
+    "blk.{i}.ssm_d": "backbone.layers.{i}.mixer.D",
+    "blk.{i}.ssm_norm.weight": "backbone.layers.{i}.mixer.norm.weight",
+    "blk.{i}.ssm_out.weight": "backbone.layers.{i}.mixer.out_proj.weight",
+    "blk.{i}.ssm_out.bias": "backbone.layers.{i}.mixer.out_proj.bias",
+}
+
+
+def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """An HF-style Mamba2 config from llama.cpp `mamba2` metadata."""
+
+    def get(key: str, default: Any = None) -> Any:
+        v = meta.get(f"mamba2.{key}", default)
+        if v is None:
+            raise KeyError(f"mamba2.{key}")
+        return v
+
+    inner, heads = int(get("ssm.inner_size")), int(get("ssm.time_step_rank"))
+    hidden = int(get("embedding_length"))
+    if heads <= 0 or inner % heads:
+        raise ValueError(f"mamba2.ssm.time_step_rank {heads} does not divide ssm.inner_size {inner}")
+    return {
+        "model_type": "mamba2",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "expand": inner // hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "num_heads": heads,
+        "head_dim": inner // heads,
+        "state_size": int(get("ssm.state_size")),
+        "n_groups": int(get("ssm.group_count", 1)),
+        "conv_kernel": int(get("ssm.conv_kernel")),
+        "layer_norm_epsilon": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+    }
+
+
+def config_from_gguf_tensors(names: set[str]) -> dict[str, Any]:
+    """Config fields only the tensor list tells: the optional biases."""
+    return {"use_bias": "blk.0.ssm_in.bias" in names, "use_conv_bias": "blk.0.ssm_conv1d.bias" in names}
+
+
+def gguf_tensor_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """A GGUF tensor -> our layout (A back to A_log, (H, 1) -> (H,), (G, D/G) -> (D,), conv (C, 1, K))."""
+    if hf_name.endswith(".A_log"):
+        return torch.log(-t).reshape(-1)
+    if hf_name.endswith((".D", "mixer.norm.weight")):
+        return t.reshape(-1)
+    if hf_name.endswith("conv1d.weight"):
+        return t.unsqueeze(1)
+    return t
+
+
+def gguf_write_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
+    """Our tensor -> llama.cpp's layout (the inverse of gguf_tensor_transform)."""
+    if hf_name.endswith(".A_log"):
+        return -torch.exp(t.float()).reshape(-1, 1)
+    if hf_name.endswith(".D"):
+        return t.reshape(-1, 1)
+    if hf_name.endswith("mixer.norm.weight"):
+        return t.reshape(args.n_groups, -1)
+    if hf_name.endswith("conv1d.weight"):
+        return t[:, 0]
+    return t
+
+
+def gguf_metadata(args: Args) -> dict[str, Any]:
+    """The `mamba2.*` keys llama.cpp's converter writes (context length: its arbitrary 2**20)."""
+    return {
+        "mamba2.context_length": 2**20,
+        "mamba2.embedding_length": args.hidden_size,
+        "mamba2.feed_forward_length": 0,
+        "mamba2.attention.head_count": 0,
+        "mamba2.block_count": args.num_hidden_layers,
+        "mamba2.ssm.conv_kernel": args.conv_kernel,
+        "mamba2.ssm.inner_size": args.inner,
+        "mamba2.ssm.state_size": args.state_size,
+        "mamba2.ssm.time_step_rank": args.num_heads,
+        "mamba2.ssm.group_count": args.n_groups,
+        "mamba2.attention.layer_norm_rms_epsilon": args.layer_norm_epsilon,
+    }

@@ -1,0 +1,405 @@
+"""llama.cpp-compatible GGUF writer: names, layouts, metadata and tokenizer, written atomically.
+
+    plan_from_source(source)        a model folder (HF or mistral-inference) or a .gguf -> Plan: the
+                                    GGUF architecture, metadata and tensors (read lazily, llama.cpp layout)
+    write_gguf(plan, dest, qtype)   quantize per quant/recipe.py and write; returns [Written]
+    tokenizer_metadata(folder, n)   tokenizer.ggml.* keys for a folder's tokenizer
+
+Names, layouts and `{arch}.*` keys come from each architecture file's GGUF section (GGUF_NAMES,
+gguf_write_transform, gguf_metadata), so reading and writing share one map. The file is written to a
+temp file beside the destination, re-read with runtime.weights.read_gguf and checked (every tensor's
+name, type and shape, the architecture's config, the tokenizer) before it is fsynced and renamed:
+Ctrl-C, a full disk or a failed check leave no partial file and the destination untouched.
+
+Tokenizers: a SentencePiece tokenizer.model becomes `llama` (pieces, scores, types as llama.cpp's
+converter writes them); a tokenizer.json BPE becomes `gpt2` when byte-level (merges, and the
+tokenizer.ggml.pre whose pre-tokenizer reproduces the original's encoding of a probe text) or `llama`
+when SentencePiece-like (metaspace; scores from merge ranks, so that llama.cpp's score-ordered merging
+replays the merges). A .gguf source keeps its tokenizer keys as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quant import formats
+from quant.formats import GGML_BLOCKS, GGMLType
+from quant.recipe import QUANT_TYPES, tensor_types
+from runtime import registry
+from runtime.errors import MambaCliError, ModelFormatError
+from runtime.fileio import atomic_path
+from runtime.tokenizer import BYTE, CONTROL, NORMAL, SPM_FILES, UNKNOWN, UNUSED, USER_DEFINED
+
+QUANTIZATION_VERSION = 2
+# keys a .gguf source's metadata does not pass on: the writer sets them (or they describe the old file)
+_OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+# a text that tells pre-tokenizers apart: contractions, digit runs, punctuation runs, whitespace runs
+PROBE = ("Hello world! It's 2024: the year's 1234567 tokens... don't   stop\n\n  'quoted'  "
+         "x+=y**2; f(a,b) -> {c: [1, 22, 333]} # comment\tTab.  Zażółć gęślą jaźń. 你好 🙂 A.B.C.D\n")
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # PyTorch order (GGUF's ne reversed)
+    load: Callable[[], torch.Tensor]  # float tensor in llama.cpp's layout
+    source_type: GGMLType | None = None  # a .gguf source's stored type (copied raw when unchanged)
+    raw: Callable[[], np.ndarray] | None = None
+
+
+@dataclass
+class Plan:
+    arch: str  # general.architecture
+    metadata: dict[str, Any]
+    tensors: list[PlannedTensor]
+    n_layers: int
+    n_experts: int = 0
+    tokenizer: Any = None  # runtime.tokenizer.Tokenizer the written file must reproduce
+    source_bytes: int = 0
+    name: str = ""
+    path: Path = Path()
+    keep: list[Any] = field(default_factory=list)  # objects the loaders need alive (the weights dict)
+
+
+@dataclass
+class Written:
+    name: str
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def plan_from_source(source: str | Path) -> Plan:
+    """A model folder or .gguf file (or a repo id / alias, resolved as load_model does) -> Plan."""
+    from runtime import _resolve
+
+    path = _resolve(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return plan_from_gguf(path)
+    if path.is_dir():
+        return plan_from_folder(path)
+    raise MambaCliError(f"{path}: not a model folder or .gguf file")
+
+
+def _gguf_arch_name(arch_mod) -> str:
+    short = arch_mod.__name__.rsplit(".", 1)[1]
+    return next(k for k, v in registry.GGUF_ARCHS.items() if v == short)
+
+
+def _layer_order(name: str, order: dict[str, int]) -> tuple:
+    m = re.match(r"blk\.(\d+)\.(.*)$", name)
+    if m:
+        return (1, int(m[1]), order.get("blk.{i}." + m[2], 0))
+    return (0 if name == "token_embd.weight" else 2, 0, order.get(name, 0))
+
+
+def plan_from_folder(folder: Path) -> Plan:
+    """HF (config.json + safetensors) or mistral-inference (params.json) folder -> Plan."""
+    from runtime.tokenizer import Tokenizer
+    from runtime.weights import iter_safetensors, read_config, safetensors_files
+
+    cfg, cfg_path = read_config(folder)
+    if cfg_path.name == "params.json":
+        from runtime.models.mamba2 import config_from_params
+
+        cfg = config_from_params(cfg)
+    arch_mod = registry.arch_for_config(cfg, str(cfg_path))
+    try:
+        args = arch_mod.Args.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{cfg_path}: missing or invalid field {e}") from None
+    files = safetensors_files(folder)
+    weights = arch_mod.Model.sanitize(dict(iter_safetensors(files)), args)
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    to_gguf = [(re.compile(re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), g) for g, h in arch_mod.GGUF_NAMES.items()]
+    order = {g: i for i, g in enumerate(arch_mod.GGUF_NAMES)}
+    transform = getattr(arch_mod, "gguf_write_transform", lambda _n, t, _a: t)
+    tensors = []
+    for hf, t in weights.items():
+        name = next((g.replace("{i}", m[1]) if "{i}" in g else g for p, g in to_gguf if (m := p.match(hf))), None)
+        if name is None:
+            raise ModelFormatError(f"{folder}: tensor {hf} has no GGUF name for {_gguf_arch_name(arch_mod)}")
+        shape = tuple(transform(hf, torch.empty(t.shape, device="meta"), args).shape)
+        tensors.append(PlannedTensor(name, shape, lambda hf=hf: transform(hf, weights[hf], args).float().contiguous()))
+    tensors.sort(key=lambda p: _layer_order(p.name, order))
+    try:
+        meta = arch_mod.gguf_metadata(args)
+    except ValueError as e:
+        raise MambaCliError(f"{cfg_path}: {e}") from None
+    tokenizer = Tokenizer.from_dir(folder)
+    meta = {"general.name": folder.name, **meta, **tokenizer_metadata(folder, args.vocab_size, cfg, tokenizer)}
+    experts = getattr(args, "num_local_experts", 0) or getattr(args, "num_experts", 0)
+    return Plan(_gguf_arch_name(arch_mod), meta, tensors, args.num_hidden_layers, experts if experts > 1 else 0,
+                tokenizer, sum(f.stat().st_size for f in files), folder.name, folder, [weights])
+
+
+def plan_from_gguf(path: Path) -> Plan:
+    """A .gguf file -> Plan: its names, layouts and metadata as they are; tensors dequantized on demand."""
+    from runtime.tokenizer import Tokenizer
+    from runtime.weights import read_gguf
+
+    gf = read_gguf(path)
+    arch = gf.architecture
+    registry.arch_for_gguf(arch, str(path))
+    meta = {k: v for k, v in gf.metadata.items() if k not in _OWN_KEYS and not k.startswith("split.")}
+    tensors = [PlannedTensor(n, tuple(reversed(info.shape)), lambda n=n: gf.tensor(n, torch.float32),
+                             GGMLType(info.ggml_type), lambda n=n: gf.raw(n))
+               for n, info in gf.tensors.items()]
+    experts = int(gf.metadata.get(f"{arch}.expert_count", 0) or 0)
+    return Plan(arch, meta, tensors, int(gf.metadata.get(f"{arch}.block_count", 0)), experts if experts > 1 else 0,
+                Tokenizer.from_gguf_metadata(gf.metadata, str(path)), path.stat().st_size, path.stem, path, [gf])
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def tokenizer_metadata(folder: Path, n_vocab: int, cfg: dict[str, Any], tok) -> dict[str, Any]:
+    """tokenizer.ggml.* keys for a folder's tokenizer, padded to the model's n_vocab rows."""
+    from runtime.tokenizer import read_spm_model
+
+    spm = next((folder / n for n in SPM_FILES if (folder / n).is_file()), None)
+    if spm is not None:
+        proto = read_spm_model(spm)
+        tokens, scores, types = list(proto.pieces), list(proto.scores), list(proto.types)
+        meta: dict[str, Any] = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                                "tokenizer.ggml.add_space_prefix": proto.add_dummy_prefix,
+                                "tokenizer.ggml.remove_extra_whitespaces": proto.remove_extra_whitespaces}
+        ids = {"bos": proto.bos_id, "eos": proto.eos_id, "unknown": proto.unk_id}
+    else:
+        meta, tokens, scores, types, ids = _tokenizer_json_metadata(folder, tok)
+    if len(tokens) > n_vocab:
+        raise ModelFormatError(f"{folder}: the tokenizer has {len(tokens)} tokens, the model only {n_vocab} rows")
+    for i in range(len(tokens), n_vocab):  # as llama.cpp's converter pads
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(UNUSED)
+    meta["tokenizer.ggml.tokens"] = tokens
+    if scores:
+        meta["tokenizer.ggml.scores"] = [float(s) for s in scores]
+    meta["tokenizer.ggml.token_type"] = [int(t) for t in types]
+    if meta["tokenizer.ggml.model"] == "gpt2":
+        meta.pop("tokenizer.ggml.scores", None)
+    if tok.bos_id is not None:
+        ids["bos"] = tok.bos_id
+    if tok.eos_ids:
+        ids["eos"] = tok.eos_ids[0]
+    pad = cfg.get("pad_token_id")
+    if isinstance(pad, int) and 0 <= pad < n_vocab:
+        ids["padding"] = pad
+    for key, i in ids.items():
+        if isinstance(i, int) and 0 <= i < n_vocab:
+            meta[f"tokenizer.ggml.{key}_token_id"] = i
+    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
+    meta["tokenizer.ggml.add_eos_token"] = False
+    if isinstance(tok.chat_template, str):
+        meta["tokenizer.chat_template"] = tok.chat_template
+    meta = _with_gpt2_pre(meta, tok, folder) if meta["tokenizer.ggml.model"] == "gpt2" else meta
+    return meta
+
+
+def _components(node: Any, kind: str) -> bool:
+    """Does a tokenizer.json normalizer/pre-tokenizer/decoder (possibly a Sequence) contain `kind`?"""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == kind:
+        return True
+    parts = [n for key in ("pretokenizers", "normalizers", "decoders") for n in node.get(key) or []]
+    return any(_components(n, kind) for n in parts)
+
+
+def _tokenizer_json_metadata(folder: Path, tok) -> tuple[dict, list[str], list[float], list[int], dict]:
+    data = json.loads(tok.tok.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise MambaCliError(f"{folder}/tokenizer.json: a {model.get('type')} tokenizer has no GGUF form "
+                            "mamba-cli writes (BPE only)")
+    vocab: dict[str, int] = model["vocab"]
+    added = {a["id"]: a for a in data.get("added_tokens") or []}
+    n = max([*vocab.values(), *added]) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [UNUSED] * n
+    for t, i in vocab.items():
+        tokens[i], types[i] = t, NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    byte_level = _components(data.get("pre_tokenizer"), "ByteLevel") or _components(data.get("decoder"), "ByteLevel")
+    if not byte_level and model.get("byte_fallback"):
+        for t, i in vocab.items():
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+                types[i] = BYTE
+    for i, a in added.items():
+        tokens[i], types[i] = a["content"], CONTROL if a.get("special") else USER_DEFINED
+    unk = model.get("unk_token")
+    ids: dict[str, int] = {}
+    if unk in vocab:
+        ids["unknown"] = vocab[unk]
+        types[vocab[unk]] = UNKNOWN
+    if byte_level:
+        meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": merges}
+        return meta, tokens, [], types, ids
+    pre, norm = data.get("pre_tokenizer"), data.get("normalizer")
+    if not (_components(pre, "Metaspace") or _components(norm, "Prepend") or _components(norm, "Replace")):
+        raise MambaCliError(f"{folder}/tokenizer.json: neither byte-level nor SentencePiece-like; no GGUF form "
+                            "mamba-cli writes")
+    scores = [0.0] * n
+    for rank, m in enumerate(merges):  # llama.cpp merges the best-scoring pair first: score = -rank
+        made = vocab.get(m.replace(" ", "", 1))
+        if made is not None and scores[made] == 0.0:
+            scores[made] = -float(rank)
+    prepend = _metaspace_prepend(pre) or ("always" if _components(norm, "Prepend") else "never")
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.add_space_prefix": prepend != "never",
+            "tokenizer.ggml.remove_extra_whitespaces": False}
+    return meta, tokens, scores, types, ids
+
+
+def _metaspace_prepend(node: Any) -> str | None:
+    if not isinstance(node, dict):
+        return None
+    if node.get("type") == "Metaspace":
+        if "prepend_scheme" in node:
+            return str(node["prepend_scheme"])
+        return "always" if node.get("add_prefix_space", True) else "never"
+    return next((p for n in node.get("pretokenizers") or [] if (p := _metaspace_prepend(n))), None)
+
+
+def _with_gpt2_pre(meta: dict[str, Any], tok, folder: Path) -> dict[str, Any]:
+    """Pick the tokenizer.ggml.pre whose pre-tokenizer reproduces the original tokenizer on PROBE."""
+    from runtime.tokenizer import GGUF_PRE, Tokenizer
+
+    want = tok.encode(PROBE)
+    for pre in ("llama-bpe", "qwen2", "smollm", "gpt-2", "dbrx", "default", *GGUF_PRE):
+        cand = {**meta, "tokenizer.ggml.pre": pre}
+        if Tokenizer.from_gguf_metadata(cand, str(folder)).encode(PROBE) == want:
+            return cand
+    raise MambaCliError(f"{folder}/tokenizer.json: no llama.cpp pre-tokenizer (tokenizer.ggml.pre) reproduces "
+                        "this tokenizer; it cannot be written to GGUF")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def pack(t: torch.Tensor, ggml_type: GGMLType) -> np.ndarray:
+    """float tensor [..., K] -> uint8 [..., bytes per row] in ggml_type (Q5_0: the gguf package's packer)."""
+    if ggml_type in formats.QUANTIZABLE:
+        return formats.quantize(t, ggml_type).numpy()
+    if ggml_type == GGMLType.Q5_0:
+        import gguf
+
+        return gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q5_0)
+    raise ValueError(f"cannot write {ggml_type.name}")
+
+
+def _nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
+    block, size = GGML_BLOCKS[t]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block * size)
+
+
+def _add_kv(w, key: str, value: Any) -> None:
+    import gguf
+
+    T = gguf.GGUFValueType
+    if isinstance(value, bool):
+        w.add_key_value(key, value, T.BOOL)
+    elif isinstance(value, int):
+        w.add_key_value(key, value, T.UINT32 if 0 <= value < 2**32 else T.INT64)
+    elif isinstance(value, float):
+        w.add_key_value(key, value, T.FLOAT32)
+    elif isinstance(value, str):
+        w.add_key_value(key, value, T.STRING)
+    elif isinstance(value, list):
+        sub = (T.STRING if value and isinstance(value[0], str) else T.FLOAT32 if value and isinstance(value[0], float)
+               else T.BOOL if value and isinstance(value[0], bool) else T.INT32)
+        w.add_key_value(key, value, T.ARRAY, sub_type=sub)
+    else:
+        raise TypeError(f"metadata {key}: cannot write a {type(value).__name__}")
+
+
+def write_gguf(plan: Plan, dest: str | Path, qtype: str,
+               progress: Callable[[Written, int, int], None] | None = None) -> tuple[list[Written], list[str]]:
+    """Write plan to dest as qtype (quant/recipe.py decides per tensor); atomic, validated before the rename.
+
+    Returns the tensors written and warnings. progress(written, elements_done, elements_total) is
+    called after each tensor."""
+    import gguf
+
+    file_type = QUANT_TYPES[qtype][0]
+    types = tensor_types([(p.name, p.shape) for p in plan.tensors], qtype, plan.n_layers, plan.n_experts)
+    w = gguf.GGUFWriter(None, plan.arch)
+    for key, value in plan.metadata.items():
+        _add_kv(w, key, value)
+    w.add_file_type(file_type)
+    w.add_quantization_version(QUANTIZATION_VERSION)
+    out = []
+    for p in plan.tensors:
+        t = types[p.name]
+        if p.shape[-1] % GGML_BLOCKS[t][0]:
+            raise ModelFormatError(f"tensor {p.name}: rows of {p.shape[-1]} do not split into {t.name} blocks")
+        out.append(Written(p.name, t, p.shape, _nbytes(p.shape, t)))
+        w.add_tensor_info(p.name, (*p.shape[:-1], out[-1].nbytes // max(1, int(np.prod(p.shape[:-1])))),
+                          np.dtype(np.uint8), out[-1].nbytes, raw_dtype=gguf.GGMLQuantizationType(int(t)))
+    total = sum(int(np.prod(p.shape)) for p in plan.tensors) or 1
+    with atomic_path(dest) as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            done = 0
+            for p, o in zip(plan.tensors, out, strict=True):
+                if p.source_type == o.ggml_type and p.raw is not None:
+                    data = np.asarray(p.raw())
+                else:
+                    data = pack(p.load(), o.ggml_type)
+                w.write_tensor_data(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                done += int(np.prod(p.shape))
+                if progress is not None:
+                    progress(o, done, total)
+        finally:
+            w.close()
+        warnings = validate(tmp, plan, out)
+    return out, warnings
+
+
+def validate(path: Path, plan: Plan, written: list[Written]) -> list[str]:
+    """Re-read a written file: every tensor as planned, the architecture's config parses, the tokenizer
+    rebuilds. Returns a warning when the rebuilt tokenizer encodes PROBE differently from the source's
+    (a tokenizer.json whose Metaspace pre-tokenizer splits words has no exact SentencePiece form)."""
+    from runtime.tokenizer import Tokenizer
+    from runtime.weights import read_gguf
+
+    gf = read_gguf(path)
+    fail = f"the GGUF written for {plan.name or path.name} does not read back:"
+    if gf.architecture != plan.arch:
+        raise MambaCliError(f"{fail} architecture {gf.architecture}")
+    if list(gf.tensors) != [o.name for o in written]:
+        raise MambaCliError(f"{fail} tensor list differs")
+    for o in written:
+        info = gf.tensors[o.name]
+        if info.ggml_type != o.ggml_type or tuple(reversed(info.shape)) != o.shape or info.nbytes != o.nbytes:
+            raise MambaCliError(f"{fail} tensor {o.name} is {GGMLType(info.ggml_type).name} {list(info.shape)}")
+    arch_mod = registry.arch_for_gguf(gf.architecture, str(path))
+    try:
+        cfg = arch_mod.config_from_gguf(gf.metadata, int(gf.tensors["token_embd.weight"].shape[1]))
+        cfg.update(getattr(arch_mod, "config_from_gguf_tensors", lambda _names: {})(set(gf.tensors)))
+        arch_mod.Args.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MambaCliError(f"{fail} metadata {e}") from None
+    tok = Tokenizer.from_gguf_metadata(gf.metadata, str(path))
+    if plan.tokenizer is not None and tok.encode(PROBE) != plan.tokenizer.encode(PROBE):
+        return [f"the GGUF tokenizer ({gf.metadata.get('tokenizer.ggml.model')}) encodes some texts differently "
+                "from the source's tokenizer"]
+    return []
