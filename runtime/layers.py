@@ -28,6 +28,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def input_dtype(proj: nn.Module) -> torch.dtype:
+    """The dtype a projection wants its input in: an nn.Linear's weight dtype; int4 layers take float32."""
+    w = proj._parameters.get("weight")
+    return w.dtype if w is not None else torch.float32
+
+
 # ---------------------------------------------------------------- RoPE
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from runtime import ssm
 from runtime.cache import SSMState
-from runtime.layers import RMSNorm
+from runtime.layers import RMSNorm, input_dtype
 
 
 @dataclass
@@ -119,13 +119,13 @@ class MambaMixer(nn.Module):
 
     def _dt_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x : (..., D) float32  ->  dt : (..., D), B, C : (..., N), float32
-        proj = self.x_proj(x.to(self.x_proj.weight.dtype))  # (..., R + 2N)
+        proj = self.x_proj(x.to(input_dtype(self.x_proj)))  # (..., R + 2N)
         dt, B, C = proj.split([self.rank, self.state, self.state], dim=-1)
         if self.bcdt_norm == "weighted":
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         elif self.bcdt_norm == "weightless":
             dt, B, C = rms(dt, self.norm_eps), rms(B, self.norm_eps), rms(C, self.norm_eps)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()
 
     def forward(self, h: torch.Tensor, cache: SSMState | None = None) -> torch.Tensor:
@@ -144,7 +144,7 @@ class MambaMixer(nn.Module):
         y, _ = ssm.selective_scan(x, dt, A, B, C, self.D.float(), ssm_state)
         if cache is not None:
             cache.offset += t
-        return self.out_proj((y * F.silu(z.float())).to(self.out_proj.weight.dtype))
+        return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
 
     def _step(self, x, z, conv_w, conv_b, A, cache: SSMState) -> torch.Tensor:
         # x, z : (B, D) -> (B, E)
@@ -152,7 +152,7 @@ class MambaMixer(nn.Module):
         dt, B, C = self._dt_b_c(x)
         y = ssm.selective_step(x, dt, A, B, C, self.D.float(), cache.ssm)
         cache.offset += 1
-        return self.out_proj((y * F.silu(z.float())).to(self.out_proj.weight.dtype))
+        return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
 
 
 class Block(nn.Module):

@@ -36,7 +36,7 @@ from torch import nn
 from runtime import ssm
 from runtime.cache import SSMState
 from runtime.errors import ModelFormatError
-from runtime.layers import RMSNorm
+from runtime.layers import RMSNorm, input_dtype
 
 
 def config_from_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +204,7 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             cache.offset += t
         y = self.norm(y.reshape(b, t, self.inner), z)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        return self.out_proj(y.to(input_dtype(self.out_proj)))
 
 
 class Block(nn.Module):
