@@ -83,17 +83,23 @@ class QuantLinear(nn.Module):
         if self.packed is not None or os.environ.get("MAMBA_CLI_NO_INT4_KERNEL"):
             return
         device = self.nibbles.device
+        pad = -self.out_features % 16  # the kernels take N in multiples of 16: pad with zero rows
+        nib, sc, ze = self.nibbles, self.scales, self.zeros
+        if pad:
+            nib = torch.cat([nib, torch.full((pad, nib.shape[1]), 0x88, dtype=torch.uint8, device=device)])
+            sc = torch.cat([sc, sc.new_zeros(pad, sc.shape[1])])
+            ze = torch.cat([ze, ze.new_zeros(pad, ze.shape[1])])
         try:
             if device.type == "cpu":
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.nibbles).int(), 1)
+                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nib).int(), 1)
             elif device.type == "cuda":
-                w = torch.ops.aten._convert_weight_to_int4pack(self.nibbles, 8 if self.in_features % 256 == 0 else 2)
+                w = torch.ops.aten._convert_weight_to_int4pack(nib, 8 if self.in_features % 256 == 0 else 2)
             else:
                 return
         except RuntimeError:
             return
         self.packed = w
-        self.sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.sz = torch.stack([sc.t(), ze.t()], dim=-1).to(torch.bfloat16).contiguous()
         self.nibbles = self.scales = self.zeros = None
 
     @property
@@ -113,7 +119,7 @@ class QuantLinear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.sz)
             else:
                 y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, GROUP, self.sz)
-            y = y.to(x.dtype)
+            y = y[:, : self.out_features].to(x.dtype)
         else:
             y = F.linear(x2, dequantize_int4(self.nibbles, self.scales, self.zeros, x.dtype))
         if self.bias is not None:
