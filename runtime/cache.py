@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -95,17 +96,32 @@ class KVCache:
 
 
 class RollingKVCache:
-    """Sliding-window attention cache: position p lives in slot p % window; memory is capped at the window."""
+    """Sliding-window attention cache: position p lives in slot p % window; memory is capped at the window.
+
+    The ring grows in steps of STEP slots up to `window` (before the first wrap, slot p holds position
+    p), so a short conversation does not pay for a whole window.
+    """
 
     kind = "rolling_kv"
 
     def __init__(self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype,
                  device: torch.device | str):
         self.window = window
-        self.k = torch.zeros(batch, n_kv, window, head_dim, dtype=dtype, device=device)  # [B, H, W, D]
+        self.k = torch.zeros(batch, n_kv, 0, head_dim, dtype=dtype, device=device)  # [B, H, W', D], W' <= W
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # position held by each slot
+        self.pos = torch.full((0,), -1, dtype=torch.long, device=device)  # position held by each slot
         self.offset = 0
+
+    def _reserve(self, n: int) -> None:
+        size = min(self.window, ((n + STEP - 1) // STEP) * STEP)
+        have = self.k.shape[2]
+        if size <= have:
+            return
+        b, h, _, d = self.k.shape
+        grow = torch.zeros(b, h, size - have, d, dtype=self.k.dtype, device=self.k.device)
+        self.k = torch.cat([self.k, grow], dim=2)
+        self.v = torch.cat([self.v, grow], dim=2)
+        self.pos = torch.cat([self.pos, torch.full((size - have,), -1, dtype=torch.long, device=self.pos.device)])
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         slots = positions % self.window
@@ -118,14 +134,17 @@ class RollingKVCache:
         new_pos = torch.arange(self.offset, self.offset + t, device=k.device)
         if t == 1:
             # The slot we overwrite holds position p - window, which p no longer sees.
+            self._reserve(self.offset + 1)
             self._write(k, v, new_pos)
             self.offset += 1
-            mask = None if self.offset >= self.window else (self.pos >= 0)[None, :]
-            return self.k, self.v, mask
+            if self.offset < self.window:  # not wrapped yet: slots [0, offset) hold positions [0, offset)
+                return self.k[:, :, : self.offset], self.v[:, :, : self.offset], None
+            return self.k, self.v, None
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
         mask = attention_mask(new_pos, torch.cat([self.pos, new_pos]), self.window)
         keep = min(t, self.window)
+        self._reserve(self.offset + t)
         self._write(k[:, :, -keep:], v[:, :, -keep:], new_pos[-keep:])
         self.offset += t
         return keys, values, mask
@@ -149,11 +168,10 @@ class RollingKVCache:
 
     @classmethod
     def from_state(cls, tensors, meta, device, dtype) -> RollingKVCache:
-        k = tensors["k"]
-        c = cls(k.shape[0], k.shape[1], k.shape[3], int(meta["window"]), dtype, device)
-        c.k.copy_(k)
-        c.v.copy_(tensors["v"])
-        c.pos.copy_(tensors["pos"])
+        c = cls(tensors["k"].shape[0], tensors["k"].shape[1], tensors["k"].shape[3], int(meta["window"]), dtype,
+                device)
+        c.k, c.v = tensors["k"].to(device, dtype), tensors["v"].to(device, dtype)
+        c.pos = tensors["pos"].to(device)
         c.offset = int(meta["offset"])
         return c
 
@@ -199,6 +217,7 @@ def cache_offset(cache: list) -> int:
 
 def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> None:
     """Snapshot a per-layer cache plus caller metadata (model id, tokens) to one safetensors file, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from runtime.fileio import atomic_path
@@ -215,7 +234,13 @@ def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> No
         layers.append({"kind": c.kind, **m})
     header = {"mamba_cli_cache": json.dumps({"layers": layers, "meta": meta})}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+        except SafetensorError as e:  # its I/O errors carry the OS error number only in the text
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), str(e)) from None
 
 
 def load_cache(path: str | os.PathLike, devices: list[torch.device], dtypes: list[torch.dtype]

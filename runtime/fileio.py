@@ -36,7 +36,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
                 os.close(dir_fd)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
+        short_write = e.errno is None and "requested and" in str(e)  # numpy's tofile() on a full disk
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or short_write:
             raise MambaCliError(f"disk full while writing {dest}; nothing was written") from None
         raise
     except BaseException:

@@ -124,3 +124,25 @@ def test_chat_command_end_to_end(tmp_path):
     assert re.search(r"\((\d+) cached\)", p2.stdout), p2.stdout
     p3 = run_chat(folder, "/load /no/such/file\n/bogus\n/exit\n")
     assert p3.returncode == 0 and "no such file" in p3.stdout and "unknown command /bogus" in p3.stdout
+
+
+@pytest.mark.parametrize("name", ["jamba", "mamba"])
+def test_run_command_on_ssm_and_hybrid_folders(name):
+    folder = build_tiny(*MODELS[name])
+    m = load_model(folder, device="cpu")
+    ids = m.tokenizer.encode_prompt("State space")
+    from runtime import generate
+
+    expect = list(generate(m, ids, max_new_tokens=10, temperature=0.0))
+    tail = ids[-4:]
+    want = m.tokenizer.decode(tail + expect)[len(m.tokenizer.decode(tail)):]
+    p = subprocess.run([sys.executable, "-m", "cli", "run", str(folder), "State space", "--raw", "-t", "0",
+                        "-n", "10"], capture_output=True, text=True, cwd=ROOT, timeout=180,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == want + "\n"
+    chat = subprocess.run([sys.executable, "-m", "cli", "chat", str(folder), "-t", "0", "-n", "6", "-v"],
+                          input="hello\nagain\n/exit\n", capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert chat.returncode == 0, chat.stderr
+    assert len(re.findall(r"prompt: \d+ new tokens", chat.stdout)) == 2 and "cached)" in chat.stdout

@@ -192,3 +192,31 @@ def test_missing_model_path_is_one_line():
 def test_prompt_from_stdin(folder):
     p = cli("run", str(folder), "-", "--raw", "-n", "4", "-t", "0", stdin="The quick brown fox")
     assert p.returncode == 0, p.stderr
+
+
+def limited(code: str, limit: int) -> subprocess.CompletedProcess:
+    """Run code with files capped at `limit` bytes (writes past it fail like a full disk: EFBIG)."""
+    prelude = ("import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n")
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"})
+
+
+def test_disk_full_during_quantize_leaves_no_file(folder, tmp_path):
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"old contents")
+    p = limited("import sys\nfrom cli.main import main\n"
+                f"sys.argv = ['mamba-cli', 'quantize', {str(folder)!r}, '-t', 'q8_0', '-o', {str(out)!r}, "
+                "'--no-eval', '--force']\nmain()\n", 20_000)
+    assert_one_line_error(p, "disk full")
+    assert out.read_bytes() == b"old contents"  # the old file is untouched
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["model", "out.gguf"]  # and no temp file is left
+
+
+def test_disk_full_during_state_save_leaves_no_file(tmp_path):
+    dest = tmp_path / "state.safetensors"
+    p = limited("import torch\nfrom runtime.cache import SSMState, save_cache\n"
+                "s = SSMState(torch.zeros(1, 64, 3), torch.zeros(1, 64, 4096))\n"
+                f"save_cache({str(dest)!r}, [s], {{'tokens': [1, 2, 3]}})\n", 100_000)
+    assert p.returncode != 0 and "disk full" in p.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -187,3 +187,34 @@ def test_fuzz_inputs_are_valid_to_start_with() -> None:
     path = _DIR / "ok.safetensors"
     path.write_bytes(valid_safetensors())
     assert [n for n, _ in iter_safetensors([path])] == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# chat templates: random compositions of jinja fragments, including hostile ones
+
+TEMPLATE_PARTS = [
+    "{{ messages[0]['content'] }}", "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+    "{{ bos_token }}", "{% if add_generation_prompt %}assistant:{% endif %}", "{{ raise_exception('no') }}",
+    "{{ ''.__class__ }}", "{{ messages.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}",
+    "{% for i in range(10**9) %}x{% endfor %}", "{{ 'a' * 10**9 }}", "{{ 'x'.center(10**9) }}",
+    "{% set l = [] %}{% for i in range(10**6) %}{% set _ = l.append(i) %}{% endfor %}",
+    "{{ messages|tojson }}", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "{{ 9**9**9 }}",
+    "{% for", "}}", "{{ m.content.upper() }}", "{{ strftime_now('%Y') }}", "{{ x.y.z }}",
+    "{% set ns = namespace(a=1) %}{{ ns.a }}", "{{ (messages|length) / 0 }}",
+]
+
+
+@FUZZ
+@given(parts=st.lists(st.sampled_from(TEMPLATE_PARTS), min_size=1, max_size=4),
+       text=st.text(max_size=40))
+def test_fuzz_chat_templates(parts: list[str], text: str) -> None:
+    from runtime.chat import ChatTemplateError, run_template
+
+    context = {"messages": [{"role": "user", "content": text}], "add_generation_prompt": True,
+               "bos_token": "<s>", "eos_token": "</s>"}
+    try:
+        out = run_template("".join(parts), context, seconds=0.5, max_chars=100_000)
+    except ChatTemplateError as e:
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(out, str) and len(out) <= 100_000
