@@ -70,6 +70,7 @@ class Chat:
         self.messages: list[dict] = []
         self.session = Session(m)
         self.stop = stop_strings(chat_format(m.tokenizer, arch_hint=m.config.get("model_type")))
+        self.stop_ids: list[int] | None = None  # None: the model's EOS ids
 
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -89,7 +90,8 @@ class Chat:
         try:
             with interrupt:
                 for piece in stream_text(self.m, self.ids(), stats=stats, session=self.session,
-                                         stop=self.stop, should_stop=interrupt, **self.sampling.kwargs()):
+                                         stop=self.stop, stop_ids=self.stop_ids, should_stop=interrupt,
+                                         **self.sampling.kwargs()):
                     pieces.append(piece)
                     self.console.print(piece, end="", style="cyan", markup=False, highlight=False)
         except MambaCliError as e:
@@ -211,6 +213,7 @@ def chat(
     seed: int = typer.Option(None, "--seed"),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show prefill/decode speed and memory."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Replies run to --max-tokens (for testing)."),
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
@@ -220,6 +223,8 @@ def chat(
     m = load(model, device, dtype, gpu_layers)
     c = Chat(m, Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens), system,
              console, verbose)
+    if ignore_eos:
+        c.stop_ids = []
     if resume:
         c.load(resume)
     err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}, loaded in {m.load_seconds:.1f} s. "

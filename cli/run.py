@@ -22,6 +22,7 @@ def run(
     seed: int = typer.Option(None, "--seed", help="Sampling seed: same seed, same output."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens to generate."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory to stderr."),
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -51,7 +52,8 @@ def run(
         err.print(f"[dim]loaded {m.source} ({m.arch}) in {m.load_seconds:.2f} s on "
                   f"{m.input_device}[/]")
     try:
-        for piece in stream_text(m, ids, stop=stop, stats=stats, **sampling.kwargs()):
+        extra = {"stop_ids": []} if ignore_eos else {}
+        for piece in stream_text(m, ids, stop=stop, stats=stats, **extra, **sampling.kwargs()):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:

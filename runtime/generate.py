@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class Session:
     cache: list = field(default=None)
     tokens: list[int] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
+    # SSM states cannot rewind: a copy taken where the last prompt ended lets the next turn restart
+    # there (not from zero) when the reply re-tokenizes differently or was interrupted.
+    checkpoint: tuple[int, list] | None = None
 
     def __post_init__(self):
         if self.cache is None:
@@ -59,6 +63,25 @@ class Session:
         self.cache = self.model.make_cache(1)
         self.tokens = []
         self.last_logits = None
+        self.checkpoint = None
+
+    def _rewind(self, keep: int) -> int:
+        """Make the cache hold tokens[:keep] or fewer; return how many it holds."""
+        drop = len(self.tokens) - keep
+        try:
+            for c in self.cache:
+                if c is not None:
+                    c.trim(drop)
+            del self.tokens[keep:]
+            return keep
+        except ValueError:  # an SSM state or a wrapped window cannot rewind
+            pass
+        if self.checkpoint is not None and self.checkpoint[0] <= keep:
+            n, saved = self.checkpoint
+            self.cache, self.tokens = copy.deepcopy(saved), self.tokens[:n]
+            return n
+        self.reset()
+        return 0
 
     def feed(self, ids: list[int], chunk: int = PREFILL_CHUNK,
              should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
@@ -94,19 +117,12 @@ class Session:
         if common == len(prompt) == len(self.tokens) and self.last_logits is not None:
             new = []
         else:
-            common = min(common, len(prompt) - 1)
-            drop = len(self.tokens) - common
-            try:
-                for c in self.cache:
-                    if c is not None:
-                        c.trim(drop)
-                del self.tokens[common:]
-            except ValueError:  # an SSM state or a wrapped window cannot rewind: start over
-                self.reset()
-                common = 0
+            common = self._rewind(min(common, len(prompt) - 1))
             new = prompt[common:]
         t0 = time.perf_counter()
         logits = self.feed(new, should_stop=should_stop) if new else self.last_logits
+        if new and logits is not None and any(getattr(c, "kind", "") == "ssm" for c in self.cache):
+            self.checkpoint = (len(self.tokens), copy.deepcopy(self.cache))
         if stats is not None:
             stats.prompt_tokens, stats.cached_tokens = len(new), len(prompt) - len(new)
             stats.prompt_seconds = time.perf_counter() - t0

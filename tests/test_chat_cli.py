@@ -146,3 +146,60 @@ def test_run_command_on_ssm_and_hybrid_folders(name):
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     assert chat.returncode == 0, chat.stderr
     assert len(re.findall(r"prompt: \d+ new tokens", chat.stdout)) == 2 and "cached)" in chat.stdout
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_conversation():
+    import signal
+
+    folder = build_tiny(*MODELS["mamba"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "chat", str(folder), "-t", "0", "-n", "100000", "-v",
+                          "--ignore-eos"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, env=env)
+    p.stdin.write("tell me everything\n")
+    p.stdin.flush()
+    time.sleep(8)  # loading + a few hundred tokens
+    p.send_signal(signal.SIGINT)
+    p.stdin.write("and then?\n")  # the conversation goes on: a second turn, interrupted as well
+    p.stdin.flush()
+    time.sleep(4)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate("/exit\n", timeout=120)
+    assert p.returncode == 0, err
+    assert out.count("stopped (Ctrl-C)") == 2
+    assert len(re.findall(r"prompt: \d+ new tokens \(\d+ cached\)", out)) == 1  # turn 2 reused turn 1
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_in_run_exits_130_without_traceback():
+    import signal
+
+    folder = build_tiny(*MODELS["mamba"])
+    p = subprocess.Popen([sys.executable, "-m", "cli", "run", str(folder), "x", "--raw", "-n", "100000",
+                          "--ignore-eos"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(8)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+def test_ssm_session_restarts_from_the_last_prompt_checkpoint():
+    import torch
+
+    from runtime.generate import Session, Stats
+
+    m = load_model(build_tiny(*MODELS["mamba"]), device="cpu")
+    g = torch.Generator().manual_seed(3)
+    turn1 = torch.randint(5, 320, (40,), generator=g).tolist()
+    s = Session(m)
+    s.prepare(turn1)
+    s.feed(torch.randint(5, 320, (7,), generator=g).tolist())  # a reply that will re-tokenize differently
+    turn2 = turn1 + torch.randint(5, 320, (12,), generator=g).tolist()
+    st = Stats()
+    logits = s.prepare(turn2, st)
+    assert (st.cached_tokens, st.prompt_tokens) == (40, 12)  # not a full re-prefill
+    full = m.forward(torch.tensor([turn2]))[0, -1]
+    assert float((logits - full).abs().max() / full.abs().max()) < 1e-4
