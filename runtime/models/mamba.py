@@ -156,32 +156,38 @@ class MambaMixer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, a: Args):
+    def __init__(self, a, mixer: nn.Module):
         super().__init__()
         self.norm = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
-        self.mixer = MambaMixer(a.hidden_size, a.intermediate_size, a.state_size, a.time_step_rank,
-                                a.conv_kernel, a.use_bias, a.use_conv_bias, a.bcdt_norm, a.mixer_rms_eps)
+        self.mixer = mixer
 
     def forward(self, h: torch.Tensor, cache: SSMState | None) -> torch.Tensor:
         return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
 
 
 class Backbone(nn.Module):
-    def __init__(self, a: Args):
+    def __init__(self, a, make_mixer):
         super().__init__()
         self.embeddings = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(a, make_mixer(a)) for _ in range(a.num_hidden_layers))
         self.norm_f = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
 
 
 class Model(nn.Module):
+    """The pure-SSM language model; Mamba-2 (models/mamba2.py) reuses it with its own mixer."""
+
     def __init__(self, args: Args):
         super().__init__()
         self.args = args
-        self.backbone = Backbone(args)
+        self.backbone = Backbone(args, self.make_mixer)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+
+    @staticmethod
+    def make_mixer(a: Args) -> nn.Module:
+        return MambaMixer(a.hidden_size, a.intermediate_size, a.state_size, a.time_step_rank, a.conv_kernel,
+                          a.use_bias, a.use_conv_bias, a.bcdt_norm, a.mixer_rms_eps)
 
     @property
     def layers(self) -> nn.ModuleList:

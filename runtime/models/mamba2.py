@@ -36,7 +36,8 @@ from torch import nn
 from runtime import ssm
 from runtime.cache import SSMState
 from runtime.errors import ModelFormatError
-from runtime.layers import RMSNorm, input_dtype
+from runtime.layers import input_dtype
+from runtime.models import mamba
 
 
 def config_from_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -207,51 +208,12 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(input_dtype(self.out_proj)))
 
 
-class Block(nn.Module):
-    def __init__(self, a: Args):
-        super().__init__()
-        self.norm = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
-        self.mixer = Mamba2Mixer(a)
+class Model(mamba.Model):
+    """Mamba-1's language model (blocks, backbone, head, cache) with the Mamba-2 mixer."""
 
-    def forward(self, h: torch.Tensor, cache: SSMState | None) -> torch.Tensor:
-        return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
-
-
-class Backbone(nn.Module):
-    def __init__(self, a: Args):
-        super().__init__()
-        self.embeddings = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
-        self.norm_f = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
-
-
-class Model(nn.Module):
-    def __init__(self, args: Args):
-        super().__init__()
-        self.args = args
-        self.backbone = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.backbone.layers
-
-    def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
-        # tokens : (B, T)  ->  logits : (B, T, V) float32
-        h = self.backbone.embeddings(tokens)
-        if self.args.residual_in_fp32:
-            h = h.float()
-        for i, layer in enumerate(self.backbone.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        if last_only:
-            h = h[:, -1:]
-        h = self.backbone.norm_f(h)
-        return self.lm_head(h.to(self.backbone.norm_f.weight.dtype)).float()
-
-    def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
-        return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
+    @staticmethod
+    def make_mixer(a: Args) -> nn.Module:
+        return Mamba2Mixer(a)
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
