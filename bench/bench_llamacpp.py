@@ -2,8 +2,10 @@
 
     python bench/bench_llamacpp.py FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
 
-For each file: load time (to a usable model), prefill tokens/s for -p tokens and decode tokens/s for
--n tokens (greedy, fed one at a time), median of --reps alternating runs, and the ratio ours/llama.cpp.
+For each file: load time (to a usable model; ours plus the time to compile the decode step, see
+runtime/compile.py, unless --no-compile), prefill tokens/s for -p tokens (next-token logits only, as
+`run` and `chat` do; llama.cpp with logits_all=False) and decode tokens/s for -n tokens (greedy, fed
+one at a time), median of --reps alternating runs, and the ratio ours/llama.cpp.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def ours_run(m, ids: list[int], n: int) -> tuple[float, float]:
     cache = m.make_cache(1)
     t0 = time.perf_counter()
-    logits = m.forward(torch.tensor([ids]), cache)
+    logits = m.forward(torch.tensor([ids]), cache, last_only=True)
     t1 = time.perf_counter()
     tok = logits[:, -1:].argmax(-1)
     for _ in range(n):
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="ours without compiled decode steps")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from llama_cpp import Llama
@@ -65,8 +68,11 @@ def main() -> None:
         m = load_model(f, device="cpu")
         ours_load = time.perf_counter() - t0
         t0 = time.perf_counter()
+        why = m.compile(not a.no_compile)
+        ours_compile = time.perf_counter() - t0 if why is None else 0.0
+        t0 = time.perf_counter()
         llm = Llama(model_path=f, n_ctx=a.p + a.n + 8, n_batch=max(a.p, 8), n_threads=a.threads,
-                    logits_all=True, verbose=False)
+                    logits_all=False, verbose=False)
         cpp_load = time.perf_counter() - t0
         vocab = m.tokenizer.vocab_size
         ids = torch.randint(10, vocab, (a.p,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -78,18 +84,20 @@ def main() -> None:
             cpp.append(cpp_run(llm, ids, a.n))
         op, od = (statistics.median(x) for x in zip(*ours, strict=True))
         cp, cd = (statistics.median(x) for x in zip(*cpp, strict=True))
-        rows.append(dict(file=Path(f).name, ours_load_s=ours_load, cpp_load_s=cpp_load, ours_pp=op, cpp_pp=cp,
+        rows.append(dict(file=Path(f).name, ours_load_s=ours_load, ours_compile_s=ours_compile,
+                         cpp_load_s=cpp_load, ours_pp=op, cpp_pp=cp,
                          pp_ratio=op / cp, ours_tg=od, cpp_tg=cd, tg_ratio=od / cd))
         del llm, m
     if a.json:
         print(json.dumps(rows, indent=1))
         return
     print(f"threads {a.threads}, prefill {a.p} tokens, decode {a.n} tokens, median of {a.reps}")
-    print("| file | load s (ours / llama.cpp) | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours "
+    print("| file | load s (ours + compile / llama.cpp) | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours "
           "| llama.cpp | ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['file']} | {r['ours_load_s']:.2f} / {r['cpp_load_s']:.2f} | {r['ours_pp']:.1f} | "
+        print(f"| {r['file']} | {r['ours_load_s']:.2f} + {r['ours_compile_s']:.1f} / {r['cpp_load_s']:.2f} | "
+              f"{r['ours_pp']:.1f} | "
               f"{r['cpp_pp']:.1f} | {r['pp_ratio']:.2f}x | {r['ours_tg']:.1f} | {r['cpp_tg']:.1f} | "
               f"{r['tg_ratio']:.2f}x |")
 

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG
+from cli.common import COMPILE_HELP, DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, device: str = "cpu") -> float:
@@ -89,6 +89,7 @@ def bench(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
+    compile: bool = typer.Option(True, "--compile/--no-compile", help=COMPILE_HELP),
 ) -> None:
     """Measure load time, prefill and decode speed, memory and bandwidth use."""
     from runtime import load_model
@@ -96,6 +97,9 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
+    t0 = time.perf_counter()
+    why = m.compile() if compile else "off"
+    compile_s = time.perf_counter() - t0
     r = measure(m, prompt, decode, depth, reps)
     dev = str(m.input_device)
     bw = copy_bandwidth(device=dev)
@@ -103,7 +107,8 @@ def bench(
     limit = bw / per_tok
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = {"model": m.source, "arch": m.arch, "device": dev, "threads": torch.get_num_threads(),
-           "load_s": round(m.load_seconds, 3), f"pp{prompt}_tps": round(r["prefill_tps"], 1),
+           "load_s": round(m.load_seconds, 3),
+           "compile_s": round(compile_s, 2) if why is None else why, f"pp{prompt}_tps": round(r["prefill_tps"], 1),
            f"tg{decode}_tps": round(r["decode_tps"], 1), "depth": depth,
            "weights_mib_per_token": round(per_tok / 2**20, 1), "copy_gbps": round(bw / 1e9, 2),
            "bandwidth_limit_tps": round(limit, 1), "of_limit": round(r["decode_tps"] / limit, 3),

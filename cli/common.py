@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,6 +17,8 @@ MODEL_ARG = typer.Argument(..., help="Model folder, .gguf file, Hub repo id (own
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
 DTYPE_OPT = typer.Option(None, "--dtype", help="Weights dtype: float32, bfloat16, float16 (default: checkpoint's).")
 GPU_LAYERS_OPT = typer.Option(None, "--gpu-layers", help="Put the first N layers on the GPU, the rest on the CPU.")
+COMPILE_HELP = ("Compile the CPU decode step with torch.compile: faster tokens after a few seconds of start-up "
+                "(the first time for a model shape up to ~15 s, then cached).")
 
 
 @dataclass
@@ -41,11 +44,20 @@ class Sampling:
         setattr(self, name, None if (name == "seed" and value.lower() == "none") else kind(value))
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None):
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False):
     from runtime import load_model
 
     with err.status(f"loading {model}…", spinner="dots"):
         m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
+    m.compile_seconds = 0.0
+    if compile:
+        with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
+                        spinner="dots"):
+            t0 = time.perf_counter()
+            why = m.compile()
+            m.compile_seconds = time.perf_counter() - t0
+        if why and "MAMBA_CLI_NO_COMPILE" not in why and "no layer" not in why:
+            err.print(f"[dim]decode step not compiled ({why}); running eagerly[/]")
     return m
 
 

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from cli.common import DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, Sampling, err, load, stats_line
+from cli.common import COMPILE_HELP, DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, Sampling, err, load, stats_line
 
 
 def run(
@@ -27,6 +27,7 @@ def run(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
+    compile: bool = typer.Option(False, "--compile/--no-compile", help=COMPILE_HELP + " Off for one-shot runs."),
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
     from runtime.generate import Stats, stream_text
@@ -35,7 +36,7 @@ def run(
         if sys.stdin.isatty() and prompt is None:
             raise typer.BadParameter("give a PROMPT, or pipe one on stdin")
         prompt = sys.stdin.read()
-    m = load(model, device, dtype, gpu_layers)
+    m = load(model, device, dtype, gpu_layers, compile)
     if raw:
         ids = m.tokenizer.encode_prompt(prompt)
     else:

@@ -71,6 +71,23 @@ class LoadedModel:
     def make_cache(self, batch: int = 1) -> list:
         return self.module.make_cache(batch)
 
+    def compile(self, on: bool = True, warm_up: bool = True) -> str | None:
+        """Run one-token decode steps of the CPU layers through compiled graphs (runtime/compile.py).
+
+        With warm_up, compiles now (one decode step on a scratch cache) rather than at the first token.
+        Returns why compilation is off or failed (None when compiled code runs).
+        """
+        from runtime import compile as comp
+
+        why = comp.unavailable() if on else "turned off"
+        if not comp.enable(self.module, on and why is None):
+            return why or "no layer on the CPU"
+        if warm_up:
+            self.forward(torch.zeros(1, 1, dtype=torch.long), self.make_cache(1))
+        if comp.failures:
+            return "; ".join(f"{k}: {v}" for k, v in comp.failures.items())
+        return None
+
     def layer_devices(self) -> list[torch.device]:
         return layer_devices(self.module)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.cache import attention_mask
+from runtime.compile import graph
 
 
 class RMSNorm(nn.Module):
@@ -98,8 +99,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
-        # x : (B, T, E)
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """x (B, T, E) -> q (B, H, T, D), k and v (B, Hk, T, D), RoPE applied."""
         b, t, _ = x.shape
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if hasattr(self, "qkv_proj"):
@@ -112,6 +113,17 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H, T, D) -> o_proj'd (B, T, E)."""
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
+        # x : (B, T, E)
+        t = x.shape[1]
+        q, k, v = self.project(x, rope)
         if cache is None:
             mask = None
             if self.window is not None and t > self.window:
@@ -121,7 +133,7 @@ class Attention(nn.Module):
         else:
             k, v, mask = cache.update(k, v)
             out = sdpa(q, k, v, mask, causal=False)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self.merge(out)
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -232,3 +244,40 @@ class MoE(nn.Module):
             h = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)
             out.index_add_(0, tok, (h @ self.w2[e].T) * weights.flatten()[sel, None])
         return out.view(shape)
+
+
+# ---------------------------------------------------------------- one-token steps (runtime/compile.py)
+# Plain functions of (modules, tensors) so that one compiled graph serves every layer of a shape.
+
+
+@graph
+def attn_in(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
+    return attn.project(norm(h), rope)
+
+
+@graph
+def attn_out(attn: Attention, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return h + attn.merge(out)
+
+
+@graph
+def attn_out_ffn(attn: Attention, h: torch.Tensor, out: torch.Tensor, norm: RMSNorm, ffn: nn.Module) -> torch.Tensor:
+    h = h + attn.merge(out)
+    return h + ffn(norm(h))
+
+
+@graph
+def ffn_residual(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return h + ffn(norm(h))
+
+
+def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: Attention, norm_ff: RMSNorm,
+                         ffn: nn.Module) -> torch.Tensor:
+    """One token through a pre-norm attention + feed-forward block, compiled around the cache append."""
+    q, k, v = attn_in(norm_in, attn, h, rope)
+    k, v, mask = cache.update(k, v)
+    out = sdpa(q, k, v, mask, causal=False)
+    if isinstance(ffn, MoE):  # routing is data-dependent: eager
+        h = attn_out(attn, h, out)
+        return h + ffn(norm_ff(h))
+    return attn_out_ffn(attn, h, out, norm_ff, ffn)

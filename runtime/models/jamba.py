@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from runtime.cache import KVCache
-from runtime.layers import Attention, MoE, RMSNorm, SwiGLU
-from runtime.models.mamba import MambaMixer
+from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, ffn_residual
+from runtime.models.mamba import MambaMixer, ssm_block_step
 
 
 @dataclass
@@ -129,13 +129,27 @@ class Block(nn.Module):
         else:
             self.feed_forward = SwiGLU(a.hidden_size, a.intermediate_size)
 
+    compiled_step = False  # runtime/compile.py: one-token steps through compiled graphs
+
     def forward(self, h: torch.Tensor, cache) -> torch.Tensor:
+        if self.compiled_step and cache is not None and h.shape[1] == 1:
+            return self._step(h, cache)
         x = self.input_layernorm(h)
         if hasattr(self, "self_attn"):
             h = h + self.self_attn(x, None, cache)
         else:
             h = h + self.mamba(x, cache)
         return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+    def _step(self, h: torch.Tensor, cache) -> torch.Tensor:
+        if hasattr(self, "self_attn"):
+            return attention_block_step(h, None, cache, self.input_layernorm, self.self_attn, self.pre_ff_layernorm,
+                                        self.feed_forward)
+        cache.offset += 1
+        h = ssm_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm)
+        if isinstance(self.feed_forward, MoE):  # routing is data-dependent: eager
+            return h + self.feed_forward(self.pre_ff_layernorm(h))
+        return ffn_residual(self.pre_ff_layernorm, self.feed_forward, h)
 
 
 class Backbone(nn.Module):

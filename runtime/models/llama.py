@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from runtime.cache import KVCache, RollingKVCache, cache_offset
-from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU
+from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step
 
 
 def rope_theta(cfg: dict[str, Any], default: float = 10000.0) -> float:
@@ -108,9 +108,14 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(a.hidden_size, a.intermediate_size)
 
+    compiled_step = False  # runtime/compile.py: one-token steps through compiled graphs
+
     def forward(self, h: torch.Tensor, rope, cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        if self.compiled_step and cache is not None and h.shape[1] == 1:
+            return attention_block_step(h, rope, cache, self.input_layernorm, self.self_attn,
+                                        self.post_attention_layernorm, ffn)
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache)
         return h + ffn(self.post_attention_layernorm(h))
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from runtime import ssm
 from runtime.cache import SSMState
+from runtime.compile import graph
 from runtime.layers import RMSNorm, input_dtype
 
 
@@ -128,15 +129,19 @@ class MambaMixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()
 
+    def _conv_a(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
+        conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        return conv_w, conv_b, -torch.exp(self.A_log.float())  # A : (D, N)
+
     def forward(self, h: torch.Tensor, cache: SSMState | None = None) -> torch.Tensor:
         # h : (B, T, E)  ->  (B, T, E)
         t = h.shape[1]
-        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, D) each
-        conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
-        conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
-        A = -torch.exp(self.A_log.float())  # (D, N)
         if cache is not None and t == 1:
-            return self._step(x[:, 0], z[:, 0], conv_w, conv_b, A, cache).unsqueeze(1)
+            cache.offset += 1
+            return self.step(h[:, 0], cache.conv, cache.ssm).unsqueeze(1)
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, D) each
+        conv_w, conv_b, A = self._conv_a()
         conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
         x = ssm.causal_conv1d(x.float().transpose(1, 2), conv_w, conv_b, conv_state)
         x = F.silu(x).transpose(1, 2)  # (B, T, D) float32
@@ -146,13 +151,21 @@ class MambaMixer(nn.Module):
             cache.offset += t
         return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
 
-    def _step(self, x, z, conv_w, conv_b, A, cache: SSMState) -> torch.Tensor:
-        # x, z : (B, D) -> (B, E)
-        x = F.silu(ssm.conv1d_step(x.float(), conv_w, conv_b, cache.conv))
+    def step(self, h: torch.Tensor, conv: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """One token: h (B, E) -> (B, E); conv (B, D, K-1) and state (B, D, N) updated in place."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, D) each
+        conv_w, conv_b, A = self._conv_a()
+        x = F.silu(ssm.conv1d_step(x.float(), conv_w, conv_b, conv))
         dt, B, C = self._dt_b_c(x)
-        y = ssm.selective_step(x, dt, A, B, C, self.D.float(), cache.ssm)
-        cache.offset += 1
+        y = ssm.selective_step(x, dt, A, B, C, self.D.float(), state)
         return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
+
+
+@graph
+def ssm_block_step(norm: RMSNorm, mixer: nn.Module, h: torch.Tensor, conv: torch.Tensor,
+                   state: torch.Tensor) -> torch.Tensor:
+    """One token through a pre-norm SSM block (Mamba-1, Mamba-2, Jamba's Mamba layers): h (B, 1, E)."""
+    return h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
 
 
 class Block(nn.Module):
@@ -161,7 +174,12 @@ class Block(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
         self.mixer = mixer
 
+    compiled_step = False  # runtime/compile.py: one-token steps through a compiled graph
+
     def forward(self, h: torch.Tensor, cache: SSMState | None) -> torch.Tensor:
+        if self.compiled_step and cache is not None and h.shape[1] == 1:
+            cache.offset += 1
+            return ssm_block_step(self.norm, self.mixer, h, cache.conv, cache.ssm)
         return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
 
 

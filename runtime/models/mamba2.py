@@ -181,30 +181,43 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())
         return dt if self.dt_limit is None else dt.clamp(*self.dt_limit)
 
+    def _conv_a(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        conv_w = self.conv1d.weight[:, 0].float()  # (C, K)
+        conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        return conv_w, conv_b, -torch.exp(self.A_log.float())  # A : (H,)
+
     def forward(self, h: torch.Tensor, cache: SSMState | None = None) -> torch.Tensor:
         # h : (B, T, E)  ->  (B, T, E)
         b, t, _ = h.shape
+        if cache is not None and t == 1:
+            cache.offset += 1
+            return self.step(h[:, 0], cache.conv, cache.ssm).unsqueeze(1)
         gn = self.groups * self.state
         z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.heads], dim=-1)
-        conv_w = self.conv1d.weight[:, 0].float()  # (C, K)
-        conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
-        A = -torch.exp(self.A_log.float())  # (H,)
-        if cache is not None and t == 1:
-            xbc = F.silu(ssm.conv1d_step(xbc[:, 0].float(), conv_w, conv_b, cache.conv))  # (B, C)
-            x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
-            y = ssm.ssd_step(x.view(b, self.heads, self.head_dim), self._dt(dt[:, 0]), A,
-                             B.view(b, self.groups, self.state), C.view(b, self.groups, self.state),
-                             self.D.float(), cache.ssm)
-        else:
-            conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
-            xbc = F.silu(ssm.causal_conv1d(xbc.float().transpose(1, 2), conv_w, conv_b, conv_state))
-            x, B, C = xbc.transpose(1, 2).split([self.inner, gn, gn], dim=-1)  # (B, T, .)
-            bc = (b, t, self.groups, self.state)
-            y, _ = ssm.ssd_scan(x.reshape(b, t, self.heads, self.head_dim), self._dt(dt), A, B.reshape(bc),
-                                C.reshape(bc), self.D.float(), ssm_state, self.chunk)
+        conv_w, conv_b, A = self._conv_a()
+        conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
+        xbc = F.silu(ssm.causal_conv1d(xbc.float().transpose(1, 2), conv_w, conv_b, conv_state))
+        x, B, C = xbc.transpose(1, 2).split([self.inner, gn, gn], dim=-1)  # (B, T, .)
+        bc = (b, t, self.groups, self.state)
+        y, _ = ssm.ssd_scan(x.reshape(b, t, self.heads, self.head_dim), self._dt(dt), A, B.reshape(bc),
+                            C.reshape(bc), self.D.float(), ssm_state, self.chunk)
         if cache is not None:
             cache.offset += t
         y = self.norm(y.reshape(b, t, self.inner), z)
+        return self.out_proj(y.to(input_dtype(self.out_proj)))
+
+    def step(self, h: torch.Tensor, conv: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """One token: h (B, E) -> (B, E); conv (B, C, K-1) and state (B, H, P, N) updated in place."""
+        b = h.shape[0]
+        gn = self.groups * self.state
+        z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        conv_w, conv_b, A = self._conv_a()
+        xbc = F.silu(ssm.conv1d_step(xbc.float(), conv_w, conv_b, conv))  # (B, C)
+        x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
+        y = ssm.ssd_step(x.view(b, self.heads, self.head_dim), self._dt(dt), A,
+                         B.view(b, self.groups, self.state), C.view(b, self.groups, self.state),
+                         self.D.float(), state)
+        y = self.norm(y.reshape(b, self.inner), z)
         return self.out_proj(y.to(input_dtype(self.out_proj)))
 
 

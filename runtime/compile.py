@@ -1,0 +1,93 @@
+"""Decode-step capture on the CPU: each block's one-token work as torch.compile'd graphs (inductor).
+
+A small model's decode step in eager PyTorch is dominated by dispatching ~40 tiny ops per layer.
+The model files route one-token steps through functions wrapped by `graph()`: inductor fuses their
+elementwise chains (norms, RoPE, conv and SSM state updates, gates) into a few C++ loops and calls the
+matmuls and int4 kernels as they are. Weights are graph inputs, so one compiled graph serves every
+layer of the same structure. What has growing shapes (the KV-cache append and SDPA) or data-dependent
+control flow (MoE routing) stays eager between the graphs.
+
+Off unless turned on per model (`LoadedModel.compile()`; the CLI does it on the CPU unless
+`--no-compile` or MAMBA_CLI_NO_COMPILE=1). The first compile of a model shape takes seconds; torch
+keeps the generated code on disk (~/.cache/mamba-cli/inductor), so later runs take ~1-3 s.
+Anything that cannot compile (no C++ compiler, an op inductor does not take) falls back to eager for
+good, its reason kept in `failures`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Callable
+
+import torch
+
+failures: dict[str, str] = {}  # function name -> why it runs eagerly
+compiled_calls: dict[str, int] = {}  # function name -> calls served by compiled code
+
+
+def unavailable() -> str | None:
+    """Why decode-step compilation cannot be used here, or None."""
+    if os.environ.get("MAMBA_CLI_NO_COMPILE"):
+        return "MAMBA_CLI_NO_COMPILE is set"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "no C++ compiler (g++) on PATH"
+    return None
+
+
+# torch fixes its cache folder the first time anything asks for it (loading int4 kernels does): set ours first.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                   "mamba-cli", "inductor"))
+
+
+def setup() -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+
+
+def graph(fn: Callable) -> Callable:
+    """fn, compiled (static shapes, one whole graph) the first time it is called with compile on.
+
+    Callers decide when (block.compiled_step); this wrapper only compiles and falls back.
+    """
+    name = fn.__qualname__
+    holder: dict[str, Callable] = {}
+
+    @functools.wraps(fn)
+    def run(*args):
+        if name in failures:
+            return fn(*args)
+        c = holder.get("c")
+        if c is None:
+            c = holder["c"] = torch.compile(fn, dynamic=False, fullgraph=True)
+        try:
+            out = c(*args)
+        except Exception as e:
+            from torch._dynamo.exc import TorchDynamoException
+
+            if not isinstance(e, TorchDynamoException):
+                raise
+            # a compile-time failure (graph break, no compiler, an op inductor refuses): nothing ran yet
+            failures[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            return fn(*args)
+        compiled_calls[name] = compiled_calls.get(name, 0) + 1
+        return out
+
+    run.eager = fn
+    return run
+
+
+def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
+    """Mark the blocks of `module` that live on the CPU to take compiled one-token steps; their indices."""
+    if on:
+        setup()
+    marked = []
+    for i, layer in enumerate(module.layers):
+        dev = next(layer.parameters()).device
+        layer.compiled_step = bool(on and dev.type == "cpu")
+        if layer.compiled_step:
+            marked.append(i)
+    return marked
