@@ -6,7 +6,7 @@ Two mamba-130m-shaped models (d_model 768, 24 layers, vocab 50280; Mamba-2 with 
 64) are saved once with transformers' save_pretrained under bench/.cache/. For each model it prints:
 
     prefill   prompt -> next-token logits. Ours: Session.prepare (the path `run`/`chat` take: 512-token
-              pieces, logits for every position). transformers: one forward with logits_to_keep=1.
+              pieces, the head on the last position only). transformers: one forward with logits_to_keep=1.
     decode    tokens/s of greedy decoding after a 128-token prompt. Ours: generate() with a Session;
               transformers: generate(), timed as (33 new tokens - 1 new token) / 32.
     ctx       our decode tokens/s after an 8192-token prompt, against after a 128-token one.
@@ -65,8 +65,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(folder: Path, sizes: list[int], new: int) -> dict:
+def ours(folder: Path, sizes: list[int], new: int, compile: bool) -> dict:
     m = load_model(folder, device="cpu")
+    if compile:
+        assert m.compile() is None
     out: dict = {"prefill_s": {}}
     g = torch.Generator().manual_seed(0)
     for n in sizes:
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--hf-sizes-mamba", default="512,2048", help="transformers' Mamba-1 prefill sizes")
     ap.add_argument("--hf-sizes-mamba2", default="512,2048,8192")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--no-compile", action="store_true", help="ours without compiled decode steps")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -126,12 +129,12 @@ def main() -> None:
     results = {}
     folders = {name: build(name) for name in MODELS}
     for name, folder in folders.items():
-        results[name] = {"ours": ours(folder, sizes, a.new_tokens)}
+        results[name] = {"ours": ours(folder, sizes, a.new_tokens, not a.no_compile)}
         print(name, "ours", results[name]["ours"], flush=True)
     for name, folder in folders.items():
         results[name]["transformers"] = theirs(folder, hf_sizes[name], a.new_tokens)
         print(name, "transformers", results[name]["transformers"], flush=True)
-    print(f"\nCPU, {a.threads} thread(s), fp32, batch 1\n")
+    print(f"\nCPU, {a.threads} thread(s), fp32, batch 1, ours {'eager' if a.no_compile else 'compiled'}\n")
     print("| model | prefill tokens | ours s | transformers s | speed-up |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
