@@ -71,7 +71,7 @@ def main() -> None:
         why = m.compile(not a.no_compile)
         ours_compile = time.perf_counter() - t0 if why is None else 0.0
         t0 = time.perf_counter()
-        llm = Llama(model_path=f, n_ctx=a.p + a.n + 8, n_batch=max(a.p, 8), n_threads=a.threads,
+        llm = Llama(model_path=f, n_ctx=a.p + a.n + 8, n_batch=a.p + a.n + 8, n_threads=a.threads,
                     logits_all=False, verbose=False)
         cpp_load = time.perf_counter() - t0
         vocab = m.tokenizer.vocab_size

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from runtime.cache import KVCache
-from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, ffn_residual
+from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, embedding, ffn_residual
 from runtime.models.mamba import MambaMixer, ssm_block_step
 
 
@@ -155,7 +155,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, a: Args):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_hidden_layers))
         self.final_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 

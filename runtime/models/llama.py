@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from runtime.cache import KVCache, RollingKVCache, cache_offset
-from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step
+from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step, embedding
 
 
 def rope_theta(cfg: dict[str, Any], default: float = 10000.0) -> float:
@@ -122,7 +122,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, a: Args):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 

@@ -34,7 +34,7 @@ from torch import nn
 from runtime import ssm
 from runtime.cache import SSMState
 from runtime.compile import graph
-from runtime.layers import RMSNorm, input_dtype
+from runtime.layers import RMSNorm, embedding, input_dtype
 
 
 @dataclass
@@ -186,7 +186,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, a, make_mixer):
         super().__init__()
-        self.embeddings = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embeddings = embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a, make_mixer(a)) for _ in range(a.num_hidden_layers))
         self.norm_f = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
 
