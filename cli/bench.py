@@ -65,7 +65,7 @@ def measure(m, prompt: int, decode: int, depth: int, reps: int) -> dict:
         ids = torch.randint(0, vocab, (1, prompt), generator=g)
         _sync(dev)
         t0 = time.perf_counter()
-        logits = m.forward(ids, cache) if prompt else None
+        logits = m.forward(ids, cache, last_only=True) if prompt else None  # as llama-bench: next-token logits
         _sync(dev)
         t1 = time.perf_counter()
         tok = logits[:, -1:].argmax(-1) if logits is not None else torch.zeros(1, 1, dtype=torch.long)
@@ -119,8 +119,9 @@ def bench(
         print(json.dumps(row))
         return
     t = Table(title=f"{m.source} ({m.arch}) on {dev}, {row['threads']} threads, depth {depth}")
-    for k in row:
-        if k not in ("model",):
-            t.add_column(k.replace("_", " "), justify="right")
-    t.add_row(*[str(v) for k, v in row.items() if k != "model"])
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in row.items():
+        if k not in ("model", "arch", "device", "threads", "depth"):
+            t.add_row(k.replace("_", " "), str(v))
     Console().print(t)

@@ -203,3 +203,21 @@ def test_ssm_session_restarts_from_the_last_prompt_checkpoint():
     assert (st.cached_tokens, st.prompt_tokens) == (40, 12)  # not a full re-prefill
     full = m.forward(torch.tensor([turn2]))[0, -1]
     assert float((logits - full).abs().max() / full.abs().max()) < 1e-4
+
+
+def test_bench_reports_speed_memory_and_bandwidth():
+    import json
+
+    folder = build_tiny("MambaForCausalLM", dict(hidden_size=64, state_size=8, num_hidden_layers=2, conv_kernel=4,
+                                                 expand=2))
+    p = subprocess.run([sys.executable, "-m", "cli", "bench", str(folder), "-p", "16", "-n", "4", "-r", "1",
+                        "--json", "--no-compile", "-d", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    row = json.loads(p.stdout)
+    assert row["arch"] == "mamba" and row["depth"] == 8 and row["compile_s"] == "off"
+    for key in ("load_s", "pp16_tps", "tg4_tps", "copy_gbps", "bandwidth_limit_tps", "peak_rss_mib"):
+        assert row[key] > 0, key
+    assert abs(row["of_limit"] - row["tg4_tps"] / row["bandwidth_limit_tps"]) < 0.01
+    table = subprocess.run([sys.executable, "-m", "cli", "bench", str(folder), "-p", "8", "-n", "2", "-r", "1",
+                            "--no-compile"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert table.returncode == 0 and "tg2 tps" in table.stdout and "bandwidth limit tps" in table.stdout
