@@ -93,9 +93,9 @@ def bench(
 ) -> None:
     """Measure load time, prefill and decode speed, memory and bandwidth use."""
     from runtime import load_model
+    from runtime.device import set_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
     t0 = time.perf_counter()
     why = m.compile() if compile else "off"

@@ -15,7 +15,19 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from cli.common import COMPILE_HELP, DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, Sampling, err, load, stats_line
+from cli.common import (
+    COMPILE_HELP,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    GPU_LAYERS_OPT,
+    MODEL_ARG,
+    THREADS_OPT,
+    Sampling,
+    cpu_threads,
+    err,
+    load,
+    stats_line,
+)
 from runtime.errors import MambaCliError
 
 HELP = """[bold]Commands[/]
@@ -217,18 +229,20 @@ def chat(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
+    threads: int = THREADS_OPT,
     compile: bool = typer.Option(True, "--compile/--no-compile", help=COMPILE_HELP),
 ) -> None:
     """Chat with a model in the terminal. /help inside lists the commands."""
     console = Console(highlight=False)
-    m = load(model, device, dtype, gpu_layers, compile)
+    m = load(model, device, dtype, gpu_layers, compile, threads)
     c = Chat(m, Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens), system,
              console, verbose)
     if ignore_eos:
         c.stop_ids = []
     if resume:
         c.load(resume)
-    err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}, loaded in {m.load_seconds:.1f} s"
+    err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}, "
+              f"loaded in {m.load_seconds:.1f} s"
               + (f" (+{m.compile_seconds:.1f} s compiling)" if m.compile_seconds else "") + ". "
               "/help for commands, /exit or Ctrl-D to quit.[/]")
     while True:

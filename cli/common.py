@@ -17,6 +17,7 @@ MODEL_ARG = typer.Argument(..., help="Model folder, .gguf file, Hub repo id (own
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda.")
 DTYPE_OPT = typer.Option(None, "--dtype", help="Weights dtype: float32, bfloat16, float16 (default: checkpoint's).")
 GPU_LAYERS_OPT = typer.Option(None, "--gpu-layers", help="Put the first N layers on the GPU, the rest on the CPU.")
+THREADS_OPT = typer.Option(None, "--threads", help="CPU threads (default: the physical cores).")
 COMPILE_HELP = ("Compile the CPU decode step with torch.compile: faster tokens after a few seconds of start-up "
                 "(the first time for a model shape up to ~15 s, then cached).")
 
@@ -44,9 +45,12 @@ class Sampling:
         setattr(self, name, None if (name == "seed" and value.lower() == "none") else kind(value))
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False):
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
+         threads: int | None = None):
     from runtime import load_model
+    from runtime.device import set_threads
 
+    set_threads(threads)
     with err.status(f"loading {model}…", spinner="dots"):
         m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
     m.compile_seconds = 0.0
@@ -59,6 +63,12 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
         if why and "MAMBA_CLI_NO_COMPILE" not in why and "no layer" not in why:
             err.print(f"[dim]decode step not compiled ({why}); running eagerly[/]")
     return m
+
+
+def cpu_threads(m) -> str:
+    """' (N threads)' when any layer runs on the CPU, else ''."""
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' * (n != 1)})" if any(d.type == "cpu" for d in m.layer_devices()) else ""
 
 
 def peak_memory() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import typer
 
-from cli.common import DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, err, load
+from cli.common import DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, THREADS_OPT, err, load
 from runtime.errors import MambaCliError
 
 DEFAULT_CTX = 512
@@ -136,10 +136,11 @@ def perplexity_cmd(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
+    threads: int = THREADS_OPT,
 ) -> None:
     """Perplexity of MODEL on a text, evaluated in sliding windows of --ctx tokens."""
     text = read_text(file)
-    m = load(model, device, dtype, gpu_layers)
+    m = load(model, device, dtype, gpu_layers, threads=threads)
     ids = eval_ids(m, text)
     t0 = time.perf_counter()
     with err.status(f"evaluating {len(ids)} tokens…", spinner="dots"):

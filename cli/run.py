@@ -6,7 +6,19 @@ import sys
 
 import typer
 
-from cli.common import COMPILE_HELP, DEVICE_OPT, DTYPE_OPT, GPU_LAYERS_OPT, MODEL_ARG, Sampling, err, load, stats_line
+from cli.common import (
+    COMPILE_HELP,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    GPU_LAYERS_OPT,
+    MODEL_ARG,
+    THREADS_OPT,
+    Sampling,
+    cpu_threads,
+    err,
+    load,
+    stats_line,
+)
 
 
 def run(
@@ -27,6 +39,7 @@ def run(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
+    threads: int = THREADS_OPT,
     compile: bool = typer.Option(False, "--compile/--no-compile", help=COMPILE_HELP + " Off for one-shot runs."),
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
@@ -36,7 +49,7 @@ def run(
         if sys.stdin.isatty() and prompt is None:
             raise typer.BadParameter("give a PROMPT, or pipe one on stdin")
         prompt = sys.stdin.read()
-    m = load(model, device, dtype, gpu_layers, compile)
+    m = load(model, device, dtype, gpu_layers, compile, threads)
     if raw:
         ids = m.tokenizer.encode_prompt(prompt)
     else:
@@ -51,7 +64,7 @@ def run(
     stats = Stats()
     if verbose:
         err.print(f"[dim]loaded {m.source} ({m.arch}) in {m.load_seconds:.2f} s on "
-                  f"{m.input_device}[/]")
+                  f"{m.input_device}{cpu_threads(m)}[/]")
     try:
         extra = {"stop_ids": []} if ignore_eos else {}
         for piece in stream_text(m, ids, stop=stop, stats=stats, **extra, **sampling.kwargs()):

@@ -21,6 +21,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{c}/topology"
+        try:
+            with open(f"{topo}/physical_package_id") as pkg, open(f"{topo}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """torch's CPU threads: `threads`, else OMP_NUM_THREADS if set, else the physical cores; returns it."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(physical_cores())
+    return torch.get_num_threads()
+
+
 def available_ram() -> int:
     """Bytes of RAM this process can still take (MemAvailable, or cgroup limit minus usage)."""
     if os.environ.get("MAMBA_CLI_FAKE_FREE_RAM"):  # lets tests exercise the refusal

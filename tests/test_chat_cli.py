@@ -221,3 +221,20 @@ def test_bench_reports_speed_memory_and_bandwidth():
     table = subprocess.run([sys.executable, "-m", "cli", "bench", str(folder), "-p", "8", "-n", "2", "-r", "1",
                             "--no-compile"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert table.returncode == 0 and "tg2 tps" in table.stdout and "bandwidth limit tps" in table.stdout
+
+
+def test_threads_default_to_physical_cores_and_obey_the_flag():
+    import os
+
+    from runtime.device import physical_cores
+
+    n = physical_cores()
+    assert 1 <= n <= os.cpu_count()
+    folder = build_tiny("MambaForCausalLM", dict(hidden_size=64, state_size=8, num_hidden_layers=2, conv_kernel=4,
+                                                 expand=2))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    for flag, want in (([], n), (["--threads", "1"], 1)):
+        p = subprocess.run([sys.executable, "-m", "cli", "run", str(folder), "hi", "--raw", "-n", "2", "-v", *flag],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert f"({want} thread" in " ".join(p.stderr.split()), p.stderr
