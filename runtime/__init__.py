@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +143,18 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | tor
 
 
 def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                 where: str, int4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+                 where: str, int4: dict[str, Callable[[], tuple[torch.Tensor, ...]]] | None = None
                  ) -> nn.Module:
     """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape.
 
-    int4 maps module paths (an nn.Linear or nn.Embedding) to (q, scales, zeros): those modules become
-    QuantLinear / QuantEmbedding and keep their weights in 4 bits.
+    int4 maps module paths (an nn.Linear or nn.Embedding) to a function returning (q, scales, zeros):
+    those modules become QuantLinear / QuantEmbedding and keep their weights in 4 bits. The functions
+    run one at a time, so only one matrix is ever held unpacked (1 byte per weight) during a load.
     """
     with torch.device("meta"):
         module = arch_mod.Model(args)
-    for path, (q, scales, zeros) in (int4 or {}).items():
-        _swap_int4(module, path, q, scales, zeros, dtype or torch.float32, where)
+    for path, parts in (int4 or {}).items():
+        _swap_int4(module, path, *parts(), dtype or torch.float32, where)
     weights = arch_mod.Model.sanitize(weights, args)
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -171,6 +173,16 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
     module.eval()
     fuse_projections(module)
     return module
+
+
+def release_free_memory() -> None:
+    """Hand the heap that loading freed (dequantization and packing scratch) back to the OS (glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _swap_int4(module: nn.Module, path: str, q, scales, zeros, dtype: torch.dtype, where: str) -> None:
@@ -234,7 +246,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     row_fn = getattr(arch_mod, "gguf_row_transform", lambda _n, _a: None)
     tensor_fn = getattr(arch_mod, "gguf_tensor_transform", lambda _n, t, _a: t)
     weights: dict[str, torch.Tensor] = {}
-    int4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    int4: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {}
     for name, info in gf.tensors.items():
         hf = next((h.replace("{i}", m[1]) if "{i}" in h else h for p, h in patterns if (m := p.match(name))), None)
         if hf is None:
@@ -242,9 +254,12 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         rows = row_fn(hf, args)
         owner = hf.rsplit(".", 1)[0]
         if info.ggml_type in INT4_TYPES and hf.endswith(".weight") and owner in linears and len(info.shape) == 2:
-            blocks = torch.from_numpy(gf.raw(name).copy()).view(info.shape[1], -1)
-            parts = to_int4(blocks, info.ggml_type)
-            int4[owner] = tuple(rows(t) for t in parts) if rows else parts
+            def parts(name=name, info=info, rows=rows):
+                blocks = torch.from_numpy(gf.raw(name).copy()).view(info.shape[1], -1)
+                out = to_int4(blocks, info.ggml_type)
+                return tuple(rows(t) for t in out) if rows else out
+
+            int4[owner] = parts
             continue
         # Other block-quantized matrices (Q8_0, Q6_K, Q5_x) are kept in bf16 rather than float32:
         # their own quantization error is larger than bf16's rounding, and it halves their memory.
@@ -254,10 +269,11 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     if args.tie_word_embeddings and "model.embed_tokens" in int4:
         int4["lm_head"] = int4["model.embed_tokens"]
     module = build_module(arch_mod, args, weights, dtype, where, int4)
-    del weights
+    del weights, int4
     _narrow_modules(module)
     place(module, device, gpu_layers)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)
+    release_free_memory()
     return LoadedModel(module, arch_mod.__name__.rsplit(".", 1)[1], cfg, tokenizer, str(path))
 
 
@@ -288,4 +304,5 @@ def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layer
     gen_path = folder / "generation_config.json"
     generation = read_json(gen_path) if gen_path.is_file() else {}
     tokenizer = Tokenizer.from_dir(folder)
+    release_free_memory()
     return LoadedModel(module, arch_mod.__name__.rsplit(".", 1)[1], cfg, tokenizer, str(folder), generation)

@@ -240,7 +240,15 @@ class GGUFFile:
         block, size = GGML_BLOCKS[t]
         row = info.shape[0] if info.shape else 1  # a 0-dimensional tensor is one element
         rows = torch.from_numpy(data).view(-1, row // block * size)
-        return dequantize(rows, t).reshape(shape).to(dtype)
+        if t == GGMLType.F32:
+            return dequantize(rows, t).reshape(shape).to(dtype)
+        # In pieces of ~8 MB of blocks: a whole-matrix dequantization would hold several float32 copies
+        # of it at once (a 49k-vocabulary embedding: ~450 MB of scratch for a 56 MB bf16 result).
+        out = torch.empty(rows.shape[0], row, dtype=dtype)
+        step = max(1, (8 << 20) // rows.shape[1])
+        for i in range(0, rows.shape[0], step):
+            out[i : i + step] = dequantize(rows[i : i + step], t)
+        return out.reshape(shape)
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
