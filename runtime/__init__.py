@@ -27,7 +27,7 @@ from runtime import registry
 from runtime.device import check_fits, layer_devices, place, resolve_device
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.generate import generate
-from runtime.layers import fuse_projections
+from runtime.layers import MoE, fuse_projections
 from runtime.weights import iter_safetensors, read_config, read_json, safetensors_files
 
 __all__ = ["load_model", "generate", "LoadedModel", "MambaCliError"]
@@ -191,6 +191,14 @@ def _swap_int4(module: nn.Module, path: str, q, scales, zeros, dtype: torch.dtyp
     parent_path, _, child = path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     old = getattr(parent, child, None)
+    if isinstance(parent, MoE) and child in ("w1", "w2", "w3"):  # stacked experts (X, rows, cols)
+        x, rows, cols = old.shape
+        if tuple(q.shape) != (x * rows, cols):
+            raise ModelFormatError(f"{where}: tensor {path} has {list(q.shape)} as rows x columns, the config "
+                                   f"implies {[x * rows, cols]}")
+        parent.set_int4(child, [QuantLinear(q[i * rows:(i + 1) * rows], scales[i * rows:(i + 1) * rows],
+                                            zeros[i * rows:(i + 1) * rows]) for i in range(x)])
+        return
     if isinstance(old, nn.Embedding):
         new: nn.Module = QuantEmbedding(q, scales, zeros, dtype)
     elif isinstance(old, nn.Linear):
@@ -242,7 +250,9 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         raise ModelFormatError(f"{where}: missing or invalid metadata {e}") from None
     patterns = [(re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in arch_mod.GGUF_NAMES.items()]
     with torch.device("meta"):
-        linears = {n for n, mod in arch_mod.Model(args).named_modules() if isinstance(mod, (nn.Linear, nn.Embedding))}
+        mods = dict(arch_mod.Model(args).named_modules())
+    linears = {n for n, mod in mods.items() if isinstance(mod, (nn.Linear, nn.Embedding))}
+    moes = {n for n, mod in mods.items() if isinstance(mod, MoE)}
     row_fn = getattr(arch_mod, "gguf_row_transform", lambda _n, _a: None)
     tensor_fn = getattr(arch_mod, "gguf_tensor_transform", lambda _n, t, _a: t)
     weights: dict[str, torch.Tensor] = {}
@@ -253,13 +263,16 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
             raise ModelFormatError(f"{where}: unexpected tensor {name} for architecture {gf.architecture}")
         rows = row_fn(hf, args)
         owner = hf.rsplit(".", 1)[0]
-        if info.ggml_type in INT4_TYPES and hf.endswith(".weight") and owner in linears and len(info.shape) == 2:
+        matrix = hf.endswith(".weight") and owner in linears and len(info.shape) == 2
+        experts = owner in moes and hf.rsplit(".", 1)[1] in ("w1", "w2", "w3") and len(info.shape) == 3
+        if info.ggml_type in INT4_TYPES and (matrix or experts):
             def parts(name=name, info=info, rows=rows):
-                blocks = torch.from_numpy(gf.raw(name).copy()).view(info.shape[1], -1)
+                n_rows = info.shape[1] * (info.shape[2] if len(info.shape) == 3 else 1)
+                blocks = torch.from_numpy(gf.raw(name).copy()).view(n_rows, -1)
                 out = to_int4(blocks, info.ggml_type)
                 return tuple(rows(t) for t in out) if rows else out
 
-            int4[owner] = parts
+            int4[owner if matrix else hf] = parts
             continue
         # Other block-quantized matrices (Q8_0, Q6_K, Q5_x) are kept in bf16 rather than float32:
         # their own quantization error is larger than bf16's rounding, and it halves their memory.

@@ -208,15 +208,29 @@ class MoE(nn.Module):
 
     renormalize=True (Mixtral): weights are the softmax over the chosen k logits.
     renormalize=False (Jamba): weights are the full softmax's values at the chosen k.
+    4-bit GGUF experts replace w1/w3/w2 by per-expert QuantLinears in q1/q3/q2 (set_int4).
     """
 
     def __init__(self, hidden: int, inter: int, n_experts: int, top_k: int, renormalize: bool = True):
         super().__init__()
-        self.top_k, self.renormalize = top_k, renormalize
+        self.top_k, self.renormalize, self.n_experts = top_k, renormalize, n_experts
         self.gate = nn.Linear(hidden, n_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
+
+    def set_int4(self, name: str, experts: list[nn.Module]) -> None:
+        """Replace the stacked float parameter `name` (w1, w3 or w2) by one int4 linear per expert."""
+        delattr(self, name)
+        setattr(self, "q" + name[1], nn.ModuleList(experts))
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        # x : (N, E) or (E,) -> the same shape, through expert e
+        def proj(name: str):
+            q = getattr(self, "q" + name[1], None)
+            return q[e] if q is not None else (lambda v: F.linear(v, getattr(self, name)[e]))
+
+        return proj("w2")(F.silu(proj("w1")(x)) * proj("w3")(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -231,15 +245,15 @@ class MoE(nn.Module):
             # Decode: run the K chosen experts on their weight views (no gathered copies).
             for n in range(x.shape[0]):
                 for j, e in enumerate(idx[n].tolist()):
-                    h = F.silu(F.linear(x[n], self.w1[e])) * F.linear(x[n], self.w3[e])
-                    out[n] += weights[n, j] * F.linear(h, self.w2[e])
+                    out[n] += weights[n, j] * self._expert(e, x[n])
             return out.view(shape)
         # Prefill: group tokens by expert.
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
         token_of = order // self.top_k
         start = 0
+        quantized = hasattr(self, "q1")
         for e, c in enumerate(counts):
             if c == 0:
                 continue
@@ -247,8 +261,11 @@ class MoE(nn.Module):
             tok = token_of[start : start + c]
             start += c
             xe = x[tok]
-            h = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)
-            out.index_add_(0, tok, (h @ self.w2[e].T) * weights.flatten()[sel, None])
+            if quantized:
+                y = self._expert(e, xe)
+            else:
+                y = (F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)) @ self.w2[e].T
+            out.index_add_(0, tok, y * weights.flatten()[sel, None])
         return out.view(shape)
 
 

@@ -267,6 +267,39 @@ def test_quantized_file_runs_here_and_in_llama_cpp(name, qtype, quant_dir, monke
     assert agree > agreement(ours, fp32)[0] + 0.2  # both run the same 4-bit model, not just a nearby one
 
 
+@pytest.mark.parametrize("name", ["mixtral", "jamba"])
+def test_4bit_experts_stay_4bit(name, quant_dir, monkeypatch):
+    """Q4_0 expert stacks load as one int4 linear per expert (not dequantized floats), and compute
+    what the dequantized float experts compute (the exact fallback, fp32 activations)."""
+    from quant.linear import QuantLinear
+    from runtime.layers import MoE
+
+    _, path = _written(quant_dir, name, "q4_0")
+    monkeypatch.setenv("MAMBA_CLI_NO_INT4_KERNEL", "1")
+    m = load_model(path, device="cpu")
+    moes = [mod for mod in m.module.modules() if isinstance(mod, MoE)]
+    assert moes
+    for moe in moes:
+        assert not any(hasattr(moe, w) for w in ("w1", "w2", "w3"))
+        assert all(isinstance(e, QuantLinear) for q in (moe.q1, moe.q2, moe.q3) for e in q)
+        assert len(moe.q1) == moe.n_experts
+    ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(2))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:  # a full forward (prefill path), and decode steps
+        cache = m.make_cache(1)
+        m.forward(ids[:, :-2], cache)
+        return m.forward(ids)[0], torch.cat([m.forward(ids[:, i : i + 1], cache)[0] for i in (38, 39)])
+
+    got, got_steps = run()
+    for moe in moes:  # the same weights as stacked float experts: the float code path
+        for w in ("w1", "w2", "w3"):
+            stacked = torch.stack([e.weight for e in getattr(moe, "q" + w[1])])
+            delattr(moe, "q" + w[1])
+            setattr(moe, w, torch.nn.Parameter(stacked, requires_grad=False))
+    want, want_steps = run()
+    assert rel(got, want) < 1e-4 and rel(got_steps, want_steps) < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 
