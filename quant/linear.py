@@ -14,6 +14,7 @@ devices), a dequantize-then-matmul fallback gives the same result in float.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP = 32
+# From this many rows (tokens) on, a CPU matmul dequantizes the packed weights to float32 and runs an
+# fp32 GEMM: torch's int4 CPU kernel reaches ~80 GFLOP/s on 2 AVX2 cores, an fp32 GEMM ~165, and
+# unpacking costs about one GEMM of ~80 rows (docs/performance.md). Decode (1 row) keeps the kernel.
+DENSE_ROWS = 192
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -40,6 +45,30 @@ def dequantize_int4(p: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     q = unpack_nibbles(p).view(p.shape[0], -1, GROUP).to(torch.float32)
     w = (q - 8) * scales.float()[..., None] + zeros.float()[..., None]
     return w.view(p.shape[0], -1).to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_block_n() -> int | None:
+    """Rows per tile of _convert_weight_to_int4pack_for_cpu's layout (32 on AVX2 builds), found by
+    packing probes once; None when the layout is not one we can unpack (then the kernel is always used)."""
+    n_rows = k = 128
+    n = torch.arange(n_rows)[:, None].expand(n_rows, k)
+    try:
+        lo = torch.ops.aten._convert_weight_to_int4pack_for_cpu((n % 16).int().contiguous(), 1)
+        hi = torch.ops.aten._convert_weight_to_int4pack_for_cpu((n // 16).int().contiguous(), 1)
+    except RuntimeError:
+        return None
+    for bn in (32, 64, 16):
+        if torch.equal(unpack_cpu_int4(lo, n_rows, k, bn).long() + 16 * unpack_cpu_int4(hi, n_rows, k, bn).long(), n):
+            return bn
+    return None
+
+
+def unpack_cpu_int4(packed: torch.Tensor, n: int, k: int, block_n: int) -> torch.Tensor:
+    """The CPU kernel's packed int4 weights -> (n, k) uint8 levels: tiles of block_n rows, each storing,
+    per column, block_n / 2 bytes whose low nibbles are the tile's first half of rows, high the second."""
+    v = packed.reshape(n // block_n, k, block_n // 2)
+    return torch.cat([v & 0xF, v >> 4], dim=-1).permute(0, 2, 1).reshape(n, k)
 
 
 class QuantLinear(nn.Module):
@@ -109,11 +138,24 @@ class QuantLinear(nn.Module):
             raise RuntimeError("the int4 weights were packed for the kernel; the plain copy is gone")
         return dequantize_int4(self.nibbles, self.scales, self.zeros, torch.float32)
 
+    def dense_weight(self) -> torch.Tensor | None:
+        """The packed CPU weights as float32 (N padded, K), exactly what the kernel multiplies by; None
+        when their layout cannot be unpacked here."""
+        bn = cpu_block_n() if self.packed is not None and self.packed.device.type == "cpu" else None
+        n_pad = self.sz.shape[1] if bn else 0
+        if not bn or n_pad % bn:
+            return None
+        q = unpack_cpu_int4(self.packed, n_pad, self.in_features, bn).view(n_pad, -1, GROUP).float()
+        s = self.sz.float().permute(1, 0, 2)  # (N, K/32, 2): scale, zero
+        return ((q - 8) * s[..., :1] + s[..., 1:]).view(n_pad, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x : (..., K)  ->  (..., N)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.packed is not None:
+        if self.packed is not None and x2.shape[0] >= DENSE_ROWS and (w := self.dense_weight()) is not None:
+            y = F.linear(x2.float(), w)[:, : self.out_features].to(x.dtype)  # prefill: an fp32 GEMM
+        elif self.packed is not None:
             xb = x2.to(torch.bfloat16).contiguous()  # the kernel refuses strided input (Mamba's x_proj)
             if x.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.sz)

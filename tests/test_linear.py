@@ -44,3 +44,30 @@ def test_embedding_rows():
     e = QuantEmbedding(q, s, z, torch.float32)
     ids = torch.tensor([[0, 49, 7]])
     assert torch.allclose(e(ids), w[ids], atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", [(3360, 768), (96, 160), (80, 64)])
+def test_prefill_rows_take_the_dense_path_with_the_kernels_weights(n, k):
+    """From DENSE_ROWS rows on, CPU matmuls unpack the kernel's own packed weights to float32: the
+    unpacked levels are exactly the packed ones, and the result is the exact product up to the bf16
+    scales the kernel also uses. Layouts that cannot be unpacked (N % 32 == 16) keep the kernel."""
+    from quant.linear import DENSE_ROWS, QuantLinear, cpu_block_n, unpack_cpu_int4
+
+    bn = cpu_block_n()
+    if bn is None:
+        pytest.skip("this torch build packs int4 CPU weights in a layout we do not unpack")
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    if n % bn == 0:
+        assert torch.equal(unpack_cpu_int4(packed, n, k, bn), q)
+    m = QuantLinear(q, torch.rand(n, k // 32, generator=g) * 0.1, torch.randn(n, k // 32, generator=g) * 0.1)
+    exact = m.weight.clone()
+    m.prepare()
+    has_dense = m.dense_weight() is not None
+    assert has_dense == (n % bn == 0)
+    x = torch.randn(DENSE_ROWS, k, generator=g)
+    ref = x @ exact.T
+    dense, kernel = m(x), torch.cat([m(x[:1]), m(x[1:])])  # one row: the kernel; the rest: dense if it can
+    assert float((dense - ref).abs().max() / ref.abs().max()) < (4e-3 if has_dense else 8e-3)  # bf16 scales
+    assert float((kernel - ref).abs().max() / ref.abs().max()) < 8e-3  # and bf16 activations
