@@ -45,7 +45,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
 def setup() -> None:
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(cfg, name, max(getattr(cfg, name), 16))
 
 
 def graph(fn: Callable) -> Callable:
