@@ -56,7 +56,7 @@ def cpu_block_n() -> int | None:
     try:
         lo = torch.ops.aten._convert_weight_to_int4pack_for_cpu((n % 16).int().contiguous(), 1)
         hi = torch.ops.aten._convert_weight_to_int4pack_for_cpu((n // 16).int().contiguous(), 1)
-    except RuntimeError:
+    except (RuntimeError, AttributeError):  # an op this torch build lacks
         return None
     for bn in (32, 64, 16):
         if torch.equal(unpack_cpu_int4(lo, n_rows, k, bn).long() + 16 * unpack_cpu_int4(hi, n_rows, k, bn).long(), n):
@@ -125,7 +125,7 @@ class QuantLinear(nn.Module):
                 w = torch.ops.aten._convert_weight_to_int4pack(nib, 8 if self.in_features % 256 == 0 else 2)
             else:
                 return
-        except RuntimeError:
+        except (RuntimeError, AttributeError):  # shapes the kernel refuses, or a torch without it
             return
         self.packed = w
         self.sz = torch.stack([sc.t(), ze.t()], dim=-1).to(torch.bfloat16).contiguous()
