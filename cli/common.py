@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,13 +52,10 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
     set_threads(threads)
     with err.status(f"loading {model}…", spinner="dots"):
         m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
-    m.compile_seconds = 0.0
     if compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
                         spinner="dots"):
-            t0 = time.perf_counter()
             why = m.compile()
-            m.compile_seconds = time.perf_counter() - t0
         if why and "MAMBA_CLI_NO_COMPILE" not in why and "no layer" not in why:
             err.print(f"[dim]decode step not compiled ({why}); running eagerly[/]")
     return m

@@ -14,6 +14,7 @@ The way in: load_model -> registry -> runtime/models/<arch>.py -> runtime/genera
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class LoadedModel:
         self.source = source
         self.generation = generation or {}
         self.load_seconds = 0.0
+        self.compile_seconds = 0.0  # time the last compile() spent compiling (with warm_up)
         self.eos_ids: set[int] = set(_ids(config.get("eos_token_id")) + _ids(self.generation.get("eos_token_id")))
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_ids)
@@ -80,11 +82,14 @@ class LoadedModel:
         """
         from runtime import compile as comp
 
+        self.compile_seconds = 0.0
         why = comp.unavailable() if on else "turned off"
         if not comp.enable(self.module, on and why is None):
             return why or "no layer on the CPU"
         if warm_up:
+            t0 = time.perf_counter()
             self.forward(torch.zeros(1, 1, dtype=torch.long), self.make_cache(1))
+            self.compile_seconds = time.perf_counter() - t0
         if comp.failures:
             return "; ".join(f"{k}: {v}" for k, v in comp.failures.items())
         return None
@@ -191,13 +196,13 @@ def _swap_int4(module: nn.Module, path: str, q, scales, zeros, dtype: torch.dtyp
     parent_path, _, child = path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     old = getattr(parent, child, None)
-    if isinstance(parent, MoE) and child in ("w1", "w2", "w3"):  # stacked experts (X, rows, cols)
+    if isinstance(parent, MoE) and child in MoE.EXPERT_WEIGHTS:  # stacked experts (X, rows, cols)
         x, rows, cols = old.shape
         if tuple(q.shape) != (x * rows, cols):
             raise ModelFormatError(f"{where}: tensor {path} has {list(q.shape)} as rows x columns, the config "
                                    f"implies {[x * rows, cols]}")
-        parent.set_int4(child, [QuantLinear(q[i * rows:(i + 1) * rows], scales[i * rows:(i + 1) * rows],
-                                            zeros[i * rows:(i + 1) * rows]) for i in range(x)])
+        parts = zip(q.split(rows), scales.split(rows), zeros.split(rows), strict=True)
+        parent.set_int4(child, [QuantLinear(*p) for p in parts])
         return
     if isinstance(old, nn.Embedding):
         new: nn.Module = QuantEmbedding(q, scales, zeros, dtype)
@@ -264,11 +269,10 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         rows = row_fn(hf, args)
         owner = hf.rsplit(".", 1)[0]
         matrix = hf.endswith(".weight") and owner in linears and len(info.shape) == 2
-        experts = owner in moes and hf.rsplit(".", 1)[1] in ("w1", "w2", "w3") and len(info.shape) == 3
+        experts = owner in moes and hf.rsplit(".", 1)[1] in MoE.EXPERT_WEIGHTS and len(info.shape) == 3
         if info.ggml_type in INT4_TYPES and (matrix or experts):
             def parts(name=name, info=info, rows=rows):
-                n_rows = info.shape[1] * (info.shape[2] if len(info.shape) == 3 else 1)
-                blocks = torch.from_numpy(gf.raw(name).copy()).view(n_rows, -1)
+                blocks = torch.from_numpy(gf.raw(name).copy()).view(math.prod(info.shape[1:]), -1)
                 out = to_int4(blocks, info.ggml_type)
                 return tuple(rows(t) for t in out) if rows else out
 

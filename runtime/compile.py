@@ -31,7 +31,7 @@ def unavailable() -> str | None:
     """Why decode-step compilation cannot be used here, or None."""
     if os.environ.get("MAMBA_CLI_NO_COMPILE"):
         return "MAMBA_CLI_NO_COMPILE is set"
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+    if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c):
         return "no C++ compiler (g++) on PATH"
     return None
 
@@ -78,7 +78,6 @@ def graph(fn: Callable) -> Callable:
         compiled_calls[name] = compiled_calls.get(name, 0) + 1
         return out
 
-    run.eager = fn
     return run
 
 

@@ -211,6 +211,8 @@ class MoE(nn.Module):
     4-bit GGUF experts replace w1/w3/w2 by per-expert QuantLinears in q1/q3/q2 (set_int4).
     """
 
+    EXPERT_WEIGHTS = ("w1", "w2", "w3")
+
     def __init__(self, hidden: int, inter: int, n_experts: int, top_k: int, renormalize: bool = True):
         super().__init__()
         self.top_k, self.renormalize, self.n_experts = top_k, renormalize, n_experts
