@@ -108,18 +108,9 @@ def _layer_order(name: str, order: dict[str, int]) -> tuple:
 def plan_from_folder(folder: Path) -> Plan:
     """HF (config.json + safetensors) or mistral-inference (params.json) folder -> Plan."""
     from runtime.tokenizer import Tokenizer
-    from runtime.weights import iter_safetensors, read_config, safetensors_files
+    from runtime.weights import iter_safetensors, safetensors_files
 
-    cfg, cfg_path = read_config(folder)
-    if cfg_path.name == "params.json":
-        from runtime.models.mamba2 import config_from_params
-
-        cfg = config_from_params(cfg)
-    arch_mod = registry.arch_for_config(cfg, str(cfg_path))
-    try:
-        args = arch_mod.Args.from_config(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFormatError(f"{cfg_path}: missing or invalid field {e}") from None
+    cfg, cfg_path, arch_mod, args = registry.arch_for_folder(folder)
     files = safetensors_files(folder)
     weights = arch_mod.Model.sanitize(dict(iter_safetensors(files)), args)
     if args.tie_word_embeddings:

@@ -29,7 +29,7 @@ from runtime.device import check_fits, layer_devices, place, resolve_device
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.generate import generate
 from runtime.layers import MoE, fuse_projections
-from runtime.weights import iter_safetensors, read_config, read_json, safetensors_files
+from runtime.weights import iter_safetensors, read_json, safetensors_files
 
 __all__ = ["load_model", "generate", "LoadedModel", "MambaCliError"]
 
@@ -297,16 +297,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
 def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
     from runtime.tokenizer import Tokenizer
 
-    cfg, cfg_path = read_config(folder)
-    if cfg_path.name == "params.json":
-        from runtime.models.mamba2 import config_from_params
-
-        cfg = config_from_params(cfg)
-    arch_mod = registry.arch_for_config(cfg, str(cfg_path))
-    try:
-        args = arch_mod.Args.from_config(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFormatError(f"{cfg_path}: missing or invalid field {e}") from None
+    cfg, _, arch_mod, args = registry.arch_for_folder(folder)
     files = safetensors_files(folder)
     size = sum(f.stat().st_size for f in files)
     check_fits(int(size * 1.05) if gpu_layers is None or device == "cpu" else 0, "cpu", f"{folder.name}")

@@ -6,7 +6,9 @@ A new architecture is one file in runtime/models/ plus a line in each table belo
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from runtime.errors import ModelFormatError
 
@@ -42,6 +44,24 @@ def arch_for_config(cfg: dict, where: str = "config.json") -> ModuleType:
         known = ", ".join(sorted(MODEL_TYPES))
         raise ModelFormatError(f"{where}: unsupported model_type {model_type!r} (supported: {known})")
     return _import(MODEL_TYPES[model_type])
+
+
+def arch_for_folder(folder: Path) -> tuple[dict, Path, ModuleType, Any]:
+    """A model folder's (config, config path, architecture module, parsed Args): config.json (HF) or
+    params.json (mistral-inference, mapped to the HF Mamba2 config)."""
+    from runtime.weights import read_config
+
+    cfg, cfg_path = read_config(folder)
+    if cfg_path.name == "params.json":
+        from runtime.models.mamba2 import config_from_params
+
+        cfg = config_from_params(cfg)
+    arch_mod = arch_for_config(cfg, str(cfg_path))
+    try:
+        args = arch_mod.Args.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{cfg_path}: missing or invalid field {e}") from None
+    return cfg, cfg_path, arch_mod, args
 
 
 def arch_for_gguf(architecture: str, where: str) -> ModuleType:
