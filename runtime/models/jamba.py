@@ -32,6 +32,7 @@ from torch import nn
 
 from runtime.cache import KVCache
 from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, embedding, ffn_residual
+from runtime.models import mamba
 from runtime.models.mamba import MambaMixer, ssm_block_step
 
 
@@ -271,6 +272,11 @@ def fit_period(flags: list[bool]) -> tuple[int, int]:
     raise ValueError(f"layer pattern {[int(f) for f in flags]} is not periodic")
 
 
+# The Mamba layers' tensors are stored as Mamba-1's: A as -exp(A_log), the conv as (D, K).
+gguf_tensor_transform = mamba.gguf_tensor_transform
+gguf_write_transform = mamba.gguf_write_transform
+
+
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """An HF-style Jamba config from llama.cpp `jamba` metadata (MoE layers: config_from_gguf_tensors)."""
 
@@ -316,24 +322,6 @@ def config_from_gguf_tensors(names: set[str]) -> dict[str, Any]:
     return {"expert_layer_period": period, "expert_layer_offset": offset,
             "mamba_conv_bias": f"blk.{first}.ssm_conv1d.bias" in names,
             "mamba_proj_bias": f"blk.{first}.ssm_in.bias" in names}
-
-
-def gguf_tensor_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
-    """A GGUF tensor -> our layout: A = -exp(A_log) back to A_log; conv (D, K) -> (D, 1, K)."""
-    if hf_name.endswith(".A_log"):
-        return torch.log(-t)
-    if hf_name.endswith("conv1d.weight"):
-        return t.unsqueeze(1)
-    return t
-
-
-def gguf_write_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
-    """Our tensor -> llama.cpp's layout (the inverse of gguf_tensor_transform)."""
-    if hf_name.endswith(".A_log"):
-        return -torch.exp(t.float())
-    if hf_name.endswith("conv1d.weight"):
-        return t[:, 0]
-    return t
 
 
 def gguf_metadata(args: Args) -> dict[str, Any]:

@@ -293,9 +293,7 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     }
 
 
-def config_from_gguf_tensors(names: set[str]) -> dict[str, Any]:
-    """Config fields only the tensor list tells: the optional biases."""
-    return {"use_bias": "blk.0.ssm_in.bias" in names, "use_conv_bias": "blk.0.ssm_conv1d.bias" in names}
+config_from_gguf_tensors = mamba.config_from_gguf_tensors  # the optional biases, named as in Mamba-1
 
 
 def gguf_tensor_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
