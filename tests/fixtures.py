@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 CACHE = Path(os.environ.get("MAMBA_CLI_TEST_CACHE", Path(__file__).parent / ".cache"))
 
 CHATML = (
@@ -27,6 +29,35 @@ CORPUS = [
     "def forward(self, x):\n    return self.norm(x + self.mixer(x))\n",
     "Mamba, Mistral and Jamba run on the CPU or a CUDA GPU. 1234567890 !?.,;:",
 ]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def prompt(n: int, seed: int = 0) -> torch.Tensor:
+    """n token ids in [5, 320) (the tiny models' vocabulary), seeded by seed + n."""
+    return torch.randint(5, 320, (1, n), generator=torch.Generator().manual_seed(seed + n))
+
+
+def check_converted_matches_transformers(gguf: Path, folder: Path, new_tokens: int) -> None:
+    """A llama.cpp-converted fp32 GGUF, run by us, against transformers on the source folder: logits on
+    37 tokens within 1e-4 relative, then `new_tokens` greedy tokens identical."""
+    from runtime import load_model
+    from runtime.generate import generate
+
+    m, ref = load_model(gguf, device="cpu"), hf_model(folder)
+    ids = torch.randint(5, 32000, (1, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect = ref(ids).logits
+    assert rel(m.forward(ids), expect) < 1e-4
+    got = list(generate(m, ids[0].tolist(), max_new_tokens=new_tokens, stop_ids=[]))
+    out = ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = torch.cat([out, ref(out).logits[:, -1:].argmax(-1)], dim=1)
+    assert got == out[0, 37:].tolist()
 
 
 def tiny_tokenizer_files(folder: Path, vocab_size: int) -> None:
@@ -58,7 +89,6 @@ def build_tiny(cls_name: str, config: dict, seed: int = 0, vocab_size: int = 320
     folder = CACHE / f"{cls_name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (folder / "done").exists():
         return folder
-    import torch
     import transformers
 
     cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
@@ -82,7 +112,6 @@ def build_tiny(cls_name: str, config: dict, seed: int = 0, vocab_size: int = 320
 
 def hf_model(folder: Path):
     """The transformers oracle for a tiny folder, fp32, eval mode."""
-    import torch
     import transformers
 
     cfg = json.loads((folder / "config.json").read_text())

@@ -10,10 +10,16 @@ import math
 
 import pytest
 import torch
-from fixtures import build_tiny, convert_with_llama_cpp, hf_model, smollm2_gguf, spm_model_folder
+from fixtures import (
+    build_tiny,
+    check_converted_matches_transformers,
+    convert_with_llama_cpp,
+    smollm2_gguf,
+    spm_model_folder,
+)
 
 from quant.linear import QuantLinear
-from runtime import generate, load_model
+from runtime import load_model
 
 LLAMA_CONFIGS = {
     "llama-gqa2": ("LlamaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -34,10 +40,6 @@ TEXT = (
 )
 
 
-def rel_err(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.fixture(scope="module", params=sorted(LLAMA_CONFIGS))
 def converted(request):
     folder = spm_model_folder(build_tiny(*LLAMA_CONFIGS[request.param], vocab_size=32000))
@@ -46,17 +48,7 @@ def converted(request):
 
 def test_llama_cpp_converted_f32_matches_transformers(converted):
     folder, gguf = converted
-    m, ref = load_model(gguf, device="cpu"), hf_model(folder)
-    ids = torch.randint(5, 32000, (1, 37), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expect = ref(ids).logits
-    assert rel_err(m.forward(ids), expect) < 1e-4
-    got = list(generate(m, ids[0].tolist(), max_new_tokens=16, stop_ids=[]))
-    out = ids
-    with torch.no_grad():
-        for _ in range(16):
-            out = torch.cat([out, ref(out).logits[:, -1:].argmax(-1)], dim=1)
-    assert got == out[0, 37:].tolist()
+    check_converted_matches_transformers(gguf, folder, new_tokens=16)
 
 
 def test_llama_cpp_converted_tokenizer_matches_sentencepiece(converted):

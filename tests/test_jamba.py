@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import build_tiny, hf_model
+from fixtures import build_tiny, hf_model, prompt, rel
 
 from runtime import build_module, load_model
 from runtime.cache import KVCache, SSMState, cache_nbytes, load_cache, save_cache
@@ -36,14 +36,6 @@ CONFIGS = {
                               mamba_d_state=16, mamba_d_conv=2, mamba_expand=1, mamba_conv_bias=False,
                               mamba_proj_bias=True),
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def prompt(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 320, (1, n), generator=torch.Generator().manual_seed(seed + n))
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import build_tiny, hf_model
+from fixtures import build_tiny, hf_model, rel
 
 from runtime import generate, load_model
 from runtime.cache import RollingKVCache, cache_nbytes, load_cache, save_cache
@@ -48,10 +48,6 @@ def pair(request):
     return request.param, folder, load_model(folder, device="cpu"), hf_model(folder)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def prompt(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(5, 320, (1, n), generator=g)
@@ -72,7 +68,7 @@ def test_logits_match_transformers(pair, n):
     ids = prompt(n)
     with torch.no_grad():
         expect = ref(ids).logits
-    assert rel_err(m.forward(ids), expect) < 1e-4
+    assert rel(m.forward(ids), expect) < 1e-4
 
 
 def test_batch_logits_match_transformers(pair):
@@ -80,7 +76,7 @@ def test_batch_logits_match_transformers(pair):
     ids = torch.cat([prompt(20, 1), prompt(20, 2)])
     with torch.no_grad():
         expect = ref(ids).logits
-    assert rel_err(m.forward(ids), expect) < 1e-4
+    assert rel(m.forward(ids), expect) < 1e-4
 
 
 def test_cached_decoding_equals_full_forward(pair):
@@ -91,7 +87,7 @@ def test_cached_decoding_equals_full_forward(pair):
     cache = m.make_cache()
     parts = [m.forward(ids[:, :23], cache), m.forward(ids[:, 23:41], cache)]
     parts += [m.forward(ids[:, i : i + 1], cache) for i in range(41, 70)]
-    assert rel_err(torch.cat(parts, dim=1), full) < 1e-4
+    assert rel(torch.cat(parts, dim=1), full) < 1e-4
 
 
 def test_greedy_tokens_match_transformers(pair):
@@ -144,13 +140,13 @@ def test_session_prefills_only_new_tokens(pair):
     assert (st.prompt_tokens, st.cached_tokens) == (20, 0)
     logits = s.prepare(ids, st)
     assert (st.prompt_tokens, st.cached_tokens) == (10, 20)
-    assert rel_err(logits, m.forward(torch.tensor([ids]))[0, -1]) < 1e-4
+    assert rel(logits, m.forward(torch.tensor([ids]))[0, -1]) < 1e-4
     # A diverging prompt rewinds to the common prefix; a ring that wrapped cannot, and starts over.
     other = ids[:12] + prompt(5, 7)[0].tolist()
     logits = s.prepare(other, st)
     wrapped = m.args.sliding_window is not None and len(ids) > m.args.sliding_window
     assert (st.prompt_tokens, st.cached_tokens) == ((17, 0) if wrapped else (5, 12))
-    assert rel_err(logits, m.forward(torch.tensor([other]))[0, -1]) < 1e-4
+    assert rel(logits, m.forward(torch.tensor([other]))[0, -1]) < 1e-4
 
 
 def test_snapshot_restore_continues_identically(pair, tmp_path):
@@ -162,7 +158,7 @@ def test_snapshot_restore_continues_identically(pair, tmp_path):
     cache, meta = load_cache(tmp_path / "state.safetensors", m.layer_devices(), [torch.float32] * len(cache_layers(m)))
     assert meta["tokens"] == ids
     nxt = prompt(6, 9)
-    assert rel_err(m.forward(nxt, cache), m.forward(nxt, s.cache)) < 1e-6
+    assert rel(m.forward(nxt, cache), m.forward(nxt, s.cache)) < 1e-6
 
 
 def cache_layers(m):

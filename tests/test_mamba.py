@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from fixtures import CACHE, build_tiny, hf_model
+from fixtures import CACHE, build_tiny, hf_model, prompt, rel
 
 from runtime import load_model
 from runtime.cache import cache_nbytes, load_cache, save_cache
@@ -34,14 +34,6 @@ CONFIGS = {
     "mamba2-g4": (M2, dict(hidden_size=64, expand=2, head_dim=32, num_heads=4, n_groups=4, state_size=4,
                            num_hidden_layers=2, conv_kernel=2, chunk_size=64, use_bias=True)),
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def prompt(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 320, (1, n), generator=torch.Generator().manual_seed(seed + n))
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

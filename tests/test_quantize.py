@@ -27,12 +27,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import build_tiny, convert_with_llama_cpp, hf_model, spm_model_folder
+from fixtures import (
+    build_tiny,
+    check_converted_matches_transformers,
+    convert_with_llama_cpp,
+    rel,
+    spm_model_folder,
+)
 
 from quant.formats import GGMLType
 from quant.gguf_out import plan_from_source, write_gguf
 from quant.recipe import tensor_types, use_more_bits
-from runtime import generate, load_model
+from runtime import load_model
 from runtime.weights import read_gguf
 
 M1, F1, M2, J = "MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM", "JambaForCausalLM"
@@ -81,10 +87,6 @@ QUANT_CONFIGS = {
 LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q4_k_m": 15}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def unit_gain(folder: Path, scale: float = 0.5) -> Path:
     """A copy of a tiny model with its matrices scaled (build_tiny widens them 4x; this halves that)."""
     from safetensors.torch import load_file, save_file
@@ -114,17 +116,7 @@ def converted_ssm(request):
 
 def test_llama_cpp_converted_ssm_matches_transformers(converted_ssm):
     folder, gguf = converted_ssm
-    m, ref = load_model(gguf, device="cpu"), hf_model(folder)
-    ids = torch.randint(5, 32000, (1, 37), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expect = ref(ids).logits
-    assert rel(m.forward(ids), expect) < 1e-4
-    got = list(generate(m, ids[0].tolist(), max_new_tokens=12, stop_ids=[]))
-    out = ids
-    with torch.no_grad():
-        for _ in range(12):
-            out = torch.cat([out, ref(out).logits[:, -1:].argmax(-1)], dim=1)
-    assert got == out[0, 37:].tolist()
+    check_converted_matches_transformers(gguf, folder, new_tokens=12)
 
 
 @pytest.mark.parametrize("name", sorted(SSM_CONFIGS) + sorted(ATTN_CONFIGS))
