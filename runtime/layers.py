@@ -296,13 +296,17 @@ def ffn_residual(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor
     return h + ffn(norm(h))
 
 
+def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """h + ffn(norm(h)) for one token: compiled, except MoE, whose routing is data-dependent (eager)."""
+    return h + ffn(norm(h)) if isinstance(ffn, MoE) else ffn_residual(norm, ffn, h)
+
+
 def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: Attention, norm_ff: RMSNorm,
                          ffn: nn.Module) -> torch.Tensor:
     """One token through a pre-norm attention + feed-forward block, compiled around the cache append."""
     q, k, v = attn_in(norm_in, attn, h, rope)
     k, v, mask = cache.update(k, v)
     out = sdpa(q, k, v, mask, causal=False)
-    if isinstance(ffn, MoE):  # routing is data-dependent: eager
-        h = attn_out(attn, h, out)
-        return h + ffn(norm_ff(h))
-    return attn_out_ffn(attn, h, out, norm_ff, ffn)
+    if isinstance(ffn, MoE):
+        return ffn_block_step(norm_ff, ffn, attn_out(attn, h, out))
+    return attn_out_ffn(attn, h, out, norm_ff, ffn)  # one graph for the output projection and the MLP

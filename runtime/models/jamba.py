@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from runtime.cache import KVCache
-from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, embedding, ffn_residual
+from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, embedding, ffn_block_step
 from runtime.models import mamba
 from runtime.models.mamba import MambaMixer, ssm_block_step
 
@@ -148,9 +148,7 @@ class Block(nn.Module):
                                         self.feed_forward)
         cache.offset += 1
         h = ssm_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm)
-        if isinstance(self.feed_forward, MoE):  # routing is data-dependent: eager
-            return h + self.feed_forward(self.pre_ff_layernorm(h))
-        return ffn_residual(self.pre_ff_layernorm, self.feed_forward, h)
+        return ffn_block_step(self.pre_ff_layernorm, self.feed_forward, h)
 
 
 class Backbone(nn.Module):
