@@ -77,7 +77,7 @@ class LoadedModel:
     def compile(self, on: bool = True, warm_up: bool = True) -> str | None:
         """Run one-token decode steps of the CPU layers through compiled graphs (runtime/compile.py).
 
-        With warm_up, compiles now (one decode step on a scratch cache) rather than at the first token.
+        With warm_up, compiles now (a decode step on a scratch cache) rather than at the first token.
         Returns why compilation is off or failed (None when compiled code runs).
         """
         from runtime import compile as comp
@@ -88,7 +88,17 @@ class LoadedModel:
             return why or "no layer on the CPU"
         if warm_up:
             t0 = time.perf_counter()
-            self.forward(torch.zeros(1, 1, dtype=torch.long), self.make_cache(1))
+            from runtime.cache import KVCache
+
+            cache = self.make_cache(1)
+            one = torch.zeros(1, 1, dtype=torch.long)
+            self.forward(torch.zeros(1, 2, dtype=torch.long), cache)  # a KV length of 1 would be specialized
+            self.forward(one, cache)
+            with torch.inference_mode():  # as forward() allocates: the graphs guard on tensor kind
+                for c in cache:  # a second KV capacity, so the graphs generalize over it now, not mid-chat
+                    if isinstance(c, KVCache):
+                        c._reserve(c.k.shape[2] + 1)
+            self.forward(one, cache)
             self.compile_seconds = time.perf_counter() - t0
         if comp.failures:
             return "; ".join(f"{k}: {v}" for k, v in comp.failures.items())

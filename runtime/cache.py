@@ -72,6 +72,16 @@ class KVCache:
             mask = attention_mask(pos[start:], pos, None)
         return self.k[:, :, : self.offset], self.v[:, :, : self.offset], mask
 
+    def append_one(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for one more position; return the keys and values of all positions, the new one
+        last (still to be written by the caller: a compiled decode step writes it in its graph).
+
+        One slot always stays spare, so the view never spans the whole buffer: torch would specialize
+        a compiled graph on that case (the view is then contiguous) and recompile mid-conversation."""
+        self._reserve(self.offset + 2)
+        self.offset += 1
+        return self.k[:, :, : self.offset], self.v[:, :, : self.offset]
+
     def trim(self, n: int) -> None:
         """Forget the last n positions (used when a chat turn re-renders differently)."""
         self.offset = max(0, self.offset - n)

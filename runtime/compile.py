@@ -50,11 +50,15 @@ def setup() -> None:
     setattr(cfg, name, max(getattr(cfg, name), 16))
 
 
-def graph(fn: Callable) -> Callable:
-    """fn, compiled (static shapes, one whole graph) the first time it is called with compile on.
+def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callable:
+    """fn, compiled (one whole graph) the first time it is called with compile on.
 
+    Static shapes unless `dynamic=None`: then sizes the caller marks with `torch._dynamo.
+    maybe_mark_dynamic` (a KV cache's length) stay symbolic, so one graph serves every length.
     Callers decide when (block.compiled_step); this wrapper only compiles and falls back.
     """
+    if fn is None:
+        return functools.partial(graph, dynamic=dynamic)
     name = fn.__qualname__
     holder: dict[str, Callable] = {}
 
@@ -64,7 +68,7 @@ def graph(fn: Callable) -> Callable:
             return fn(*args)
         c = holder.get("c")
         if c is None:
-            c = holder["c"] = torch.compile(fn, dynamic=False, fullgraph=True)
+            c = holder["c"] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
         try:
             out = c(*args)
         except Exception as e:

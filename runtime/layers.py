@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.cache import attention_mask
+from runtime.cache import KVCache, attention_mask
 from runtime.compile import graph
 
 
@@ -301,12 +301,46 @@ def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tens
     return h + ffn(norm(h)) if isinstance(ffn, MoE) else ffn_residual(norm, ffn, h)
 
 
+@graph(dynamic=None)
+def attn_kv_step(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
+                 v_all: torch.Tensor) -> torch.Tensor:
+    """h + attention of one token, writing its key and value as the last position of k_all / v_all."""
+    q, k, v = attn.project(norm(h), rope)
+    k_all[:, :, -1:] = k
+    v_all[:, :, -1:] = v
+    return h + attn.merge(sdpa(q, k_all, v_all, None, causal=False))
+
+
+@graph(dynamic=None)
+def attn_kv_ffn_step(norm_in: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
+                     v_all: torch.Tensor, norm_ff: RMSNorm, ffn: nn.Module) -> torch.Tensor:
+    """attn_kv_step and then the feed-forward block, as one graph."""
+    q, k, v = attn.project(norm_in(h), rope)
+    k_all[:, :, -1:] = k
+    v_all[:, :, -1:] = v
+    h = h + attn.merge(sdpa(q, k_all, v_all, None, causal=False))
+    return h + ffn(norm_ff(h))
+
+
 def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: Attention, norm_ff: RMSNorm,
                          ffn: nn.Module) -> torch.Tensor:
-    """One token through a pre-norm attention + feed-forward block, compiled around the cache append."""
+    """One token through a pre-norm attention + feed-forward block, through compiled graphs.
+
+    With a plain KVCache the whole block is one graph over the cache's keys and values (their length
+    symbolic, so one graph serves every length); MoE routing stays eager after it. A sliding-window
+    ring (RollingKVCache) appends and attends eagerly between two graphs.
+    """
+    moe = isinstance(ffn, MoE)
+    if isinstance(cache, KVCache):
+        k_all, v_all = cache.append_one()
+        torch._dynamo.maybe_mark_dynamic(k_all, 2)
+        torch._dynamo.maybe_mark_dynamic(v_all, 2)
+        if moe:
+            return ffn_block_step(norm_ff, ffn, attn_kv_step(norm_in, attn, h, rope, k_all, v_all))
+        return attn_kv_ffn_step(norm_in, attn, h, rope, k_all, v_all, norm_ff, ffn)
     q, k, v = attn_in(norm_in, attn, h, rope)
     k, v, mask = cache.update(k, v)
     out = sdpa(q, k, v, mask, causal=False)
-    if isinstance(ffn, MoE):
+    if moe:
         return ffn_block_step(norm_ff, ffn, attn_out(attn, h, out))
     return attn_out_ffn(attn, h, out, norm_ff, ffn)  # one graph for the output projection and the MLP
