@@ -66,6 +66,10 @@ def test_prefill_rows_take_the_dense_path_with_the_kernels_weights(n, k):
     m.prepare()
     has_dense = m.dense_weight() is not None
     assert has_dense == (n % bn == 0)
+    if has_dense:  # dequantize_cpu_int4: the kernel's arithmetic on the kernel's bf16 scales, bit for bit
+        s = m.sz.float()[:, :n]  # (K/32, N, 2)
+        levels = q.float().view(n, -1, 32) - 8
+        assert torch.equal(m.dense_weight()[:n], (levels * s[..., 0].T[..., None] + s[..., 1].T[..., None]).view(n, k))
     x = torch.randn(DENSE_ROWS, k, generator=g)
     ref = x @ exact.T
     dense, kernel = m(x), torch.cat([m(x[:1]), m(x[1:])])  # one row: the kernel; the rest: dense if it can

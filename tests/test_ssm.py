@@ -121,12 +121,12 @@ def test_causal_conv_rolling_state(k, pieces):
     c, t = 6, sum(pieces)
     x, w = torch.randn(2, c, t, generator=g), torch.randn(c, k, generator=g)
     bias = torch.randn(c, generator=g)
-    full = ssm.causal_conv1d(x, w, bias)
+    full = ssm.causal_conv1d(x.transpose(1, 2), w, bias).transpose(1, 2)  # it takes (B, T, C)
     ref = F.conv1d(F.pad(x, (k - 1, 0)), w[:, None, :], bias, groups=c)  # zero history before the first token
     assert rel(full, ref) < 1e-6
     state, out, s = torch.zeros(2, c, k - 1), [], 0
     for n in pieces:  # pieces shorter than the kernel must still see the right history
-        out.append(ssm.causal_conv1d(x[..., s : s + n], w, bias, state))
+        out.append(ssm.causal_conv1d(x[..., s : s + n].transpose(1, 2), w, bias, state).transpose(1, 2))
         s += n
     assert rel(torch.cat(out, -1), full) < 1e-6
     assert torch.equal(state, F.pad(x, (k - 1, 0))[..., t : t + k - 1])

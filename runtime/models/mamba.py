@@ -143,8 +143,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, D) each
         conv_w, conv_b, A = self._conv_a()
         conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
-        x = ssm.causal_conv1d(x.float().transpose(1, 2), conv_w, conv_b, conv_state)
-        x = F.silu(x).transpose(1, 2)  # (B, T, D) float32
+        x = F.silu(ssm.causal_conv1d(x.float(), conv_w, conv_b, conv_state))  # (B, T, D) float32
         dt, B, C = self._dt_b_c(x)
         y, _ = ssm.selective_scan(x, dt, A, B, C, self.D.float(), ssm_state)
         if cache is not None:

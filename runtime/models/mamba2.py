@@ -196,8 +196,8 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.heads], dim=-1)
         conv_w, conv_b, A = self._conv_a()
         conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
-        xbc = F.silu(ssm.causal_conv1d(xbc.float().transpose(1, 2), conv_w, conv_b, conv_state))
-        x, B, C = xbc.transpose(1, 2).split([self.inner, gn, gn], dim=-1)  # (B, T, .)
+        xbc = F.silu(ssm.causal_conv1d(xbc.float(), conv_w, conv_b, conv_state))
+        x, B, C = xbc.split([self.inner, gn, gn], dim=-1)  # (B, T, .)
         bc = (b, t, self.groups, self.state)
         y, _ = ssm.ssd_scan(x.reshape(b, t, self.heads, self.head_dim), self._dt(dt), A, B.reshape(bc),
                             C.reshape(bc), self.D.float(), ssm_state, self.chunk)
