@@ -100,10 +100,10 @@ def bench(
     why = m.compile() if compile else "off"
     r = measure(m, prompt, decode, depth, reps)
     dev = str(m.input_device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the copy probe's 512 MiB
     bw = copy_bandwidth(device=dev)
     per_tok = bytes_per_token(m)
     limit = bw / per_tok
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = {"model": m.source, "arch": m.arch, "device": dev, "threads": torch.get_num_threads(),
            "load_s": round(m.load_seconds, 3),
            "compile_s": round(m.compile_seconds, 2) if why is None else why,

@@ -301,9 +301,8 @@ def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tens
     return h + ffn(norm(h)) if isinstance(ffn, MoE) else ffn_residual(norm, ffn, h)
 
 
-@graph(dynamic=None)
-def attn_kv_step(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
-                 v_all: torch.Tensor) -> torch.Tensor:
+def attend_kv(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
+              v_all: torch.Tensor) -> torch.Tensor:
     """h + attention of one token, writing its key and value as the last position of k_all / v_all."""
     q, k, v = attn.project(norm(h), rope)
     k_all[:, :, -1:] = k
@@ -312,13 +311,16 @@ def attn_kv_step(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: t
 
 
 @graph(dynamic=None)
+def attn_kv_step(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
+                 v_all: torch.Tensor) -> torch.Tensor:
+    return attend_kv(norm, attn, h, rope, k_all, v_all)
+
+
+@graph(dynamic=None)
 def attn_kv_ffn_step(norm_in: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
                      v_all: torch.Tensor, norm_ff: RMSNorm, ffn: nn.Module) -> torch.Tensor:
-    """attn_kv_step and then the feed-forward block, as one graph."""
-    q, k, v = attn.project(norm_in(h), rope)
-    k_all[:, :, -1:] = k
-    v_all[:, :, -1:] = v
-    h = h + attn.merge(sdpa(q, k_all, v_all, None, causal=False))
+    """attend_kv and then the feed-forward block, as one graph."""
+    h = attend_kv(norm_in, attn, h, rope, k_all, v_all)
     return h + ffn(norm_ff(h))
 
 
