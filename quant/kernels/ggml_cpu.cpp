@@ -1,0 +1,713 @@
+// mamba-cli's native 4-bit CPU kernels: matrix products over GGUF blocks as they lie in the file.
+//
+// Registered as torch custom ops in the `mamba_cli` namespace (quant/native.py builds and loads this
+// file once per machine and torch version):
+//
+//   ggml_mm(x, w, type, k)      x : (M, K) float32, w : (N, row_bytes) uint8 blocks of `type`
+//                               -> (M, N) float32 = x @ dequant(w).T
+//   ggml_dequant(w, type, k)    w : (N, row_bytes) uint8 -> (N, K) float32
+//
+// As llama.cpp does, activations are quantized to 8 bits per block first (Q8_0 for the 32-blocks of
+// Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the 256-blocks of Q4_K/Q5_K/Q6_K), the block dot
+// products are integer, and each block's integer sum is scaled and accumulated in float32.
+// Rounding follows llama.cpp's x86 build: round-half-to-even everywhere, fp16 by IEEE rounding.
+//
+// Legend: M activation rows, N weight rows (outputs), K inputs, R activation rows handled together
+// (up to 4: the unpacked weight block is reused for each), nb blocks per row.
+//
+// Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it; otherwise plain C++ of the same
+// integer arithmetic. Threads come from torch's intra-op pool (at::parallel_for over N).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MC_AVX2 1
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------- block layouts (ggml-common.h)
+
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+constexpr int QK = 32;    // elements per block of the 32-block types
+constexpr int QK_K = 256; // elements per super-block of the K types
+
+using fp16 = uint16_t;
+struct BQ4_0 { fp16 d; uint8_t qs[16]; };                                  // 18 bytes / 32
+struct BQ4_1 { fp16 d, m; uint8_t qs[16]; };                               // 20 bytes / 32
+struct BQ5_0 { fp16 d; uint8_t qh[4]; uint8_t qs[16]; };                   // 22 bytes / 32
+struct BQ5_1 { fp16 d, m; uint8_t qh[4]; uint8_t qs[16]; };                // 24 bytes / 32
+struct BQ8_0 { fp16 d; int8_t qs[32]; };                                   // 34 bytes / 32
+struct BQ8_1 { fp16 d, s; int8_t qs[32]; };                                // 36: s = d * sum(qs)
+struct BQ4_K { fp16 d, dmin; uint8_t scales[12]; uint8_t qs[128]; };       // 144 bytes / 256
+struct BQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; fp16 d; }; // 210 bytes / 256
+struct BQ8_K { float d; int8_t qs[256]; int16_t bsums[16]; };              // 292: bsums per 16
+static_assert(sizeof(BQ4_0) == 18 && sizeof(BQ4_1) == 20 && sizeof(BQ5_0) == 22 && sizeof(BQ5_1) == 24,
+              "32-block layouts");
+static_assert(sizeof(BQ8_0) == 34 && sizeof(BQ8_1) == 36 && sizeof(BQ4_K) == 144 && sizeof(BQ6_K) == 210 &&
+              sizeof(BQ8_K) == 292, "block layouts");
+
+// ---------------------------------------------------------------- fp16 and rounding
+
+inline float h2f(fp16 h) {
+#ifdef MC_AVX2
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
+    }
+  } else {
+    bits = sign | (exp + 112) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline fp16 f2h(float f) {
+#ifdef MC_AVX2
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  x &= 0x7FFFFFFF;
+  if (x >= 0x7F800000) return (fp16)(sign | 0x7C00 | (x > 0x7F800000 ? 0x200 : 0));  // inf / nan
+  if (x >= 0x477FF000) return (fp16)(sign | 0x7C00);                                  // overflows
+  if (x < 0x38800000) {  // subnormal half (or zero): round the shifted mantissa to nearest even
+    const uint32_t shift = 126 - (x >> 23);
+    if (shift > 24) return (fp16)sign;
+    const uint32_t man = (x & 0x7FFFFF) | 0x800000;
+    uint32_t h = man >> shift;
+    const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) ++h;
+    return (fp16)(sign | h);
+  }
+  uint32_t h = ((x >> 13) - (112u << 10));
+  const uint32_t rem = x & 0x1FFF;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
+  return (fp16)(sign | h);
+#endif
+}
+
+inline int round_even(float v) { return (int)std::nearbyint(v); }  // default FE_TONEAREST
+
+// ---------------------------------------------------------------- activation quantization
+
+// Q8_0 / Q8_1 of one row of K values (K % 32 == 0). llama.cpp's AVX2 path: id = 127 / amax.
+template <bool WithSum>
+void quantize_q8(const float* x, void* out, int64_t k) {
+  for (int64_t i = 0; i < k / QK; ++i, x += QK) {
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127.f, id = amax != 0.f ? 127.f / amax : 0.f;
+    int8_t* qs;
+    if constexpr (WithSum) {
+      auto* b = static_cast<BQ8_1*>(out) + i;
+      b->d = f2h(d);
+      qs = b->qs;
+    } else {
+      auto* b = static_cast<BQ8_0*>(out) + i;
+      b->d = f2h(d);
+      qs = b->qs;
+    }
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      qs[j] = (int8_t)round_even(x[j] * id);
+      sum += qs[j];
+    }
+    if constexpr (WithSum) static_cast<BQ8_1*>(out)[i].s = f2h(d * (float)sum);
+  }
+}
+
+// Q8_K of one row (K % 256 == 0): scale from the signed value of largest magnitude, -127 / max.
+void quantize_q8_k(const float* x, BQ8_K* y, int64_t k) {
+  for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K, ++y) {
+    float amax = 0.f, max = 0.f;
+    for (int j = 0; j < QK_K; ++j) {
+      const float ax = std::fabs(x[j]);
+      if (ax > amax) { amax = ax; max = x[j]; }
+    }
+    if (amax == 0.f) {
+      std::memset(y, 0, sizeof(BQ8_K));
+      continue;
+    }
+    const float iscale = -127.f / max;
+    for (int j = 0; j < QK_K; ++j) y->qs[j] = (int8_t)std::min(127, round_even(iscale * x[j]));
+    for (int j = 0; j < QK_K / 16; ++j) {
+      int s = 0;
+      for (int l = 0; l < 16; ++l) s += y->qs[16 * j + l];
+      y->bsums[j] = (int16_t)s;
+    }
+    y->d = 1.f / iscale;
+  }
+}
+
+// Q4_K / Q5_K: 8 six-bit scales and 8 six-bit mins packed in 12 bytes.
+inline void k4_scales(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      sc[j] = q[j] & 63;
+      mn[j] = q[j + 4] & 63;
+    } else {
+      sc[j] = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+      mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 helpers
+
+#ifdef MC_AVX2
+inline float hsum(__m256 x) {
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+// 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..15) then high nibbles (16..31)
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0xF));
+}
+// 32 bits -> 32 bytes of 0xFF (bit set) or 0x00
+inline __m256i bits32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
+  b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+// unsigned bytes u times signed bytes s, summed in pairs then quads -> 8 int32
+inline __m256i dot_us(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
+
+// ---------------------------------------------------------------- row dot products
+//
+// Each dot<R> computes out[r] = <weight row w, activation row r> for r < R from quantized activations
+// q8[r] (the whole row), reusing each unpacked weight block for the R activation rows.
+
+template <int R>
+void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
+#ifdef MC_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i off = _mm256_set1_epi8(8);
+  for (int64_t i = 0; i < nb; ++i) {
+    const __m256i q = _mm256_sub_epi8(nibbles32(w[i].qs), off);  // -8..7
+    const __m256i aq = _mm256_sign_epi8(q, q);
+    const float dw = h2f(w[i].d);
+    for (int r = 0; r < R; ++r) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      int sum = 0;
+      for (int j = 0; j < 16; ++j)
+        sum += ((w[i].qs[j] & 0xF) - 8) * q8[r][i].qs[j] + ((w[i].qs[j] >> 4) - 8) * q8[r][i].qs[j + 16];
+      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d);
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+template <int R>
+void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
+#ifdef MC_AVX2
+  __m256 acc[R];
+  float mins[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  for (int64_t i = 0; i < nb; ++i) {
+    const __m256i q = nibbles32(w[i].qs);  // 0..15
+    const float dw = h2f(w[i].d), mw = h2f(w[i].m);
+    for (int r = 0; r < R; ++r) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[r]);
+      mins[r] += mw * h2f(q8[r][i].s);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + mins[r];
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      int sum = 0;
+      for (int j = 0; j < 16; ++j)
+        sum += (w[i].qs[j] & 0xF) * q8[r][i].qs[j] + (w[i].qs[j] >> 4) * q8[r][i].qs[j + 16];
+      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d) + h2f(w[i].m) * h2f(q8[r][i].s);
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+template <int R>
+void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
+#ifdef MC_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i) {
+    // nibble | (bit << 4), minus 16: as signed bytes, (bit ? 0 : 0xF0) | nibble
+    const __m256i hi = _mm256_andnot_si256(bits32(w[i].qh), _mm256_set1_epi8((char)0xF0));
+    const __m256i q = _mm256_or_si256(nibbles32(w[i].qs), hi);
+    const __m256i aq = _mm256_sign_epi8(q, q);
+    const float dw = h2f(w[i].d);
+    for (int r = 0; r < R; ++r) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      uint32_t qh;
+      std::memcpy(&qh, w[i].qh, 4);
+      int sum = 0;
+      for (int j = 0; j < 16; ++j) {
+        const int lo = (int)((w[i].qs[j] & 0xF) | (((qh >> j) & 1) << 4)), hi = (int)((w[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+        sum += (lo - 16) * q8[r][i].qs[j] + (hi - 16) * q8[r][i].qs[j + 16];
+      }
+      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d);
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+template <int R>
+void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
+#ifdef MC_AVX2
+  __m256 acc[R];
+  float mins[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  for (int64_t i = 0; i < nb; ++i) {
+    const __m256i q = _mm256_or_si256(nibbles32(w[i].qs), _mm256_and_si256(bits32(w[i].qh), _mm256_set1_epi8(0x10)));
+    const float dw = h2f(w[i].d), mw = h2f(w[i].m);
+    for (int r = 0; r < R; ++r) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[r]);
+      mins[r] += mw * h2f(q8[r][i].s);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + mins[r];
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      uint32_t qh;
+      std::memcpy(&qh, w[i].qh, 4);
+      int sum = 0;
+      for (int j = 0; j < 16; ++j) {
+        const int lo = (int)((w[i].qs[j] & 0xF) | (((qh >> j) & 1) << 4)), hi = (int)((w[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+        sum += lo * q8[r][i].qs[j] + hi * q8[r][i].qs[j + 16];
+      }
+      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d) + h2f(w[i].m) * h2f(q8[r][i].s);
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+template <int R>
+void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
+#ifdef MC_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)w[i].qs);
+    const __m256i aq = _mm256_sign_epi8(q, q);
+    const float dw = h2f(w[i].d);
+    for (int r = 0; r < R; ++r) {
+      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) sum += w[i].qs[j] * q8[r][i].qs[j];
+      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d);
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+// Q4_K: x = d * sc[j] * q - dmin * mn[j] per 32-element sub-block j; the min term uses Q8_K's bsums.
+template <int R>
+void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, float* out) {
+  float mins[R];
+  for (int r = 0; r < R; ++r) mins[r] = 0.f;
+#ifdef MC_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+#else
+  float acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#endif
+  for (int64_t i = 0; i < nb; ++i) {
+    uint8_t sc[8], mn[8];
+    k4_scales(w[i].scales, sc, mn);
+    const float d = h2f(w[i].d), dmin = h2f(w[i].dmin);
+    for (int r = 0; r < R; ++r) {
+      const BQ8_K& y = q8[r][i];
+      int m = 0;
+      for (int j = 0; j < 8; ++j) m += mn[j] * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
+      mins[r] += dmin * y.d * (float)m;
+    }
+#ifdef MC_AVX2
+    __m256i sumi[R];
+    for (int r = 0; r < R; ++r) sumi[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {  // 64 elements: 32 low nibbles (sub-block 2j), 32 high (2j+1)
+      const __m256i bits = _mm256_loadu_si256((const __m256i*)(w[i].qs + 32 * j));
+      const __m256i lo = _mm256_and_si256(bits, _mm256_set1_epi8(0xF));
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), _mm256_set1_epi8(0xF));
+      const __m256i sl = _mm256_set1_epi16(sc[2 * j]), sh = _mm256_set1_epi16(sc[2 * j + 1]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i yl = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j));
+        const __m256i yh = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j + 32));
+        const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, yl));
+        const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, yh));
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * q8[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+#else
+    for (int r = 0; r < R; ++r) {
+      int sum = 0;
+      for (int j = 0; j < 4; ++j) {
+        int sl = 0, sh = 0;
+        for (int l = 0; l < 32; ++l) {
+          sl += (w[i].qs[32 * j + l] & 0xF) * q8[r][i].qs[64 * j + l];
+          sh += (w[i].qs[32 * j + l] >> 4) * q8[r][i].qs[64 * j + 32 + l];
+        }
+        sum += sc[2 * j] * sl + sc[2 * j + 1] * sh;
+      }
+      acc[r] += d * q8[r][i].d * (float)sum;
+    }
+#endif
+  }
+#ifdef MC_AVX2
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins[r];
+#else
+  for (int r = 0; r < R; ++r) out[r] = acc[r] - mins[r];
+#endif
+}
+
+// Q6_K: x = d * sc[g] * (q - 32), q six bits (4 in ql, 2 in qh), 16 groups of 16 with int8 scales.
+template <int R>
+void dot_q6_k(int64_t nb, const BQ6_K* w, const BQ8_K* const* q8, float* out) {
+#ifdef MC_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+  for (int64_t i = 0; i < nb; ++i) {
+    const int8_t* sc = w[i].scales;
+    __m256i sumi[R];
+    for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
+      const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
+      const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));
+      sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, s16), 5));
+    }
+    for (int j = 0; j < 2; ++j) {  // 128 elements: ql[64 j ..], qh[32 j ..]
+      const uint8_t* ql = w[i].ql + 64 * j;
+      const __m256i b1 = _mm256_loadu_si256((const __m256i*)ql);
+      const __m256i b2 = _mm256_loadu_si256((const __m256i*)(ql + 32));
+      const __m256i bh = _mm256_loadu_si256((const __m256i*)(w[i].qh + 32 * j));
+      __m256i q[4];
+      q[0] = _mm256_or_si256(_mm256_and_si256(b1, m15), _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4));
+      q[1] = _mm256_or_si256(_mm256_and_si256(b2, m15),
+                             _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2));
+      q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
+                             _mm256_and_si256(bh, _mm256_set1_epi8(48)));
+      q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
+                             _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8((char)0xC0)), 2));
+      __m256i s[4];
+      for (int g = 0; g < 4; ++g) {
+        const int is = 8 * j + 2 * g;  // 32 elements = two groups of 16
+        s[g] = _mm256_set_m128i(_mm_set1_epi16(sc[is + 1]), _mm_set1_epi16(sc[is]));
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* y = q8[r][i].qs + 128 * j;
+        for (int g = 0; g < 4; ++g) {
+          const __m256i yv = _mm256_loadu_si256((const __m256i*)(y + 32 * g));
+          sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s[g], _mm256_maddubs_epi16(q[g], yv)));
+        }
+      }
+    }
+    const float dw = h2f(w[i].d);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * q8[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      int sum = 0;
+      for (int j = 0; j < 2; ++j) {
+        const uint8_t* ql = w[i].ql + 64 * j;
+        const uint8_t* qh = w[i].qh + 32 * j;
+        const int8_t* y = q8[r][i].qs + 128 * j;
+        const int8_t* sc = w[i].scales + 8 * j;
+        for (int l = 0; l < 32; ++l) {
+          const int g = l / 16;
+          const int a = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
+          const int b = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+          const int c = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+          const int e = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+          sum += sc[g] * a * y[l] + sc[g + 2] * b * y[l + 32] + sc[g + 4] * c * y[l + 64] + sc[g + 6] * e * y[l + 96];
+        }
+      }
+      s += h2f(w[i].d) * q8[r][i].d * (float)sum;
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+// ---------------------------------------------------------------- dequantization (rows -> float)
+
+void dequant_row(int64_t type, const uint8_t* src, float* y, int64_t k) {
+  switch (type) {
+    case Q4_0:
+      for (auto* b = (const BQ4_0*)src; k > 0; k -= QK, ++b, y += QK) {
+        const float d = h2f(b->d);
+        for (int j = 0; j < 16; ++j) y[j] = d * ((b->qs[j] & 0xF) - 8), y[j + 16] = d * ((b->qs[j] >> 4) - 8);
+      }
+      break;
+    case Q4_1:
+      for (auto* b = (const BQ4_1*)src; k > 0; k -= QK, ++b, y += QK) {
+        const float d = h2f(b->d), m = h2f(b->m);
+        for (int j = 0; j < 16; ++j) y[j] = d * (b->qs[j] & 0xF) + m, y[j + 16] = d * (b->qs[j] >> 4) + m;
+      }
+      break;
+    case Q5_0:
+    case Q5_1:
+      for (const uint8_t* p = src; k > 0; k -= QK, y += QK) {
+        const bool one = type == Q5_1;
+        const float d = h2f(*(const fp16*)p), m = one ? h2f(*(const fp16*)(p + 2)) : 0.f;
+        const uint8_t* qhp = p + (one ? 4 : 2);
+        const uint8_t* qs = qhp + 4;
+        uint32_t qh;
+        std::memcpy(&qh, qhp, 4);
+        const int off = one ? 0 : 16;
+        for (int j = 0; j < 16; ++j) {
+          y[j] = d * ((int)((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off) + m;
+          y[j + 16] = d * ((int)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off) + m;
+        }
+        p += one ? sizeof(BQ5_1) : sizeof(BQ5_0);
+      }
+      break;
+    case Q8_0:
+      for (auto* b = (const BQ8_0*)src; k > 0; k -= QK, ++b, y += QK) {
+        const float d = h2f(b->d);
+        for (int j = 0; j < QK; ++j) y[j] = d * b->qs[j];
+      }
+      break;
+    case Q4_K:
+      for (auto* b = (const BQ4_K*)src; k > 0; k -= QK_K, ++b) {
+        uint8_t sc[8], mn[8];
+        k4_scales(b->scales, sc, mn);
+        const float d = h2f(b->d), dmin = h2f(b->dmin);
+        for (int j = 0; j < 4; ++j, y += 64) {
+          const float d1 = d * sc[2 * j], m1 = dmin * mn[2 * j], d2 = d * sc[2 * j + 1], m2 = dmin * mn[2 * j + 1];
+          for (int l = 0; l < 32; ++l) {
+            y[l] = d1 * (b->qs[32 * j + l] & 0xF) - m1;
+            y[l + 32] = d2 * (b->qs[32 * j + l] >> 4) - m2;
+          }
+        }
+      }
+      break;
+    case Q6_K:
+      for (auto* b = (const BQ6_K*)src; k > 0; k -= QK_K, ++b) {
+        const float d = h2f(b->d);
+        for (int j = 0; j < 2; ++j, y += 128) {
+          const uint8_t* ql = b->ql + 64 * j;
+          const uint8_t* qh = b->qh + 32 * j;
+          const int8_t* sc = b->scales + 8 * j;
+          for (int l = 0; l < 32; ++l) {
+            const int g = l / 16;
+            y[l] = d * sc[g] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+            y[l + 32] = d * sc[g + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = d * sc[g + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = d * sc[g + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+          }
+        }
+      }
+      break;
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+
+struct TypeInfo {
+  int64_t block;       // elements per block
+  int64_t bytes;       // bytes per block
+  int64_t act_bytes;   // bytes per block of the quantized activations
+};
+
+TypeInfo type_info(int64_t type) {
+  switch (type) {
+    case Q4_0: return {QK, sizeof(BQ4_0), sizeof(BQ8_0)};
+    case Q4_1: return {QK, sizeof(BQ4_1), sizeof(BQ8_1)};
+    case Q5_0: return {QK, sizeof(BQ5_0), sizeof(BQ8_0)};
+    case Q5_1: return {QK, sizeof(BQ5_1), sizeof(BQ8_1)};
+    case Q8_0: return {QK, sizeof(BQ8_0), sizeof(BQ8_0)};
+    case Q4_K: return {QK_K, sizeof(BQ4_K), sizeof(BQ8_K)};
+    case Q6_K: return {QK_K, sizeof(BQ6_K), sizeof(BQ8_K)};
+    default: TORCH_CHECK(false, "mamba_cli: unsupported ggml type ", type);
+  }
+}
+
+void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k) {
+  switch (type) {
+    case Q4_1:
+    case Q5_1: quantize_q8<true>(x, out, k); break;
+    case Q4_K:
+    case Q6_K: quantize_q8_k(x, (BQ8_K*)out, k); break;
+    default: quantize_q8<false>(x, out, k); break;
+  }
+}
+
+template <int R>
+void dot_rows(int64_t type, int64_t nb, const uint8_t* w, const uint8_t* const* q8, float* out) {
+  switch (type) {
+    case Q4_0: dot_q4_0<R>(nb, (const BQ4_0*)w, (const BQ8_0* const*)q8, out); break;
+    case Q4_1: dot_q4_1<R>(nb, (const BQ4_1*)w, (const BQ8_1* const*)q8, out); break;
+    case Q5_0: dot_q5_0<R>(nb, (const BQ5_0*)w, (const BQ8_0* const*)q8, out); break;
+    case Q5_1: dot_q5_1<R>(nb, (const BQ5_1*)w, (const BQ8_1* const*)q8, out); break;
+    case Q8_0: dot_q8_0<R>(nb, (const BQ8_0*)w, (const BQ8_0* const*)q8, out); break;
+    case Q4_K: dot_q4_k<R>(nb, (const BQ4_K*)w, (const BQ8_K* const*)q8, out); break;
+    case Q6_K: dot_q6_k<R>(nb, (const BQ6_K*)w, (const BQ8_K* const*)q8, out); break;
+  }
+}
+
+void check_weights(const at::Tensor& w, int64_t type, int64_t k, const TypeInfo& ti) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
+              "mamba_cli: weights must be a 2-D uint8 CPU tensor of blocks");
+  TORCH_CHECK(k > 0 && k % ti.block == 0, "mamba_cli: K=", k, " is not a multiple of the block size ", ti.block);
+  TORCH_CHECK(w.size(1) == k / ti.block * ti.bytes, "mamba_cli: a row of ", k, " values of type ", type, " has ",
+              k / ti.block * ti.bytes, " bytes, got ", w.size(1));
+  TORCH_CHECK(w.stride(1) == 1, "mamba_cli: weight rows must be contiguous");
+}
+
+at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t k,
+                   const c10::optional<at::Tensor>& rows_in) {
+  const TypeInfo ti = type_info(type);
+  check_weights(w, type, k, ti);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  // rows: output column j is weight row rows[j] (a row permutation read in place, e.g. llama.cpp's q/k)
+  at::Tensor rows;
+  if (rows_in.has_value()) {
+    rows = rows_in->to(at::kLong).contiguous();
+    TORCH_CHECK(rows.dim() == 1, "mamba_cli: rows must be 1-D");
+    const int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t j = 0; j < rows.numel(); ++j)
+      TORCH_CHECK(r[j] >= 0 && r[j] < w.size(0), "mamba_cli: a row index is out of range");
+  }
+  const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
+  const int64_t m = x.size(0), n = rp ? rows.numel() : w.size(0), nb = k / ti.block, row_bytes = nb * ti.act_bytes;
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  std::vector<uint8_t> q8((size_t)(m * row_bytes));
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) quantize_row(type, xp + r * k, q8.data() + r * row_bytes, k);
+  });
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t ws = w.stride(0);
+  float* op = out.data_ptr<float>();
+  // Each task takes a range of weight rows; every row is read once and dotted with all M rows.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, n / (4 * at::get_num_threads())));
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    const uint8_t* rows[4];
+    float res[4];
+    for (int64_t j = b; j < e; ++j) {
+      const uint8_t* wr = wp + (rp ? rp[j] : j) * ws;
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        const int64_t cnt = std::min<int64_t>(4, m - r0);
+        for (int64_t r = 0; r < cnt; ++r) rows[r] = q8.data() + (r0 + r) * row_bytes;
+        switch (cnt) {
+          case 1: dot_rows<1>(type, nb, wr, rows, res); break;
+          case 2: dot_rows<2>(type, nb, wr, rows, res); break;
+          case 3: dot_rows<3>(type, nb, wr, rows, res); break;
+          default: dot_rows<4>(type, nb, wr, rows, res); break;
+        }
+        for (int64_t r = 0; r < cnt; ++r) op[(r0 + r) * n + j] = res[r];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor ggml_dequant(const at::Tensor& w, int64_t type, int64_t k) {
+  const TypeInfo ti = type_info(type);
+  check_weights(w, type, k, ti);
+  const int64_t n = w.size(0), ws = w.stride(0);
+  at::Tensor out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) dequant_row(type, wp + j * ws, op + j * k, k);
+  });
+  return out;
+}
+
+std::string simd() {
+#ifdef MC_AVX2
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mamba_cli, m) {
+  m.def("ggml_mm(Tensor x, Tensor w, int type, int k, Tensor? rows=None) -> Tensor");
+  m.def("ggml_dequant(Tensor w, int type, int k) -> Tensor");
+  m.def("simd() -> str", [] { return simd(); });
+}
+
+TORCH_LIBRARY_IMPL(mamba_cli, CPU, m) {
+  m.impl("ggml_mm", &ggml_mm);
+  m.impl("ggml_dequant", &ggml_dequant);
+}
