@@ -14,12 +14,15 @@ devices), a dequantize-then-matmul fallback gives the same result in float.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quant import native
 
 GROUP = 32
 # From this many rows (tokens) on, a CPU matmul dequantizes the packed weights to float32 and runs an
@@ -182,6 +185,89 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
+
+
+# From this many rows on, a BlockLinear dequantizes its blocks to float32 (native, ~1-2 ms for 4M weights)
+# and runs an fp32 GEMM (~80 GFLOP/s a core) instead of the integer kernel (35-50 GFLOP/s a core from 4
+# rows on): measured crossover 16-24 rows for Q4_K/Q8_0 at 2048x2048 (docs/performance.md).
+BLOCK_DENSE_ROWS = 24
+
+
+@dataclasses.dataclass
+class Blocks:
+    """A matrix as GGUF blocks: data (n, row_bytes) uint8, rows of k values of ggml_type; rows: an
+    optional output order (block row rows[j] computes output j)."""
+
+    data: torch.Tensor
+    ggml_type: int
+    k: int
+    rows: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.data.shape[0] if self.rows is None else self.rows.shape[0]
+
+
+class BlockLinear(nn.Module):
+    """y = x @ w.T (+ bias) with w as GGUF blocks, read in place by the native kernels (quant/native.py).
+
+    blocks : (N, row_bytes) uint8, usually a view into the memory-mapped GGUF file (nothing is copied or
+    repacked); rows : optional (N,) int64, output j computed from block row rows[j] (llama.cpp's q/k row
+    order read as ours). Decode and small batches use the integer kernel (activations quantized to 8
+    bits per block, as llama.cpp does); from BLOCK_DENSE_ROWS rows on, a dequantized fp32 GEMM.
+    """
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int, bias: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None):
+        super().__init__()
+        if blocks.dim() != 2 or blocks.shape[1] != native.row_bytes(ggml_type, in_features):
+            raise ValueError(f"blocks {list(blocks.shape)} are not rows of {in_features} values of type {ggml_type}")
+        self.ggml_type, self.in_features = int(ggml_type), in_features
+        self.out_features = blocks.shape[0] if rows is None else rows.shape[0]
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32), rows in our order."""
+        w = native.dequant(self.blocks, self.ggml_type, self.in_features)
+        return w if self.rows is None else w[self.rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x : (..., K)  ->  (..., N)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] >= BLOCK_DENSE_ROWS:
+            w = torch.ops.mamba_cli.ggml_dequant(self.blocks, self.ggml_type, self.in_features)
+            y = F.linear(x2, w)
+            if self.rows is not None:
+                y = y.index_select(1, self.rows)
+        else:
+            y = torch.ops.mamba_cli.ggml_mm(x2, self.blocks, self.ggml_type, self.in_features, self.rows)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class BlockEmbedding(nn.Module):
+    """Embedding lookup over GGUF blocks in place: gathers the rows asked for, then dequantizes only them."""
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        if blocks.dim() != 2 or blocks.shape[1] != native.row_bytes(ggml_type, dim):
+            raise ValueError(f"blocks {list(blocks.shape)} are not rows of {dim} values of type {ggml_type}")
+        self.ggml_type, self.embedding_dim, self.dtype = int(ggml_type), dim, dtype
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return native.dequant(self.blocks, self.ggml_type, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, ids.reshape(-1))
+        out = torch.ops.mamba_cli.ggml_dequant(rows, self.ggml_type, self.embedding_dim)
+        return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
 
 class QuantEmbedding(nn.Module):

@@ -136,9 +136,15 @@ def row_bytes(ggml_type: int, k: int) -> int:
     return k // elems * nbytes
 
 
+def _ops():
+    if (why := load()) is not None:
+        raise RuntimeError(why)
+    return torch.ops.mamba_cli
+
+
 def mm(x: torch.Tensor, w: torch.Tensor, ggml_type: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mamba_cli.ggml_mm(x, w, ggml_type, k, rows)
+    return _ops().ggml_mm(x, w, ggml_type, k, rows)
 
 
 def dequant(w: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
-    return torch.ops.mamba_cli.ggml_dequant(w, ggml_type, k)
+    return _ops().ggml_dequant(w, ggml_type, k)

@@ -14,6 +14,7 @@ The way in: load_model -> registry -> runtime/models/<arch>.py -> runtime/genera
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -162,14 +163,15 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
                  ) -> nn.Module:
     """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape.
 
-    int4 maps module paths (an nn.Linear or nn.Embedding) to a function returning (q, scales, zeros):
-    those modules become QuantLinear / QuantEmbedding and keep their weights in 4 bits. The functions
+    int4 maps module paths (an nn.Linear or nn.Embedding) to a function returning (q, scales, zeros) or
+    Blocks: those modules become QuantLinear / QuantEmbedding (torch's int4 kernels) or BlockLinear /
+    BlockEmbedding (GGUF blocks in place, native kernels) and keep their weights in 4 bits. The functions
     run one at a time, so only one matrix is ever held unpacked (1 byte per weight) during a load.
     """
     with torch.device("meta"):
         module = arch_mod.Model(args)
     for path, parts in (int4 or {}).items():
-        _swap_int4(module, path, *parts(), dtype or torch.float32, where)
+        _swap_int4(module, path, parts(), dtype or torch.float32, where)
     weights = arch_mod.Model.sanitize(weights, args)
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -200,28 +202,41 @@ def release_free_memory() -> None:
         pass
 
 
-def _swap_int4(module: nn.Module, path: str, q, scales, zeros, dtype: torch.dtype, where: str) -> None:
-    from quant.linear import QuantEmbedding, QuantLinear
+def _swap_int4(module: nn.Module, path: str, parts, dtype: torch.dtype, where: str) -> None:
+    """Replace the Linear/Embedding (or stacked experts) at path by its 4-bit form: parts is (q, scales,
+    zeros) for torch's int4 kernels, or Blocks (GGUF blocks read in place by the native kernels)."""
+    from quant.linear import BlockEmbedding, BlockLinear, Blocks, QuantEmbedding, QuantLinear
 
     parent_path, _, child = path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     old = getattr(parent, child, None)
+    blocks = parts if isinstance(parts, Blocks) else None
+    shape = (blocks.n, blocks.k) if blocks else tuple(parts[0].shape)
     if isinstance(parent, MoE) and child in MoE.EXPERT_WEIGHTS:  # stacked experts (X, rows, cols)
         x, rows, cols = old.shape
-        if tuple(q.shape) != (x * rows, cols):
-            raise ModelFormatError(f"{where}: tensor {path} has {list(q.shape)} as rows x columns, the config "
+        if shape != (x * rows, cols):
+            raise ModelFormatError(f"{where}: tensor {path} has {list(shape)} as rows x columns, the config "
                                    f"implies {[x * rows, cols]}")
-        parts = zip(q.split(rows), scales.split(rows), zeros.split(rows), strict=True)
-        parent.set_int4(child, [QuantLinear(*p) for p in parts])
+        if blocks:
+            experts = [BlockLinear(b, blocks.ggml_type, cols) for b in blocks.data.split(rows)]
+        else:
+            experts = [QuantLinear(*p) for p in zip(*(t.split(rows) for t in parts), strict=True)]
+        parent.set_int4(child, experts)
         return
     if isinstance(old, nn.Embedding):
-        new: nn.Module = QuantEmbedding(q, scales, zeros, dtype)
+        if blocks:
+            new: nn.Module = BlockEmbedding(blocks.data, blocks.ggml_type, blocks.k, dtype)
+        else:
+            new = QuantEmbedding(*parts, dtype)
     elif isinstance(old, nn.Linear):
-        if tuple(q.shape) != (old.out_features, old.in_features):
-            raise ModelFormatError(f"{where}: tensor {path}.weight has shape {list(q.shape)}, the config implies "
+        if shape != (old.out_features, old.in_features):
+            raise ModelFormatError(f"{where}: tensor {path}.weight has shape {list(shape)}, the config implies "
                                    f"{[old.out_features, old.in_features]}")
         bias = torch.empty(old.out_features) if old.bias is not None else None
-        new = QuantLinear(q, scales, zeros, bias)
+        if blocks:
+            new = BlockLinear(blocks.data, blocks.ggml_type, blocks.k, bias, blocks.rows)
+        else:
+            new = QuantLinear(*parts, bias)
     else:
         raise ModelFormatError(f"{where}: {path} is 4-bit but is not a linear layer or embedding here")
     setattr(parent, child, new)
@@ -245,7 +260,9 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     """A GGUF file: llama.cpp names and layouts -> our modules; Q4_0/Q4_1/Q4_K linears stay 4-bit."""
     import re
 
+    from quant import native
     from quant.formats import INT4_TYPES, to_int4
+    from quant.linear import Blocks
     from runtime.tokenizer import Tokenizer
     from runtime.weights import read_gguf
 
@@ -272,6 +289,8 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     tensor_fn = getattr(arch_mod, "gguf_tensor_transform", lambda _n, t, _a: t)
     weights: dict[str, torch.Tensor] = {}
     int4: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {}
+    # On the CPU the native kernels read every block type they know in place from the mapped file.
+    in_place = device == "cpu" and native.load() is None
     for name, info in gf.tensors.items():
         hf = next((h.replace("{i}", m[1]) if "{i}" in h else h for p, h in patterns if (m := p.match(name))), None)
         if hf is None:
@@ -280,6 +299,11 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         owner = hf.rsplit(".", 1)[0]
         matrix = hf.endswith(".weight") and owner in linears and len(info.shape) == 2
         experts = owner in moes and hf.rsplit(".", 1)[1] in MoE.EXPERT_WEIGHTS and len(info.shape) == 3
+        if in_place and info.ggml_type in native.KERNEL_TYPES and (matrix or experts):
+            data = gf.mapped(name).view(math.prod(info.shape[1:]), -1)  # the file's pages, in place
+            order = rows(torch.arange(data.shape[0])) if rows else None
+            int4[owner if matrix else hf] = functools.partial(Blocks, data, info.ggml_type, int(info.shape[0]), order)
+            continue
         if info.ggml_type in INT4_TYPES and (matrix or experts):
             def parts(name=name, info=info, rows=rows):
                 blocks = torch.from_numpy(gf.raw(name).copy()).view(math.prod(info.shape[1:]), -1)

@@ -220,6 +220,11 @@ class GGUFFile:
         view.flags.writeable = False
         return view
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as stored, as a uint8 tensor over the file's copy-on-write mapping: pages are
+        read on first use and shared with every process mapping the file (the native kernels' input)."""
+        return torch.from_numpy(self._bytes(self._info(name)))
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed). Stored F32 read as
         float32 is a view of the file's copy-on-write mapping (paged in lazily, never written back)."""

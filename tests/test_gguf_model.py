@@ -18,7 +18,8 @@ from fixtures import (
     spm_model_folder,
 )
 
-from quant.linear import QuantLinear
+from quant import native
+from quant.linear import BlockEmbedding, BlockLinear, QuantLinear
 from runtime import load_model
 
 LLAMA_CONFIGS = {
@@ -61,6 +62,17 @@ def test_llama_cpp_converted_tokenizer_matches_sentencepiece(converted):
         assert tok.encode(text) == sp.encode(text)
 
 
+def in_file_mapping(address: int, path) -> bool:
+    """Whether address lies in a memory mapping of the file at path (/proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] == str(path.resolve()):
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def smol():
     return smollm2_gguf()
@@ -71,8 +83,14 @@ def test_smollm2_loads_4bit_and_stays_small(smol):
     assert m.arch == "llama" and m.config["num_hidden_layers"] == 30
     layers = list(m.module.model.layers.modules())
     assert not any(type(mod) is torch.nn.Linear for mod in layers)  # every Q4_1 projection stays 4-bit
-    assert sum(isinstance(mod, QuantLinear) for mod in layers) == 30 * 4  # qkv, o, gate_up, down (fused)
-    assert m.nbytes() <= 1.3 * smol.stat().st_size  # measured 1.25x: int4 + bf16 scales, Q8_0 embedding in bf16
+    if native.available():  # the file's blocks in place: q, k, v, o, gate, up, down (unfused)
+        assert sum(isinstance(mod, BlockLinear) for mod in layers) == 30 * 7
+        blocks = [mod.blocks for mod in m.module.modules() if isinstance(mod, (BlockLinear, BlockEmbedding))]
+        assert all(in_file_mapping(b.data_ptr(), smol) for b in blocks)  # read in place, never copied
+        assert m.nbytes() <= 1.02 * smol.stat().st_size  # the file, plus norms in float32
+    else:
+        assert sum(isinstance(mod, QuantLinear) for mod in layers) == 30 * 4  # qkv, o, gate_up, down (fused)
+        assert m.nbytes() <= 1.3 * smol.stat().st_size  # measured 1.25x: int4 + bf16 scales, Q8_0 embedding
 
 
 def test_smollm2_answers_in_chat_format(smol):

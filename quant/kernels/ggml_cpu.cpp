@@ -211,9 +211,10 @@ inline __m256i dot_us(__m256i u, __m256i s) {
 template <int R>
 void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
 #ifdef MC_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
   const __m256i off = _mm256_set1_epi8(8);
+#pragma GCC unroll 2
   for (int64_t i = 0; i < nb; ++i) {
     const __m256i q = _mm256_sub_epi8(nibbles32(w[i].qs), off);  // -8..7
     const __m256i aq = _mm256_sign_epi8(q, q);
@@ -221,10 +222,10 @@ void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
       const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[i & 1][r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 #else
   for (int r = 0; r < R; ++r) {
     float s = 0.f;
@@ -242,19 +243,20 @@ void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
 template <int R>
 void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
 #ifdef MC_AVX2
-  __m256 acc[R];
+  __m256 acc[2][R];
   float mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), mins[r] = 0.f;
+#pragma GCC unroll 2
   for (int64_t i = 0; i < nb; ++i) {
     const __m256i q = nibbles32(w[i].qs);  // 0..15
     const float dw = h2f(w[i].d), mw = h2f(w[i].m);
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
       mins[r] += mw * h2f(q8[r][i].s);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + mins[r];
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
 #else
   for (int r = 0; r < R; ++r) {
     float s = 0.f;
@@ -272,8 +274,9 @@ void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
 template <int R>
 void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
 #ifdef MC_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+#pragma GCC unroll 2
   for (int64_t i = 0; i < nb; ++i) {
     // nibble | (bit << 4), minus 16: as signed bytes, (bit ? 0 : 0xF0) | nibble
     const __m256i hi = _mm256_andnot_si256(bits32(w[i].qh), _mm256_set1_epi8((char)0xF0));
@@ -283,10 +286,10 @@ void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
       const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[i & 1][r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 #else
   for (int r = 0; r < R; ++r) {
     float s = 0.f;
@@ -308,19 +311,20 @@ void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
 template <int R>
 void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
 #ifdef MC_AVX2
-  __m256 acc[R];
+  __m256 acc[2][R];
   float mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), mins[r] = 0.f;
+#pragma GCC unroll 2
   for (int64_t i = 0; i < nb; ++i) {
     const __m256i q = _mm256_or_si256(nibbles32(w[i].qs), _mm256_and_si256(bits32(w[i].qh), _mm256_set1_epi8(0x10)));
     const float dw = h2f(w[i].d), mw = h2f(w[i].m);
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
       mins[r] += mw * h2f(q8[r][i].s);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + mins[r];
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
 #else
   for (int r = 0; r < R; ++r) {
     float s = 0.f;
@@ -342,8 +346,9 @@ void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
 template <int R>
 void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
 #ifdef MC_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+#pragma GCC unroll 2
   for (int64_t i = 0; i < nb; ++i) {
     const __m256i q = _mm256_loadu_si256((const __m256i*)w[i].qs);
     const __m256i aq = _mm256_sign_epi8(q, q);
@@ -351,10 +356,10 @@ void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
       const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[i & 1][r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
 #else
   for (int r = 0; r < R; ++r) {
     float s = 0.f;
