@@ -26,6 +26,7 @@ from cli.common import (
     cpu_threads,
     err,
     load,
+    quant_path,
     stats_line,
 )
 from runtime.errors import MambaCliError
@@ -241,7 +242,8 @@ def chat(
         c.stop_ids = []
     if resume:
         c.load(resume)
-    err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}, "
+    err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}"
+              + (quant_path(m) if verbose else "") + ", "
               f"loaded in {m.load_seconds:.1f} s"
               + (f" (+{m.compile_seconds:.1f} s compiling)" if m.compile_seconds else "") + ". "
               "/help for commands, /exit or Ctrl-D to quit.[/]")

@@ -10,6 +10,8 @@ import torch
 import typer
 from rich.console import Console
 
+from quant import native
+
 err = Console(stderr=True, highlight=False)
 
 MODEL_ARG = typer.Argument(..., help="Model folder, .gguf file, Hub repo id (owner/name[:QUANT]) or alias.")
@@ -50,6 +52,12 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
     from runtime.device import set_threads
 
     set_threads(threads)
+    if device in ("auto", "cpu") and not native.built():  # a one-time build: say what the wait is
+        err.print("[dim]building mamba-cli's native 4-bit kernels for this CPU (once per machine and torch version)[/]")
+        with err.status("compiling quant/kernels/ggml_cpu.cpp (~30 s)…", spinner="dots"):
+            why = native.load()
+        if why:
+            err.print(f"[dim]{why}; 4-bit layers use torch's int4 kernels[/]")
     with err.status(f"loading {model}…", spinner="dots"):
         m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
     if compile:
@@ -65,6 +73,19 @@ def cpu_threads(m) -> str:
     """' (N threads)' when any layer runs on the CPU, else ''."""
     n = torch.get_num_threads()
     return f" ({n} thread{'s' * (n != 1)})" if any(d.type == "cpu" for d in m.layer_devices()) else ""
+
+
+def quant_path(m) -> str:
+    """Which 4-bit matrix path the model's layers run, for -v: '' for a float model."""
+    from quant.linear import BlockLinear, QuantLinear
+
+    kinds = {type(mod) for mod in m.module.modules()} & {BlockLinear, QuantLinear}
+    if BlockLinear in kinds:
+        return f"; 4-bit: {native.describe()}, GGUF blocks read in place"
+    if QuantLinear in kinds:
+        why = native.load()
+        return f"; 4-bit: torch int4 kernels{f' ({why})' if why else ''}"
+    return ""
 
 
 def peak_memory() -> str:

@@ -17,6 +17,7 @@ from cli.common import (
     cpu_threads,
     err,
     load,
+    quant_path,
     stats_line,
 )
 
@@ -64,7 +65,7 @@ def run(
     stats = Stats()
     if verbose:
         err.print(f"[dim]loaded {m.source} ({m.arch}) in {m.load_seconds:.2f} s on "
-                  f"{m.input_device}{cpu_threads(m)}[/]")
+                  f"{m.input_device}{cpu_threads(m)}{quant_path(m)}[/]")
     try:
         extra = {"stop_ids": []} if ignore_eos else {}
         for piece in stream_text(m, ids, stop=stop, stats=stats, **extra, **sampling.kwargs()):

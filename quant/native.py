@@ -119,6 +119,14 @@ def _build(name: str, folder: Path) -> None:
                        is_python_module=False, verbose=False)
 
 
+def built() -> bool:
+    """Whether load() needs no build (already loaded or failed, built before, or turned off)."""
+    if "error" in _state or os.environ.get("MAMBA_CLI_NO_NATIVE"):
+        return True
+    name = f"mamba_cli_kernels_{build_key()}"
+    return (cache_dir() / name / f"{name}.so").is_file()
+
+
 def available() -> bool:
     return load() is None
 

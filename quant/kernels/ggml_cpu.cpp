@@ -209,7 +209,7 @@ inline __m256i dot_us(__m256i u, __m256i s) {
 // q8[r] (the whole row), reusing each unpacked weight block for the R activation rows.
 
 template <int R>
-void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
+void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, const float* const* dx, const float* const* sx, float* out) {
 #ifdef MC_AVX2
   __m256 acc[2][R];
   for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
@@ -222,7 +222,7 @@ void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
       const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[i & 1][r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
@@ -233,7 +233,7 @@ void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
       int sum = 0;
       for (int j = 0; j < 16; ++j)
         sum += ((w[i].qs[j] & 0xF) - 8) * q8[r][i].qs[j] + ((w[i].qs[j] >> 4) - 8) * q8[r][i].qs[j + 16];
-      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d);
+      s += (float)sum * h2f(w[i].d) * dx[r][i];
     }
     out[r] = s;
   }
@@ -241,7 +241,7 @@ void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, float* out) {
 }
 
 template <int R>
-void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
+void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, const float* const* dx, const float* const* sx, float* out) {
 #ifdef MC_AVX2
   __m256 acc[2][R];
   float mins[R];
@@ -252,8 +252,8 @@ void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
     const float dw = h2f(w[i].d), mw = h2f(w[i].m);
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
-      mins[r] += mw * h2f(q8[r][i].s);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
+      mins[r] += mw * sx[r][i];
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
@@ -264,7 +264,7 @@ void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
       int sum = 0;
       for (int j = 0; j < 16; ++j)
         sum += (w[i].qs[j] & 0xF) * q8[r][i].qs[j] + (w[i].qs[j] >> 4) * q8[r][i].qs[j + 16];
-      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d) + h2f(w[i].m) * h2f(q8[r][i].s);
+      s += (float)sum * h2f(w[i].d) * dx[r][i] + h2f(w[i].m) * sx[r][i];
     }
     out[r] = s;
   }
@@ -272,7 +272,7 @@ void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, float* out) {
 }
 
 template <int R>
-void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
+void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, const float* const* dx, const float* const* sx, float* out) {
 #ifdef MC_AVX2
   __m256 acc[2][R];
   for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
@@ -286,7 +286,7 @@ void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
       const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[i & 1][r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
@@ -301,7 +301,7 @@ void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
         const int lo = (int)((w[i].qs[j] & 0xF) | (((qh >> j) & 1) << 4)), hi = (int)((w[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
         sum += (lo - 16) * q8[r][i].qs[j] + (hi - 16) * q8[r][i].qs[j + 16];
       }
-      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d);
+      s += (float)sum * h2f(w[i].d) * dx[r][i];
     }
     out[r] = s;
   }
@@ -309,7 +309,7 @@ void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, float* out) {
 }
 
 template <int R>
-void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
+void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, const float* const* dx, const float* const* sx, float* out) {
 #ifdef MC_AVX2
   __m256 acc[2][R];
   float mins[R];
@@ -320,8 +320,8 @@ void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
     const float dw = h2f(w[i].d), mw = h2f(w[i].m);
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
-      mins[r] += mw * h2f(q8[r][i].s);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
+      mins[r] += mw * sx[r][i];
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
@@ -336,7 +336,7 @@ void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
         const int lo = (int)((w[i].qs[j] & 0xF) | (((qh >> j) & 1) << 4)), hi = (int)((w[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
         sum += lo * q8[r][i].qs[j] + hi * q8[r][i].qs[j + 16];
       }
-      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d) + h2f(w[i].m) * h2f(q8[r][i].s);
+      s += (float)sum * h2f(w[i].d) * dx[r][i] + h2f(w[i].m) * sx[r][i];
     }
     out[r] = s;
   }
@@ -344,7 +344,7 @@ void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, float* out) {
 }
 
 template <int R>
-void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
+void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, const float* const* dx, const float* const* sx, float* out) {
 #ifdef MC_AVX2
   __m256 acc[2][R];
   for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
@@ -356,7 +356,7 @@ void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
     for (int r = 0; r < R; ++r) {
       const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
       const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * h2f(q8[r][i].d)), p, acc[i & 1][r]);
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
@@ -366,7 +366,7 @@ void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
     for (int64_t i = 0; i < nb; ++i) {
       int sum = 0;
       for (int j = 0; j < 32; ++j) sum += w[i].qs[j] * q8[r][i].qs[j];
-      s += (float)sum * h2f(w[i].d) * h2f(q8[r][i].d);
+      s += (float)sum * h2f(w[i].d) * dx[r][i];
     }
     out[r] = s;
   }
@@ -375,7 +375,7 @@ void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, float* out) {
 
 // Q4_K: x = d * sc[j] * q - dmin * mn[j] per 32-element sub-block j; the min term uses Q8_K's bsums.
 template <int R>
-void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, float* out) {
+void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, const float* const*, const float* const*, float* out) {
   float mins[R];
   for (int r = 0; r < R; ++r) mins[r] = 0.f;
 #ifdef MC_AVX2
@@ -437,7 +437,7 @@ void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, float* out) {
 
 // Q6_K: x = d * sc[g] * (q - 32), q six bits (4 in ql, 2 in qh), 16 groups of 16 with int8 scales.
 template <int R>
-void dot_q6_k(int64_t nb, const BQ6_K* w, const BQ8_K* const* q8, float* out) {
+void dot_q6_k(int64_t nb, const BQ6_K* w, const BQ8_K* const* q8, const float* const*, const float* const*, float* out) {
 #ifdef MC_AVX2
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -612,15 +612,16 @@ void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k) {
 }
 
 template <int R>
-void dot_rows(int64_t type, int64_t nb, const uint8_t* w, const uint8_t* const* q8, float* out) {
+void dot_rows(int64_t type, int64_t nb, const uint8_t* w, const uint8_t* const* q8, const float* const* dx,
+              const float* const* sx, float* out) {
   switch (type) {
-    case Q4_0: dot_q4_0<R>(nb, (const BQ4_0*)w, (const BQ8_0* const*)q8, out); break;
-    case Q4_1: dot_q4_1<R>(nb, (const BQ4_1*)w, (const BQ8_1* const*)q8, out); break;
-    case Q5_0: dot_q5_0<R>(nb, (const BQ5_0*)w, (const BQ8_0* const*)q8, out); break;
-    case Q5_1: dot_q5_1<R>(nb, (const BQ5_1*)w, (const BQ8_1* const*)q8, out); break;
-    case Q8_0: dot_q8_0<R>(nb, (const BQ8_0*)w, (const BQ8_0* const*)q8, out); break;
-    case Q4_K: dot_q4_k<R>(nb, (const BQ4_K*)w, (const BQ8_K* const*)q8, out); break;
-    case Q6_K: dot_q6_k<R>(nb, (const BQ6_K*)w, (const BQ8_K* const*)q8, out); break;
+    case Q4_0: dot_q4_0<R>(nb, (const BQ4_0*)w, (const BQ8_0* const*)q8, dx, sx, out); break;
+    case Q4_1: dot_q4_1<R>(nb, (const BQ4_1*)w, (const BQ8_1* const*)q8, dx, sx, out); break;
+    case Q5_0: dot_q5_0<R>(nb, (const BQ5_0*)w, (const BQ8_0* const*)q8, dx, sx, out); break;
+    case Q5_1: dot_q5_1<R>(nb, (const BQ5_1*)w, (const BQ8_1* const*)q8, dx, sx, out); break;
+    case Q8_0: dot_q8_0<R>(nb, (const BQ8_0*)w, (const BQ8_0* const*)q8, dx, sx, out); break;
+    case Q4_K: dot_q4_k<R>(nb, (const BQ4_K*)w, (const BQ8_K* const*)q8, dx, sx, out); break;
+    case Q6_K: dot_q6_k<R>(nb, (const BQ6_K*)w, (const BQ8_K* const*)q8, dx, sx, out); break;
   }
 }
 
@@ -653,9 +654,19 @@ at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, in
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   std::vector<uint8_t> q8((size_t)(m * row_bytes));
+  std::vector<float> scales((size_t)(2 * m * nb));  // per activation block: d and s (Q8_1) as float
   const float* xp = x.data_ptr<float>();
+  const bool small = ti.block == QK;
   at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) quantize_row(type, xp + r * k, q8.data() + r * row_bytes, k);
+    for (int64_t r = b; r < e; ++r) {
+      uint8_t* q = q8.data() + r * row_bytes;
+      quantize_row(type, xp + r * k, q, k);
+      for (int64_t i = 0; small && i < nb; ++i) {
+        const fp16* h = (const fp16*)(q + i * ti.act_bytes);  // d, then s for Q8_1
+        scales[(2 * r) * nb + i] = h2f(h[0]);
+        scales[(2 * r + 1) * nb + i] = ti.act_bytes == sizeof(BQ8_1) ? h2f(h[1]) : 0.f;
+      }
+    }
   });
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t ws = w.stride(0);
@@ -664,17 +675,22 @@ at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, in
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, n / (4 * at::get_num_threads())));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     const uint8_t* rows[4];
+    const float *dx[4], *sx[4];
     float res[4];
     for (int64_t j = b; j < e; ++j) {
       const uint8_t* wr = wp + (rp ? rp[j] : j) * ws;
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int64_t cnt = std::min<int64_t>(4, m - r0);
-        for (int64_t r = 0; r < cnt; ++r) rows[r] = q8.data() + (r0 + r) * row_bytes;
+        for (int64_t r = 0; r < cnt; ++r) {
+          rows[r] = q8.data() + (r0 + r) * row_bytes;
+          dx[r] = scales.data() + 2 * (r0 + r) * nb;
+          sx[r] = dx[r] + nb;
+        }
         switch (cnt) {
-          case 1: dot_rows<1>(type, nb, wr, rows, res); break;
-          case 2: dot_rows<2>(type, nb, wr, rows, res); break;
-          case 3: dot_rows<3>(type, nb, wr, rows, res); break;
-          default: dot_rows<4>(type, nb, wr, rows, res); break;
+          case 1: dot_rows<1>(type, nb, wr, rows, dx, sx, res); break;
+          case 2: dot_rows<2>(type, nb, wr, rows, dx, sx, res); break;
+          case 3: dot_rows<3>(type, nb, wr, rows, dx, sx, res); break;
+          default: dot_rows<4>(type, nb, wr, rows, dx, sx, res); break;
         }
         for (int64_t r = 0; r < cnt; ++r) op[(r0 + r) * n + j] = res[r];
       }
