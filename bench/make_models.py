@@ -3,9 +3,17 @@
 
     python bench/make_models.py            # -> bench/.cache/*.gguf (git-ignored), paths printed
 
+    python bench/make_models.py --7b [--layers N] [q4_k_m]   # the 7B shapes -> bench/.cache/*-7b-*.gguf
+
 Shapes: mamba-130m (d_model 768, 24 layers), a Mamba-2 of similar size (d_model 768, 24 layers,
 head dim 64, d_state 128), a small Jamba (d_model 768, 8 layers, attention 1 in 4, MoE 1 in 2,
 8 experts top-2). Vocabulary: Mistral's 32000-token SentencePiece (so llama.cpp accepts the file).
+
+7B shapes (--7b; random weights written straight to bf16 safetensors, one shard per layer, so
+building them needs no more memory than one layer): Mistral-7B (4096 wide, GQA 32/8, FFN 14336,
+32 layers) and Codestral-Mamba-7B (Mamba-2, 4096 wide, 64 layers, 128 heads of 64, 8 groups, d_state
+128). Vocabulary 32000 (the SentencePiece v1 that ships in mistral-common; the real ones have 32768).
+--layers N keeps the width and cuts the depth (everyday runs: 4).
 """
 
 from __future__ import annotations
@@ -32,13 +40,92 @@ MODELS = {
 }
 
 
+MODELS_7B = {
+    "mistral-7b": ("MistralForCausalLM", 32, dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                                  num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                                                  max_position_embeddings=32768, sliding_window=None,
+                                                  tie_word_embeddings=False)),
+    "codestral-mamba-7b": ("Mamba2ForCausalLM", 64, dict(hidden_size=4096, state_size=128, expand=2, head_dim=64,
+                                                         num_heads=128, n_groups=8, conv_kernel=4, chunk_size=256,
+                                                         tie_word_embeddings=False)),
+}
+
+
+def build_7b(name: str, layers: int | None) -> Path:
+    """A 7B-shaped checkpoint with random bf16 weights (std 0.02; norms 1; Mamba's A_log, D, dt_bias
+    as the reference init), a Mistral SentencePiece tokenizer, cached under bench/.cache."""
+    import json
+
+    import mistral_common
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    cls, full, cfg = MODELS_7B[name]
+    n = layers or full
+    folder = OUT / f"{name}-{n}l"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(vocab_size=32000, num_hidden_layers=n,
+                                                                          **cfg)
+    config.architectures = [cls]
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in getattr(transformers, cls)(config).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+
+    def make(key: str, shape) -> torch.Tensor:
+        if key.endswith("A_log"):
+            return torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32)).to(torch.bfloat16)
+        if key.endswith((".D", "norm.weight", "norm_f.weight", "layernorm.weight")):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        if key.endswith("dt_bias"):
+            return torch.full(shape, -4.0, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    index, groups = {}, {}
+    for key in shapes:
+        parts = key.split(".")
+        layer = parts[parts.index("layers") + 1] if "layers" in parts else "rest"
+        groups.setdefault(layer, []).append(key)
+    for i, (group, keys) in enumerate(groups.items()):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: make(k, shapes[k]) for k in keys}, str(folder / shard), metadata={"format": "pt"})
+        index.update({k: shard for k in keys})
+        print(f"{name}: shard {i + 1}/{len(groups)} ({group})", flush=True)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    (folder / "config.json").write_text(config.to_json_string())
+    tok = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    (folder / "tokenizer.model").write_bytes(tok.read_bytes())
+    (folder / "done").write_text("ok")
+    return folder
+
+
 def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    args = sys.argv[1:]
+    if "--7b" in args:
+        args.remove("--7b")
+        layers = None
+        if "--layers" in args:
+            i = args.index("--layers")
+            layers = int(args[i + 1])
+            del args[i:i + 2]
+        for name in MODELS_7B:
+            folder = build_7b(name, layers)
+            for qtype in args or ["q4_k_m"]:
+                out = OUT / f"{folder.name}-{qtype}.gguf"
+                if not out.exists():
+                    subprocess.run([sys.executable, "-m", "cli", "quantize", str(folder), "-t", qtype, "-o",
+                                    str(out), "--no-eval"], check=True, cwd=ROOT)
+                print(out)
+        return
     from fixtures import build_tiny, spm_model_folder
 
-    OUT.mkdir(parents=True, exist_ok=True)
     for name, (cls, cfg) in MODELS.items():
         folder = spm_model_folder(build_tiny(cls, cfg, vocab_size=32000))
-        for qtype in sys.argv[1:] or ["q4_0"]:
+        for qtype in args or ["q4_0"]:
             out = OUT / f"{name}-{qtype}.gguf"
             if not out.exists():
                 subprocess.run([sys.executable, "-m", "cli", "quantize", str(folder), "-t", qtype, "-o", str(out),

@@ -103,11 +103,25 @@ def test_smollm2_answers_in_chat_format(smol):
     assert "Berlin" in reply
 
 
-def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol):
+MULTILINGUAL = (
+    "La ville est née d'un petit village au bord du fleuve, où les marchands s'arrêtaient pour échanger "
+    "leurs marchandises. Heute ist sie bekannt für ihre Altstadt, ihre Museen und ihr Essen. "
+    "En primavera el río se desborda con más frecuencia que antes, y el gobierno ha construido presas. "
+    "Il clima della regione è cambiato: gli inverni sono più brevi e le estati più calde. "
+    "Ученые университета изучают климат региона. 这座城市有一座大教堂和一所大学。 "
+    "def mean(xs):\n    return sum(xs) / len(xs)\n\nprint(mean([1, 2, 3]))\n"
+)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("text,n,top1", [(TEXT * 2, 384, 0.98), (TEXT + MULTILINGUAL + TEXT + MULTILINGUAL, 512, 0.96)],
+                         ids=["english-384", "multilingual-512"])
+def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol, text, n, top1):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF oracle (not in CI)")
     m = load_model(smol, device="cpu")
-    ids = m.tokenizer.encode(TEXT * 2)[:384]
-    llm = llama_cpp.Llama(model_path=str(smol), logits_all=True, n_ctx=512, n_batch=512, n_threads=2,
+    ids = m.tokenizer.encode(text)[:n]
+    assert len(ids) == n
+    llm = llama_cpp.Llama(model_path=str(smol), logits_all=True, n_ctx=1024, n_batch=512, n_threads=2,
                           verbose=False)
     llm.eval(ids)
     ref = torch.tensor(llm.scores[: len(ids)])
@@ -121,6 +135,13 @@ def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol):
     agree = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
     print(f"SmolLM2 Q4_1: top-1 agreement {agree:.4f}, ppl ours {ppl(ours):.3f} llama.cpp {ppl(ref):.3f}")
     # llama.cpp quantizes activations to 8 bits; a float implementation (transformers' fp32
-    # dequantization gives the same logits as our float path) agrees at ~95-97% on such text.
-    assert agree >= 0.94
-    assert abs(ppl(ours) / ppl(ref) - 1) < 0.02
+    # dequantization gives the same logits as our float path) agrees at ~95-97% on such text. With the
+    # native kernels the head reads its own Q8_0 blocks (no bf16 copy) and scales stay fp16: measured
+    # 0.9858 / ppl -0.12% (English), 0.9688 / -0.18% (multilingual; the integer path for every row gives
+    # 0.965, and llama.cpp with an f32 KV cache and no flash attention moves by < 0.01).
+    if native.available():
+        assert agree >= top1
+        assert abs(ppl(ours) / ppl(ref) - 1) < 0.005
+    else:
+        assert agree >= 0.94
+        assert abs(ppl(ours) / ppl(ref) - 1) < 0.02
