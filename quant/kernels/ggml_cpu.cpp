@@ -376,33 +376,40 @@ void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, const float* c
 // Q4_K: x = d * sc[j] * q - dmin * mn[j] per 32-element sub-block j; the min term uses Q8_K's bsums.
 template <int R>
 void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, const float* const*, const float* const*, float* out) {
-  float mins[R];
-  for (int r = 0; r < R; ++r) mins[r] = 0.f;
 #ifdef MC_AVX2
   __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-#else
-  float acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#endif
+  __m128 accm[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0xF);
   for (int64_t i = 0; i < nb; ++i) {
-    uint8_t sc[8], mn[8];
-    k4_scales(w[i].scales, sc, mn);
+    // the 12 packed bytes -> 8 scales (bytes 0..7) and 8 mins (bytes 8..15), as 32-bit words
+    uint32_t u[4];
+    std::memcpy(u, w[i].scales, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t t = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = t;
+    u[0] &= 0x3f3f3f3f;
+    const __m256i sm = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+    const __m128i mins = _mm256_extracti128_si256(sm, 1);  // 8 x int16
+    const __m128i sc = _mm256_castsi256_si128(sm);
+    const __m256i scales = _mm256_set_m128i(sc, sc);
     const float d = h2f(w[i].d), dmin = h2f(w[i].dmin);
-    for (int r = 0; r < R; ++r) {
-      const BQ8_K& y = q8[r][i];
-      int m = 0;
-      for (int j = 0; j < 8; ++j) m += mn[j] * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
-      mins[r] += dmin * y.d * (float)m;
+    for (int r = 0; r < R; ++r) {  // sum_j mn[j] * (bsum[2j] + bsum[2j+1])
+      const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
+      const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+      const __m128 pm = _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair));
+      accm[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * q8[r][i].d), pm, accm[r]);
     }
-#ifdef MC_AVX2
     __m256i sumi[R];
     for (int r = 0; r < R; ++r) sumi[r] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {  // 64 elements: 32 low nibbles (sub-block 2j), 32 high (2j+1)
+      // scale of sub-block 2j (2j+1) broadcast as int16: bytes (2k, 2k+1) of the int16 scale vector
+      const __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j))));
+      const __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j + 1))));
       const __m256i bits = _mm256_loadu_si256((const __m256i*)(w[i].qs + 32 * j));
-      const __m256i lo = _mm256_and_si256(bits, _mm256_set1_epi8(0xF));
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), _mm256_set1_epi8(0xF));
-      const __m256i sl = _mm256_set1_epi16(sc[2 * j]), sh = _mm256_set1_epi16(sc[2 * j + 1]);
+      const __m256i lo = _mm256_and_si256(bits, m4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
       for (int r = 0; r < R; ++r) {
         const __m256i yl = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j));
         const __m256i yh = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j + 32));
@@ -413,25 +420,34 @@ void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, const float* c
     }
     for (int r = 0; r < R; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * q8[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    out[r] = hsum(acc[r]) - _mm_cvtss_f32(m);
+  }
 #else
-    for (int r = 0; r < R; ++r) {
-      int sum = 0;
+  for (int r = 0; r < R; ++r) {
+    float acc = 0.f, mins = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      uint8_t sc[8], mn[8];
+      k4_scales(w[i].scales, sc, mn);
+      const BQ8_K& y = q8[r][i];
+      int m = 0, sum = 0;
+      for (int j = 0; j < 8; ++j) m += mn[j] * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
       for (int j = 0; j < 4; ++j) {
         int sl = 0, sh = 0;
         for (int l = 0; l < 32; ++l) {
-          sl += (w[i].qs[32 * j + l] & 0xF) * q8[r][i].qs[64 * j + l];
-          sh += (w[i].qs[32 * j + l] >> 4) * q8[r][i].qs[64 * j + 32 + l];
+          sl += (w[i].qs[32 * j + l] & 0xF) * y.qs[64 * j + l];
+          sh += (w[i].qs[32 * j + l] >> 4) * y.qs[64 * j + 32 + l];
         }
         sum += sc[2 * j] * sl + sc[2 * j + 1] * sh;
       }
-      acc[r] += d * q8[r][i].d * (float)sum;
+      acc += h2f(w[i].d) * y.d * (float)sum;
+      mins += h2f(w[i].dmin) * y.d * (float)m;
     }
-#endif
+    out[r] = acc - mins;
   }
-#ifdef MC_AVX2
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins[r];
-#else
-  for (int r = 0; r < R; ++r) out[r] = acc[r] - mins[r];
 #endif
 }
 
