@@ -1,6 +1,7 @@
 """Ours vs llama.cpp (llama-cpp-python) on the same GGUF files, alternating, in one process.
 
     python bench/bench_llamacpp.py FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
+    python bench/bench_llamacpp.py --memory FILE.gguf [...]   # load time and memory, each in a fresh process
 
 For each file: load time (to a usable model; ours plus the time to compile the decode step, see
 runtime/compile.py, unless --no-compile), prefill tokens/s for -p tokens (next-token logits only, as
@@ -47,7 +48,67 @@ def cpp_run(llm, ids: list[int], n: int) -> tuple[float, float]:
     return len(ids) / (t1 - t0), n / (t2 - t1)
 
 
+def rss_mib() -> tuple[float, float]:
+    """(resident now, peak resident) of this process in MiB."""
+    import resource
+
+    now = 0.0
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            now = int(line.split()[1]) / 1024
+    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(engine: str, f: str, threads: int) -> None:
+    """One engine in this (fresh) process: load, a 64-token prefill and 16 decode steps; JSON to stdout."""
+    torch.set_num_threads(threads)
+    if engine == "ours":
+        from runtime import load_model
+    else:
+        from llama_cpp import Llama
+    base = rss_mib()[0]
+    t0 = time.perf_counter()
+    if engine == "ours":
+        m = load_model(f, device="cpu")
+        load = time.perf_counter() - t0
+        after_load = rss_mib()[0]
+        ours_run(m, list(range(10, 74)), 16)
+    else:
+        llm = Llama(model_path=f, n_ctx=128, n_batch=128, n_threads=threads, logits_all=False, verbose=False)
+        load = time.perf_counter() - t0
+        after_load = rss_mib()[0]
+        cpp_run(llm, list(range(10, 74)), 16)
+    now, peak = rss_mib()
+    print(json.dumps(dict(load_s=load, base_mib=base, after_load_mib=after_load, rss_mib=now, peak_mib=peak)))
+
+
+def memory(files: list[str], threads: int) -> None:
+    import subprocess
+
+    print("| file | file MiB | load s ours / llama.cpp | RSS after run MiB ours / llama.cpp | peak RSS MiB ours / "
+          "llama.cpp | peak / file, ours |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for f in files:
+        r = {}
+        for engine in ("ours", "llama.cpp"):
+            out = subprocess.run([sys.executable, __file__, "--child", engine, f, "--threads", str(threads)],
+                                 capture_output=True, text=True, check=True)
+            r[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+        size = Path(f).stat().st_size / 2**20
+        o, c = r["ours"], r["llama.cpp"]
+        print(f"| {Path(f).name} | {size:.0f} | {o['load_s']:.2f} / {c['load_s']:.2f} | {o['rss_mib']:.0f} / "
+              f"{c['rss_mib']:.0f} | {o['peak_mib']:.0f} / {c['peak_mib']:.0f} | "
+              f"{(o['peak_mib'] - o['base_mib']) / size:.2f} (+{o['base_mib']:.0f} MiB torch) |")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], sys.argv[3], int(sys.argv[5]) if len(sys.argv) > 5 else 2)
+        return
+    if sys.argv[1:2] == ["--memory"]:
+        rest = [x for x in sys.argv[2:] if not x.startswith("--threads")]
+        memory([x for x in rest if x.endswith(".gguf")], 2)
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
     ap.add_argument("-p", type=int, default=512)
