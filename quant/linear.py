@@ -187,10 +187,13 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-# From this many rows on, a BlockLinear dequantizes its blocks to float32 (native, ~1-2 ms for 4M weights)
-# and runs an fp32 GEMM (~80 GFLOP/s a core) instead of the integer kernel (35-50 GFLOP/s a core from 4
-# rows on): measured crossover 16-24 rows for Q4_K/Q8_0 at 2048x2048 (docs/performance.md).
-BLOCK_DENSE_ROWS = 24
+# From this many rows on, a BlockLinear dequantizes its blocks to float32 tile by tile (DENSE_TILE weights,
+# 16 MiB, so a tile is multiplied while it is still in cache) and runs fp32 GEMMs (~80 GFLOP/s a core)
+# instead of the integer kernel (70 GFLOP/s a core at 16 rows, 50 at 64, 40 at 256: it decodes each
+# weight block again for every 4 rows). Measured on 4096x14336 Q4_K (one thread): kernel 146 ms vs
+# tiled 260 ms at 64 rows, 738 vs 503 ms at 256 (docs/performance.md).
+BLOCK_DENSE_ROWS = 128
+DENSE_TILE = 1 << 22
 
 
 @dataclasses.dataclass
@@ -239,15 +242,23 @@ class BlockLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if x2.shape[0] >= BLOCK_DENSE_ROWS:
-            w = torch.ops.mamba_cli.ggml_dequant(self.blocks, self.ggml_type, self.in_features)
-            y = F.linear(x2, w)
-            if self.rows is not None:
-                y = y.index_select(1, self.rows)
+            y = self._dense(x2)
         else:
             y = torch.ops.mamba_cli.ggml_mm(x2, self.blocks, self.ggml_type, self.in_features, self.rows)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        # x : (M, K) -> (M, N): per tile of weight rows, dequantize and multiply while it is in cache
+        n, k = self.blocks.shape[0], self.in_features
+        step = max(64, DENSE_TILE // k)
+        yt = torch.empty(n, x.shape[0])
+        for n0 in range(0, n, step):
+            w = torch.ops.mamba_cli.ggml_dequant(self.blocks[n0:n0 + step], self.ggml_type, k)
+            torch.mm(w, x.t(), out=yt[n0:n0 + step])
+        return yt.t() if self.rows is None else yt.index_select(0, self.rows).t()
 
 
 class BlockEmbedding(nn.Module):

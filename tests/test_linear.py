@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.linear import QuantEmbedding, QuantLinear
+from quant import native
+from quant.formats import GGMLType, dequantize, quantize
+from quant.linear import BLOCK_DENSE_ROWS, BlockLinear, QuantEmbedding, QuantLinear
 
 
 def case(n: int, k: int, seed: int = 0):
@@ -75,3 +77,23 @@ def test_prefill_rows_take_the_dense_path_with_the_kernels_weights(n, k):
     dense, kernel = m(x), torch.cat([m(x[:1]), m(x[1:])])  # one row: the kernel; the rest: dense if it can
     assert float((dense - ref).abs().max() / ref.abs().max()) < (4e-3 if has_dense else 8e-3)  # bf16 scales
     assert float((kernel - ref).abs().max() / ref.abs().max()) < 8e-3  # and bf16 activations
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("rows", [1, 7, BLOCK_DENSE_ROWS - 1, BLOCK_DENSE_ROWS, 300])
+def test_block_linear_kernel_and_tiled_dense_paths(rows, monkeypatch):
+    """BlockLinear equals x @ dequantized(w).T on both of its paths (the integer kernel below
+    BLOCK_DENSE_ROWS rows, tiled fp32 GEMMs from there on), with a row order and a bias."""
+    monkeypatch.setattr("quant.linear.DENSE_TILE", 64 * 512)  # several tiles, the last one short
+    t = GGMLType.Q4_K
+    w = torch.randn(200, 512) * 0.05
+    blocks = quantize(w, t)
+    order = torch.randperm(200)
+    bias = torch.randn(200)
+    mod = BlockLinear(blocks, int(t), 512, bias, order)
+    x = torch.randn(rows, 512)
+    ref = x @ dequantize(blocks, t)[order].t() + bias
+    y = mod(x)
+    tol = 1e-5 if rows >= BLOCK_DENSE_ROWS else 2e-2  # below: activations quantized to 8 bits per block
+    assert y.shape == (rows, 200)
+    assert float((y - ref).abs().max() / ref.abs().max()) < tol
