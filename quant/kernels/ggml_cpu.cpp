@@ -15,8 +15,10 @@
 // Legend: M activation rows, N weight rows (outputs), K inputs, R activation rows handled together
 // (up to 4: the unpacked weight block is reused for each), nb blocks per row.
 //
-// Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it; otherwise plain C++ of the same
-// integer arithmetic. Threads come from torch's intra-op pool (at::parallel_for over N).
+// Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it, with VNNI dot products where the CPU has
+// AVX-512-VNNI or AVX-VNNI; otherwise plain C++ of the same integer arithmetic (ARM builds take this one,
+// auto-vectorized by the compiler: no NEON path is written yet). Threads come from torch's intra-op pool
+// (at::parallel_for over N).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -197,9 +199,16 @@ inline __m256i bits32(const uint8_t* p) {
   b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
   return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
 }
-// unsigned bytes u times signed bytes s, summed in pairs then quads -> 8 int32
+// unsigned bytes u times signed bytes s, summed in quads -> 8 int32 (one VNNI instruction where the CPU
+// has it; the same sums either way, since no pair of our products reaches int16's saturation)
 inline __m256i dot_us(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
@@ -729,7 +738,9 @@ at::Tensor ggml_dequant(const at::Tensor& w, int64_t type, int64_t k) {
 }
 
 std::string simd() {
-#ifdef MC_AVX2
+#if defined(MC_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+  return "avx2+vnni";
+#elif defined(MC_AVX2)
   return "avx2";
 #else
   return "generic";
