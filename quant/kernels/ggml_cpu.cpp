@@ -696,14 +696,17 @@ at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, in
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t ws = w.stride(0);
   float* op = out.data_ptr<float>();
-  // Each task takes a range of weight rows; every row is read once and dotted with all M rows.
+  // Each task takes a range of weight rows. Rows go in groups of JB (a few KB each, kept in L1/L2) and
+  // each group meets the activations 4 rows at a time: the activations stream from L2 once per group
+  // instead of once per weight row, and every weight block is unpacked once per 4 activation rows.
+  constexpr int64_t JB = 16;
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, n / (4 * at::get_num_threads())));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     const uint8_t* rows[4];
     const float *dx[4], *sx[4];
     float res[4];
-    for (int64_t j = b; j < e; ++j) {
-      const uint8_t* wr = wp + (rp ? rp[j] : j) * ws;
+    for (int64_t jb = b; jb < e; jb += JB) {
+      const int64_t je = std::min(e, jb + JB);
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int64_t cnt = std::min<int64_t>(4, m - r0);
         for (int64_t r = 0; r < cnt; ++r) {
@@ -711,13 +714,16 @@ at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, in
           dx[r] = scales.data() + 2 * (r0 + r) * nb;
           sx[r] = dx[r] + nb;
         }
-        switch (cnt) {
-          case 1: dot_rows<1>(type, nb, wr, rows, dx, sx, res); break;
-          case 2: dot_rows<2>(type, nb, wr, rows, dx, sx, res); break;
-          case 3: dot_rows<3>(type, nb, wr, rows, dx, sx, res); break;
-          default: dot_rows<4>(type, nb, wr, rows, dx, sx, res); break;
+        for (int64_t j = jb; j < je; ++j) {
+          const uint8_t* wr = wp + (rp ? rp[j] : j) * ws;
+          switch (cnt) {
+            case 1: dot_rows<1>(type, nb, wr, rows, dx, sx, res); break;
+            case 2: dot_rows<2>(type, nb, wr, rows, dx, sx, res); break;
+            case 3: dot_rows<3>(type, nb, wr, rows, dx, sx, res); break;
+            default: dot_rows<4>(type, nb, wr, rows, dx, sx, res); break;
+          }
+          for (int64_t r = 0; r < cnt; ++r) op[(r0 + r) * n + j] = res[r];
         }
-        for (int64_t r = 0; r < cnt; ++r) op[(r0 + r) * n + j] = res[r];
       }
     }
   });
