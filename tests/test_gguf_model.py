@@ -114,7 +114,7 @@ MULTILINGUAL = (
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("text,n,top1", [(TEXT * 2, 384, 0.98), (TEXT + MULTILINGUAL + TEXT + MULTILINGUAL, 512, 0.96)],
+@pytest.mark.parametrize("text,n,top1", [(TEXT * 3, 384, 0.98), (TEXT + MULTILINGUAL + TEXT + MULTILINGUAL, 512, 0.96)],
                          ids=["english-384", "multilingual-512"])
 def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol, text, n, top1):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF oracle (not in CI)")
@@ -137,7 +137,7 @@ def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol, text, n, top1):
     # llama.cpp quantizes activations to 8 bits; a float implementation (transformers' fp32
     # dequantization gives the same logits as our float path) agrees at ~95-97% on such text. With the
     # native kernels the head reads its own Q8_0 blocks (no bf16 copy) and scales stay fp16: measured
-    # 0.9858 / ppl -0.12% (English), 0.9688 / -0.18% (multilingual; the integer path for every row gives
+    # 0.9896 / ppl -0.10% (English), 0.9688 / -0.18% (multilingual; the integer path for every row gives
     # 0.965, and llama.cpp with an f32 KV cache and no flash attention moves by < 0.01).
     if native.available():
         assert agree >= top1
