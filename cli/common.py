@@ -3,7 +3,6 @@ sampling flags, stats."""
 
 from __future__ import annotations
 
-import resource
 import sys
 from dataclasses import asdict, dataclass
 
@@ -14,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import store
 from runtime import LoadedModel, load_model
-from runtime.device import set_threads
+from runtime.device import peak_cuda_bytes, peak_rss_bytes, set_threads
 from runtime.loader import local_path
 
 err = Console(stderr=True, highlight=False)
@@ -118,10 +117,9 @@ def cpu_threads(m) -> str:
 
 
 def peak_memory() -> str:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = f"peak RSS {rss / 2**20:.0f} MiB"
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
-        out += f", peak CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    out = f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB"
+    if peak_cuda_bytes():
+        out += f", peak CUDA {peak_cuda_bytes() / 2**20:.0f} MiB"
     return out
 
 
