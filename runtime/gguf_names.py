@@ -7,6 +7,7 @@
     ssm(mixer, version, bcdt_norms)      ssm_in, ssm_conv1d, Mamba-1's ssm_x/ssm_dt (+ Jamba's dt/B/C norms)
                                  or Mamba-2's dt_bias, ssm_a, ssm_d, Mamba-2's ssm_norm, ssm_out
     ffn(norm, mlp), moe(moe)     the feed-forward norm and SwiGLU rows; router and stacked experts
+    metadata(meta, arch)         get(key, default): an `{arch}.*` metadata value, KeyError when absent
 
 The loader (runtime/loader.py) reads GGUF files through these tables and the writer (quant/gguf_out.py)
 names its tensors with them. Layout transforms the SSM architectures share (llama.cpp stores
@@ -17,6 +18,7 @@ ssm_write_transform, and ssm_bias_config (the optional Mamba biases only the ten
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,6 +108,19 @@ def moe(moe: str) -> dict[str, str]:
     """The router and the stacked experts (X, out, in): gate = w1, up = w3, down = w2."""
     return {"ffn_gate_inp.weight": f"{moe}.gate.weight", "ffn_gate_exps.weight": f"{moe}.w1",
             "ffn_up_exps.weight": f"{moe}.w3", "ffn_down_exps.weight": f"{moe}.w2"}
+
+
+def metadata(meta: dict[str, Any], arch: str) -> Callable[..., Any]:
+    """get(key, default=None) -> meta[f"{arch}.{key}"], or the default; KeyError naming the key when
+    there is neither (the loader reports it as missing metadata)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise KeyError(f"{arch}.{key}")
+        return v
+
+    return get
 
 
 # ---------------------------------------------------------------- SSM layouts shared by mamba, mamba2, jamba

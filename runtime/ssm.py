@@ -359,7 +359,7 @@ class SSMBackbone(nn.Module):
 
 
 class SSMModel(LanguageModel):
-    """The pure-SSM language model; a subclass supplies make_mixer(args) and sanitize.
+    """The pure-SSM language model; a subclass supplies make_mixer(args) (and its checkpoints' quirks).
 
     Args fields read here: vocab_size, hidden_size, num_hidden_layers, layer_norm_epsilon,
     residual_in_fp32, tie_word_embeddings. Cache: one SSMState per layer (the mixer's make_state).
@@ -395,3 +395,12 @@ class SSMModel(LanguageModel):
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
+
+    @staticmethod
+    def sanitize(weights: dict[str, Tensor], args) -> dict[str, Tensor]:
+        """mamba_ssm's `backbone.embedding` -> `backbone.embeddings`; the tied head."""
+        out = {name.replace("backbone.embedding.", "backbone.embeddings.", 1)
+               if name.startswith("backbone.embedding.") else name: t for name, t in weights.items()}
+        if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
+            out["lm_head.weight"] = out["backbone.embeddings.weight"]
+        return out

@@ -3,7 +3,8 @@
 An architecture is one module (registered in runtime/registry.py) with:
 
     Args                          a dataclass; Args.from_config(cfg) reads an HF-style config dict
-                                  (KeyError / TypeError / ValueError when a field is missing or bad) and
+                                  (KeyError / TypeError / ValueError when a field is missing or bad;
+                                  require() checks the mandatory keys) and
                                   has vocab_size, num_hidden_layers, tie_word_embeddings, context_length
                                   (None: unlimited, a recurrent state)
     Model(LanguageModel)          built from Args on the meta device, then loaded over:
@@ -57,6 +58,16 @@ class LanguageModel(nn.Module):
     def sanitize(weights: dict[str, torch.Tensor], args: Any) -> dict[str, torch.Tensor]:
         """Checkpoint tensors -> the module's names and shapes (default: as they are)."""
         return weights
+
+
+def require(cfg: dict[str, Any], keys: list[str], silu: bool = False) -> None:
+    """For Args.from_config: KeyError naming the missing keys; ValueError for an activation other than
+    silu when `silu` (the SSM and hybrid blocks hard-wire it)."""
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise KeyError(", ".join(missing))
+    if silu and cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
 
 
 def _no_tensor_config(names: set[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from runtime.layers import (
     ffn_block_step,
     stack_experts,
 )
-from runtime.models.base import LanguageModel
+from runtime.models.base import LanguageModel, require
 from runtime.ssm import MambaMixer, ssm_block_step
 
 
@@ -71,12 +71,8 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        require(cfg, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"],
+                silu=True)
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rank = cfg.get("mamba_dt_rank", "auto")
         a = cls(
@@ -254,11 +250,7 @@ gguf_write_transform = gguf_names.ssm_write_transform
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """An HF-style Jamba config from llama.cpp `jamba` metadata (MoE layers: config_from_gguf_tensors)."""
 
-    def get(key: str, default: Any = None) -> Any:
-        v = meta.get(f"jamba.{key}", default)
-        if v is None:
-            raise KeyError(f"jamba.{key}")
-        return v
+    get = gguf_names.metadata(meta, "jamba")
 
     layers, hidden = int(get("block_count")), int(get("embedding_length"))
     kv = get("attention.head_count_kv")

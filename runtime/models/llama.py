@@ -26,7 +26,7 @@ from torch import nn
 from runtime import gguf_names
 from runtime.cache import KVCache, RollingKVCache, cache_offset
 from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step, embedding, stack_experts
-from runtime.models.base import LanguageModel
+from runtime.models.base import LanguageModel, require
 
 
 def rope_theta(cfg: dict[str, Any], default: float = 10000.0) -> float:
@@ -64,10 +64,7 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
+        require(cfg, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"])
         heads = int(cfg["num_attention_heads"])
         window = cfg.get("sliding_window") if cfg.get("model_type") in ("mistral", "mixtral") else None
         if cfg.get("use_sliding_window") is False:

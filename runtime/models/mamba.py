@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from runtime import gguf_names
+from runtime.models.base import require
 from runtime.ssm import MambaMixer, SSMModel
 
 
@@ -56,12 +57,7 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "state_size", "num_hidden_layers"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        require(cfg, ["vocab_size", "hidden_size", "state_size", "num_hidden_layers"], silu=True)
         hidden = int(cfg["hidden_size"])
         rank = cfg.get("time_step_rank", "auto")
         falcon = cfg.get("model_type") == "falcon_mamba"
@@ -97,17 +93,10 @@ class Model(SSMModel):
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
-        """Quirks: mamba_ssm's `backbone.embedding`; Falcon-Mamba's dummy norm weights; the tied head."""
-        out: dict[str, torch.Tensor] = {}
-        for name, t in weights.items():
-            if name.startswith("backbone.embedding."):
-                name = name.replace("backbone.embedding.", "backbone.embeddings.", 1)
-            if args.bcdt_norm == "weightless" and name.endswith("_layernorm.weight"):
-                continue
-            out[name] = t
-        if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
-            out["lm_head.weight"] = out["backbone.embeddings.weight"]
-        return out
+        """Falcon-Mamba's dummy dt/B/C norm weights dropped; then SSMModel's quirks."""
+        if args.bcdt_norm == "weightless":
+            weights = {name: t for name, t in weights.items() if not name.endswith("_layernorm.weight")}
+        return SSMModel.sanitize(weights, args)
 
 
 # ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
@@ -121,11 +110,7 @@ GGUF_NAMES = gguf_names.table("backbone.embeddings", "backbone.norm_f", "backbon
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """An HF-style config from llama.cpp `mamba` metadata (Falcon-Mamba when ssm.dt_b_c_rms)."""
 
-    def get(key: str, default: Any = None) -> Any:
-        v = meta.get(f"mamba.{key}", default)
-        if v is None:
-            raise KeyError(f"mamba.{key}")
-        return v
+    get = gguf_names.metadata(meta, "mamba")
 
     hidden = int(get("embedding_length"))
     return {

@@ -37,6 +37,7 @@ from runtime import gguf_names
 from runtime.cache import SSMState
 from runtime.errors import ModelFormatError
 from runtime.layers import input_dtype, rms_normalize
+from runtime.models.base import require
 from runtime.ssm import MAMBA2_CHUNK, SSMModel, causal_conv1d, conv1d_step, ssd_scan, ssd_step
 
 
@@ -102,12 +103,7 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        require(cfg, ["vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim"], silu=True)
         a = cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -198,7 +194,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.split([self.inner, gn, gn], dim=-1)  # (B, T, .)
         bc = (b, t, self.groups, self.state)
         y, _ = ssd_scan(x.reshape(b, t, self.heads, self.head_dim), self._dt(dt), A, B.reshape(bc),
-                            C.reshape(bc), self.D.float(), ssm_state, self.chunk)
+                        C.reshape(bc), self.D.float(), ssm_state, self.chunk)
         if cache is not None:
             cache.offset += t
         y = self.norm(y.reshape(b, t, self.inner), z)
@@ -213,8 +209,8 @@ class Mamba2Mixer(nn.Module):
         xbc = F.silu(conv1d_step(xbc.float(), conv_w, conv_b, conv))  # (B, C)
         x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
         y = ssd_step(x.view(b, self.heads, self.head_dim), self._dt(dt), A,
-                         B.view(b, self.groups, self.state), C.view(b, self.groups, self.state),
-                         self.D.float(), state)
+                     B.view(b, self.groups, self.state), C.view(b, self.groups, self.state),
+                     self.D.float(), state)
         y = self.norm(y.reshape(b, self.inner), z)
         return self.out_proj(y.to(input_dtype(self.out_proj)))
 
@@ -228,17 +224,8 @@ class Model(SSMModel):
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
-        """mistral-inference names (`model.` prefix, `backbone.embedding`) -> HF names; the tied head."""
-        out: dict[str, torch.Tensor] = {}
-        for name, t in weights.items():
-            if name.startswith("model."):
-                name = name[len("model."):]
-            if name.startswith("backbone.embedding."):
-                name = name.replace("backbone.embedding.", "backbone.embeddings.", 1)
-            out[name] = t
-        if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
-            out["lm_head.weight"] = out["backbone.embeddings.weight"]
-        return out
+        """mistral-inference names (a `model.` prefix) -> HF names; then SSMModel's quirks."""
+        return SSMModel.sanitize({name.removeprefix("model."): t for name, t in weights.items()}, args)
 
 
 # ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
@@ -252,11 +239,7 @@ GGUF_NAMES = gguf_names.table("backbone.embeddings", "backbone.norm_f", "backbon
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """An HF-style Mamba2 config from llama.cpp `mamba2` metadata."""
 
-    def get(key: str, default: Any = None) -> Any:
-        v = meta.get(f"mamba2.{key}", default)
-        if v is None:
-            raise KeyError(f"mamba2.{key}")
-        return v
+    get = gguf_names.metadata(meta, "mamba2")
 
     inner, heads = int(get("ssm.inner_size")), int(get("ssm.time_step_rank"))
     hidden = int(get("embedding_length"))
