@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import typer
@@ -85,10 +86,10 @@ class DownloadBars:
         self.tasks[name] = (task, done)
 
 
-def resolve(model: str):
+def resolve(model: str) -> Path:
     """A model argument -> a local folder or .gguf: a local path as it is, else through the store (a
     first use pulls, with download bars on stderr)."""
-    def pull_with_bars(name: str):
+    def pull_with_bars(name: str) -> Path:
         with DownloadBars(err) as bars:
             return store.resolve_model(name, progress=bars)
 
