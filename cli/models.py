@@ -86,7 +86,7 @@ def rm(model: str = typer.Argument(..., help="Alias, owner/repo (all of its mode
     removal = store.plan_removal(entries)
     for e in entries:
         out.print(f"{e.name} @ {e.commit[:12]}: {e.path}", soft_wrap=True)
-    shared = len({p.resolve() for p in removal.links if p.is_symlink()}) - len(removal.blobs)
+    shared = removal.shared
     note = f" ({shared} files kept: other snapshots use them)" if shared > 0 else ""
     if not yes:
         if not sys.stdin.isatty():

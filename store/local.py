@@ -222,6 +222,11 @@ class Removal:
     def freed(self) -> int:
         return sum(b.stat().st_size for b in self.blobs if b.is_file())
 
+    @property
+    def shared(self) -> int:
+        """Blobs the links point at that stay: other snapshots use them."""
+        return len({p.resolve() for p in self.links if p.is_symlink()}) - len(self.blobs)
+
 
 def plan_removal(entries: list[StoreEntry]) -> Removal:
     """The snapshot files of `entries` and the blobs only they use (other snapshots keep theirs)."""
