@@ -18,6 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fixtures import build_tiny, hf_model  # noqa: E402
+
+from runtime import load_model  # noqa: E402
+from runtime.cache import cache_nbytes  # noqa: E402
 
 
 def hf_cache_bytes(pkv) -> int:
@@ -30,8 +36,6 @@ def hf_cache_bytes(pkv) -> int:
 
 
 def bench_ours(m, ids: torch.Tensor, n: int) -> tuple[float, int]:
-    from runtime.cache import cache_nbytes
-
     cache = m.make_cache()
     for i in range(0, ids.shape[1], 512):
         logits = m.forward(ids[:, i : i + 512], cache)
@@ -66,10 +70,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from fixtures import build_tiny, hf_model
-
-    from runtime import load_model
-
     cfg = dict(hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 2, num_hidden_layers=a.layers,
                num_attention_heads=a.hidden // 64, num_key_value_heads=max(1, a.hidden // 256),
                sliding_window=a.window, max_position_embeddings=32768)

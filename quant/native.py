@@ -84,10 +84,10 @@ def _register_fakes() -> None:
 def load(on_build: Callable[[], AbstractContextManager] | None = None) -> str | None:
     """Load the kernels, building them first if this machine has no build yet. Returns None when loaded,
     else why not (no compiler, turned off, a failed build). on_build wraps a build (a spinner)."""
+    if os.environ.get("MAMBA_CLI_NO_NATIVE"):  # checked on every call: a test or a caller may set it late
+        return "turned off (MAMBA_CLI_NO_NATIVE)"
     if "error" in _state:
         return _state["error"]
-    if os.environ.get("MAMBA_CLI_NO_NATIVE"):
-        return "turned off (MAMBA_CLI_NO_NATIVE)"
     _state["error"] = why = _load(on_build)
     return why
 

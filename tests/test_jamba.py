@@ -12,9 +12,10 @@ import pytest
 import torch
 from fixtures import build_tiny, hf_model, prompt, rel
 
-from runtime import build_module, load_model
+from runtime import load_model
 from runtime.cache import KVCache, SSMState, cache_nbytes, load_cache, save_cache
 from runtime.generate import Session, generate
+from runtime.loader import build_module
 from runtime.models import jamba
 
 J = "JambaForCausalLM"

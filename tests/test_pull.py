@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer, make_repos
 
-from runtime import hub
+import store as hub
 from runtime.errors import MambaCliError, ModelFormatError
 
 ROOT = Path(__file__).resolve().parents[1]

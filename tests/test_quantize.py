@@ -35,6 +35,7 @@ from fixtures import (
     spm_model_folder,
 )
 
+from quant import native
 from quant.formats import GGMLType
 from quant.gguf_out import plan_from_source, write_gguf
 from quant.recipe import tensor_types, use_more_bits
@@ -242,8 +243,10 @@ def test_quantized_file_runs_here_and_in_llama_cpp(name, qtype, quant_dir, monke
     ids = torch.tensor([torch.randint(3, 320, (300,), generator=torch.Generator().manual_seed(1)).tolist()])
     ours = load_model(path, device="cpu").forward(ids)[0]
     monkeypatch.setenv("MAMBA_CLI_NO_INT4_KERNEL", "1")  # the float fallback: dequantized weights, fp32
+    monkeypatch.setenv("MAMBA_CLI_NO_NATIVE", "1")
     exact = load_model(path, device="cpu").forward(ids)[0]
     monkeypatch.delenv("MAMBA_CLI_NO_INT4_KERNEL")
+    monkeypatch.delenv("MAMBA_CLI_NO_NATIVE")
     fp32 = load_model(folder, device="cpu").forward(ids)[0]
     # 0.97: prefill matmuls of >= DENSE_ROWS tokens run fp32 activations, smaller ones (MoE experts) the
     # bf16-activation kernel; on random weights the routing flips on a few decisive positions (mixtral
@@ -262,21 +265,29 @@ def test_quantized_file_runs_here_and_in_llama_cpp(name, qtype, quant_dir, monke
     assert agree > agreement(ours, fp32)[0] + 0.2  # both run the same 4-bit model, not just a nearby one
 
 
+@pytest.mark.parametrize("path_kind", ["int4", "native"])
 @pytest.mark.parametrize("name", ["mixtral", "jamba"])
-def test_4bit_experts_stay_4bit(name, quant_dir, monkeypatch):
-    """Q4_0 expert stacks load as one int4 linear per expert (not dequantized floats), and compute
-    what the dequantized float experts compute (the exact fallback, fp32 activations)."""
-    from quant.linear import QuantLinear
+def test_4bit_experts_stay_4bit(name, path_kind, quant_dir, monkeypatch):
+    """Q4_0 expert stacks load as one 4-bit linear per expert (not dequantized floats) and compute what
+    the dequantized float experts compute: torch's int4 path (its exact fallback, fp32 activations), and
+    the native kernels reading each expert's blocks in place from the file (8-bit activations below
+    BLOCK_DENSE_ROWS rows, so within their rounding)."""
+    from quant.linear import BlockLinear, QuantLinear
     from runtime.layers import MoE
 
+    if path_kind == "native" and not native.available():
+        pytest.skip(f"native kernels: {native.load()}")
     _, path = _written(quant_dir, name, "q4_0")
-    monkeypatch.setenv("MAMBA_CLI_NO_INT4_KERNEL", "1")
+    if path_kind == "int4":
+        monkeypatch.setenv("MAMBA_CLI_NO_INT4_KERNEL", "1")
+        monkeypatch.setenv("MAMBA_CLI_NO_NATIVE", "1")
     m = load_model(path, device="cpu")
     moes = [mod for mod in m.module.modules() if isinstance(mod, MoE)]
     assert moes
+    kind = QuantLinear if path_kind == "int4" else BlockLinear
     for moe in moes:
         assert not any(hasattr(moe, w) for w in ("w1", "w2", "w3"))
-        assert all(isinstance(e, QuantLinear) for q in (moe.q1, moe.q2, moe.q3) for e in q)
+        assert all(isinstance(e, kind) for q in (moe.q1, moe.q2, moe.q3) for e in q)
         assert len(moe.q1) == moe.n_experts
     ids = torch.randint(3, 320, (1, 40), generator=torch.Generator().manual_seed(2))
 
@@ -292,7 +303,8 @@ def test_4bit_experts_stay_4bit(name, quant_dir, monkeypatch):
             delattr(moe, "q" + w[1])
             setattr(moe, w, torch.nn.Parameter(stacked, requires_grad=False))
     want, want_steps = run()
-    assert rel(got, want) < 1e-4 and rel(got_steps, want_steps) < 1e-4
+    tol = 1e-4 if path_kind == "int4" else 3e-2  # measured 0.6-1.2e-2 with 8-bit activations
+    assert rel(got, want) < tol and rel(got_steps, want_steps) < tol
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import hashlib
 from hub_server import Repo
 from test_pull import HF_FILES, env, one_line_error, run_cli, served, server  # noqa: F401 (fixtures)
 
-from runtime import hub
+import store as hub
 
 
 def n_params(repo: Repo) -> int:
