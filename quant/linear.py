@@ -249,7 +249,6 @@ class BlockLinear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
-
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         # x : (M, K) -> (M, N): per tile of weight rows, dequantize and multiply while it is in cache
         n, k = self.blocks.shape[0], self.in_features
