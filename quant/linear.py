@@ -253,11 +253,15 @@ class BlockLinear(nn.Module):
         # x : (M, K) -> (M, N): per tile of weight rows, dequantize and multiply while it is in cache
         n, k = self.blocks.shape[0], self.in_features
         step = max(64, DENSE_TILE // k)
+        if n <= step:  # one tile: the GEMM writes (M, N) directly
+            y = F.linear(x, torch.ops.mamba_cli.ggml_dequant(self.blocks, self.ggml_type, k))
+            return y if self.rows is None else y.index_select(1, self.rows)
         yt = torch.empty(n, x.shape[0])
         for n0 in range(0, n, step):
             w = torch.ops.mamba_cli.ggml_dequant(self.blocks[n0:n0 + step], self.ggml_type, k)
             torch.mm(w, x.t(), out=yt[n0:n0 + step])
-        return yt.t() if self.rows is None else yt.index_select(0, self.rows).t()
+        # contiguous (M, N): a transposed view would push later ops (SDPA's flash kernel) to slow paths
+        return (yt if self.rows is None else yt.index_select(0, self.rows)).t().contiguous()
 
 
 class BlockEmbedding(nn.Module):
