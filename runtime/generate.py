@@ -134,6 +134,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     """Pick the next token from logits [V] (float32)."""
     if temperature <= 0:
         return int(torch.argmax(logits))
+    probs = sampling_weights(logits, temperature, top_k, top_p, min_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0) -> torch.Tensor:
+    """What sample() draws from at temperature > 0: weights [V], 0 for filtered tokens (not renormalized)."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -146,7 +153,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     probs = torch.softmax(logits, -1)
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return probs
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:

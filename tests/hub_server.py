@@ -333,8 +333,9 @@ def make_repos(work: Path) -> tuple[list[Repo], Path]:
     import random
 
     import torch
-    from fixtures import build_tiny
     from safetensors.torch import save
+
+    from tests.fixtures import build_tiny
 
     llama = build_tiny("LlamaForCausalLM", LLAMA_CFG)
     hf_files = {p.name: p.read_bytes() for p in llama.iterdir()

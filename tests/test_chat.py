@@ -8,12 +8,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fixtures import tiny_tokenizer_files
-from test_tokenizer import metaspace_folder, smol, spm_folder  # noqa: F401  (smol is a fixture)
 
 from runtime import chat
 from runtime.errors import MambaCliError
 from runtime.tokenizer import Tokenizer
+from tests.fixtures import tiny_tokenizer_files
+from tests.test_tokenizer import metaspace_folder, smol, spm_folder  # noqa: F401  (smol is a fixture)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
@@ -73,7 +73,8 @@ def test_mistral_formats_match_mistral_common(request, version, conv):
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    from test_tokenizer import MISTRAL
+
+    from tests.test_tokenizer import MISTRAL
 
     tok = request.getfixturevalue(version)
     messages = CONVERSATIONS[conv]

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures import build_tiny
 from rich.console import Console
 
 from cli.chat import Chat
 from cli.common import Sampling
 from runtime import load_model
+from tests.fixtures import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {

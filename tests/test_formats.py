@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-import ggml_oracle
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from quant.formats import GGML_BLOCKS, QK_K, GGMLType, dequantize, quantize, to_int4
+from tests import ggml_oracle
 
 F16_FIELDS = {  # byte ranges of the fp16 numbers in each block
     GGMLType.Q4_0: [(0, 2)], GGMLType.Q4_1: [(0, 4)], GGMLType.Q5_0: [(0, 2)], GGMLType.Q5_1: [(0, 4)],

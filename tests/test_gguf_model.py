@@ -10,16 +10,16 @@ import math
 
 import pytest
 import torch
-from fixtures import (
+
+from quant.linear import QuantLinear
+from runtime import load_model
+from tests.fixtures import (
     build_tiny,
     check_converted_matches_transformers,
     convert_with_llama_cpp,
     smollm2_gguf,
     spm_model_folder,
 )
-
-from quant.linear import QuantLinear
-from runtime import load_model
 
 LLAMA_CONFIGS = {
     "llama-gqa2": ("LlamaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,

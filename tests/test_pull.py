@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, make_repos
 
 from runtime import hub
 from runtime.errors import MambaCliError, ModelFormatError
+from tests.hub_server import HubServer, make_repos
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

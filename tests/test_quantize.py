@@ -27,19 +27,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import (
-    build_tiny,
-    check_converted_matches_transformers,
-    convert_with_llama_cpp,
-    rel,
-    spm_model_folder,
-)
 
 from quant.formats import GGMLType
 from quant.gguf_out import plan_from_source, write_gguf
 from quant.recipe import tensor_types, use_more_bits
 from runtime import load_model
 from runtime.weights import read_gguf
+from tests.fixtures import (
+    build_tiny,
+    check_converted_matches_transformers,
+    convert_with_llama_cpp,
+    rel,
+    spm_model_folder,
+)
 
 M1, F1, M2, J = "MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM", "JambaForCausalLM"
 
