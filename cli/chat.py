@@ -123,13 +123,18 @@ class Chat:
     def save(self, path: str) -> None:
         from runtime.cache import save_cache
 
+        # An SSM state cannot rewind, and the last reply may re-tokenize differently in the next prompt:
+        # save the state where the last prompt ended (the session's checkpoint), which the next prompt
+        # always extends, so a resumed chat prefills only the last reply and the new turn.
+        n, cache = self.session.checkpoint or (len(self.session.tokens), self.session.cache)
+        tokens = self.session.tokens[:n]
         meta = {"format": "mamba-cli-chat/1", "model": self.m.source, "arch": self.m.arch,
-                "fingerprint": model_fingerprint(self.m), "tokens": self.session.tokens,
+                "fingerprint": model_fingerprint(self.m), "tokens": tokens,
                 "messages": self.messages, "system": self.system}
-        save_cache(path, self.session.cache, meta)
+        save_cache(path, cache, meta)
         size = Path(path).stat().st_size
         self.console.print(f"[dim]saved {len(self.messages)} messages and the model state "
-                           f"({len(self.session.tokens)} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
+                           f"({len(tokens)} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
 
     def load(self, path: str) -> None:
         from runtime.cache import load_cache
