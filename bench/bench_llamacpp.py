@@ -1,6 +1,6 @@
 """Ours vs llama.cpp (llama-cpp-python) on the same GGUF files, alternating, in one process.
 
-    python bench/bench_llamacpp.py FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
+    python -m bench.bench_llamacpp FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
 
 For each file: load time (to a usable model; ours plus the time to compile the decode step, see
 runtime/compile.py, unless --no-compile), prefill tokens/s for -p tokens (next-token logits only, as
@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def ours_run(m, ids: list[int], n: int) -> tuple[float, float]:

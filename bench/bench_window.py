@@ -4,20 +4,16 @@ A Mistral-shaped random model (window 4096, as Mistral 7B v0.1) is saved with tr
 runtimes prefill to each context depth and decode N tokens, alternating, in one process, on the CPU.
 Our cache memory is read from the cache objects; transformers' from its DynamicCache tensors.
 
-    python bench/bench_window.py [--hidden 512 --layers 8 --window 4096 --decode 32 --threads 2]
+    python -m bench.bench_window [--hidden 512 --layers 8 --window 4096 --decode 32 --threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def hf_cache_bytes(pkv) -> int:
@@ -66,9 +62,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from fixtures import build_tiny, hf_model
-
     from runtime import load_model
+    from tests.fixtures import build_tiny, hf_model
 
     cfg = dict(hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 2, num_hidden_layers=a.layers,
                num_attention_heads=a.hidden // 64, num_key_value_heads=max(1, a.hidden // 256),

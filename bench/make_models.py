@@ -1,7 +1,7 @@
 """Build the benchmark models: random weights in real shapes, saved with transformers, 4-bit GGUF via
 `mamba-cli quantize` (byte-identical to llama.cpp's own quantizer; see tests/test_quantize.py).
 
-    python bench/make_models.py            # -> bench/.cache/*.gguf (git-ignored), paths printed
+    python -m bench.make_models            # -> bench/.cache/*.gguf (git-ignored), paths printed
 
 Shapes: mamba-130m (d_model 768, 24 layers), a Mamba-2 of similar size (d_model 768, 24 layers,
 head dim 64, d_state 128), a small Jamba (d_model 768, 8 layers, attention 1 in 4, MoE 1 in 2,
@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 OUT = ROOT / "bench" / ".cache"
 
 MODELS = {
@@ -33,7 +32,7 @@ MODELS = {
 
 
 def main() -> None:
-    from fixtures import build_tiny, spm_model_folder
+    from tests.fixtures import build_tiny, spm_model_folder
 
     OUT.mkdir(parents=True, exist_ok=True)
     for name, (cls, cfg) in MODELS.items():
