@@ -38,11 +38,11 @@ def case(request):
 
 
 def hf_greedy(ref, ids: torch.Tensor, n: int) -> list[int]:
-    """n greedy tokens by transformers, each from a full forward of everything so far (no cache)."""
-    out = ids
+    """n greedy tokens by transformers' generate() (its own cache), whatever they are (no EOS stop)."""
+    ref.generation_config.eos_token_id = None
     with torch.no_grad():
-        for _ in range(n):
-            out = torch.cat([out, ref(out).logits[:, -1:].argmax(-1)], dim=1)
+        out = ref.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + n
     return out[0, ids.shape[1]:].tolist()
 
 
