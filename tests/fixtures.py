@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -62,6 +63,32 @@ def llama_cpp():
     """llama-cpp-python's module (llama.cpp, the GGUF oracle), or missing_oracle()."""
     return need("llama_cpp", f"needs llama-cpp-python (the GGUF oracle): "
                              f"pip install llama-cpp-python=={LLAMA_CPP_VERSION}, a ~10 min source build")
+
+
+class WorkExceeded(Exception):
+    """Raised inside code run under calls_bounded() once it makes more Python calls than allowed."""
+
+
+class calls_bounded:
+    """`with calls_bounded(limit) as work:` counts the Python-level calls (functions and builtins) made
+    inside, in work.calls, and stops the code with WorkExceeded past `limit`: a bound on work that a
+    busy machine cannot make flaky, and that ends a runaway loop at once instead of hanging the test."""
+
+    def __init__(self, limit: float = float("inf")):
+        self.limit, self.calls = limit, 0
+
+    def _count(self, frame, event, arg) -> None:
+        if event in ("call", "c_call"):
+            self.calls += 1
+            if self.calls > self.limit:
+                raise WorkExceeded(f"more than {self.limit} Python calls")
+
+    def __enter__(self) -> calls_bounded:
+        sys.setprofile(self._count)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(None)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

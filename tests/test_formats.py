@@ -3,8 +3,6 @@ gguf.quants.dequantize, and the int4 mapping checked through torch's own int4 ke
 
 from __future__ import annotations
 
-import sys
-
 import gguf
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 from quant.formats import GGML_BLOCKS, QK_K, GGMLType, dequantize, quantize, to_int4
 from tests import ggml_oracle
+from tests.fixtures import calls_bounded
 
 F16_FIELDS = {  # byte ranges of the fp16 numbers in each block
     GGMLType.Q4_0: [(0, 2)], GGMLType.Q4_1: [(0, 4)], GGMLType.Q5_0: [(0, 2)], GGMLType.Q5_1: [(0, 4)],
@@ -136,19 +135,9 @@ def test_special_blocks() -> None:
 
 
 def _python_calls(f) -> int:
-    """How many Python-level calls (functions and builtins) f() makes."""
-    n = 0
-
-    def count(frame, event, arg) -> None:
-        nonlocal n
-        n += event in ("call", "c_call")
-
-    sys.setprofile(count)
-    try:
+    with calls_bounded() as work:
         f()
-    finally:
-        sys.setprofile(None)
-    return n
+    return work.calls
 
 
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)

@@ -9,7 +9,6 @@ bounded by the file's header (Python calls per byte) and under 100 MB.
 from __future__ import annotations
 
 import struct
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from quant.formats import GGML_BLOCKS, GGMLType, quantize, to_int4
 from runtime.errors import ModelFormatError
 from runtime.weights import read_gguf
 from tests import ggml_oracle
-from tests.fixtures import llama_cpp_source, smollm2_gguf
+from tests.fixtures import calls_bounded, llama_cpp_source, smollm2_gguf
 
 # ---------------------------------------------------------------------------------------------
 # std::mt19937, as the C++ test seeds it
@@ -285,10 +284,6 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-class WorkExceeded(Exception):
-    pass
-
-
 # read_gguf's work is bounded by the header it parses, not by what the header claims: on the handcrafted
 # files (up to 100 tensors, 100 metadata entries, 2 MB) and the hostile headers it made at most
 # 150 + 1.0 Python calls per header byte (measured; TENSORS_ZERO_DIM: 6,957 calls for 6,848 bytes).
@@ -301,29 +296,18 @@ def _read_bounded(path: Path):
     exceed what the file's size allows, so a loop over a claimed 2^63 entries fails at once instead of
     hanging; a file it accepts must have cost no more than its header's size allows; its peak
     Python/numpy memory stays under 100 MB."""
-    budget = CALLS_FLOOR + CALLS_PER_BYTE * path.stat().st_size
-    calls = 0
-
-    def count(frame, event, arg) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-            if calls > budget:
-                raise WorkExceeded(f"{path.name}: more than {budget} calls")
-
     tracemalloc.start()
-    sys.setprofile(count)
     try:
-        g, err = read_gguf(path), None
+        with calls_bounded(CALLS_FLOOR + CALLS_PER_BYTE * path.stat().st_size) as work:
+            g, err = read_gguf(path), None
     except ModelFormatError as e:
         g, err = None, e
     finally:
-        sys.setprofile(None)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 100 * 2**20, f"{path.name}: {peak / 2**20:.0f} MB"
     if g is not None:
-        assert calls <= CALLS_FLOOR + CALLS_PER_BYTE * g.data_offset, (path.name, calls, g.data_offset)
+        assert work.calls <= CALLS_FLOOR + CALLS_PER_BYTE * g.data_offset, (path.name, work.calls, g.data_offset)
     return g, err
 
 
