@@ -210,10 +210,13 @@ def test_gguf_spm_matches_llama_cpp(tmp_path):
             ll.tokenize(t.encode(), add_bos=False, special=special) for t in texts]
 
 
-def test_gguf_metadata_errors(smol):
-    meta = smol[2]
+def test_gguf_gpt2_pre_tokenizer_must_be_known(smol):
     with pytest.raises(ModelFormatError, match="tokenizer.ggml.pre 'nonesuch' is not supported"):
-        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "nonesuch"})
+        Tokenizer.from_gguf_metadata({**smol[2], "tokenizer.ggml.pre": "nonesuch"})
+
+
+def test_gguf_metadata_errors(tmp_path):
+    meta = gguf_meta(spm_gguf(tmp_path / "spm.gguf", MISTRAL["v1"]))
     with pytest.raises(ModelFormatError, match="no tokenizer.ggml.tokens"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.tokens": []})
     with pytest.raises(ModelFormatError, match="token_type has 3 entries"):
