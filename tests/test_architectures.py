@@ -2,7 +2,8 @@
 
 Per configuration, against transformers (the oracle) on CPU, fp32:
 - logits within 1e-4 relative for prompts of 1, 3, 37 and 300 tokens, and for a batch of two;
-- 32 greedy tokens identical to transformers' greedy continuation, and the text `mamba-cli run` prints;
+- 32 greedy tokens identical to transformers' greedy continuation (and on CLI_CASES, one process each,
+  the text `mamba-cli run` prints);
 - cached decoding (pieces shorter than a conv kernel or a window, longer ones, then single steps)
   equals one full forward, and a batched cache keeps its rows apart;
 - the chunked scans (Mamba layers) equal the sequential reference scans inside the whole model;
@@ -89,12 +90,12 @@ def test_cached_decoding_equals_full_forward(case):
     assert all(c.offset == 70 for c in cache)
 
 
-def test_chunked_scans_equal_sequential_reference(case, monkeypatch):
+@pytest.mark.parametrize("name", [n for n in sorted(ALL) if FAMILY[n] != "llama"])  # the ones with scans
+def test_chunked_scans_equal_sequential_reference(name, monkeypatch):
     """Mamba layers' chunked scans (ssm.selective_scan / ssd_scan) against the token-by-token reference
-    scans they share a signature with, inside the whole model, on 300 tokens (many chunks)."""
-    name, _, m, _ = case
-    if FAMILY[name] == "llama":
-        pytest.skip("attention only: no scan (its chunked prefill is test_cached_decoding_equals_full_forward)")
+    scans they share a signature with, inside the whole model, on 300 tokens (many chunks). (Attention
+    layers' chunked prefill is test_cached_decoding_equals_full_forward's.)"""
+    m = load_model(build_tiny(*ALL[name]), device="cpu")
     ids = prompt(300, 5)
     chunked = m.forward(ids)
     calls = []
@@ -127,10 +128,10 @@ def test_saved_cache_continues_identically(case, tmp_path):
     assert first + rest == straight
 
 
-def test_cli_run_prints_transformers_greedy_text(case):
-    name, folder, m, ref = case
-    if name not in CLI_CASES:
-        pytest.skip(f"the CLI (a process each) runs on {', '.join(CLI_CASES)}")
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_run_prints_transformers_greedy_text(name):
+    folder = build_tiny(*ALL[name])
+    m, ref = load_model(folder, device="cpu"), hf_model(folder)
     text = "The quick brown fox"
     ids = m.tokenizer.encode_prompt(text)
     expect = hf_greedy(ref, torch.tensor([ids]), 24)
