@@ -1,14 +1,12 @@
 """`mamba-cli chat MODEL`: an interactive conversation that keeps the model's cache between turns.
 
-Each turn renders the whole conversation with the chat template and hands it to a Session, which
-prefills only the tokens past what the cache already holds. /save writes the cache itself, so
-`--resume FILE` continues a conversation with no re-prefill.
+Each turn renders the whole conversation with the chat template (runtime.chat.chat_prompt) and hands
+it to a Session, which prefills only the tokens past what the cache already holds. /save writes the
+session's cache itself (Session.save), so `--resume FILE` continues a conversation with no re-prefill.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import signal
 from pathlib import Path
 
@@ -28,7 +26,10 @@ from cli.common import (
     load,
     stats_line,
 )
+from runtime.chat import chat_prompt
 from runtime.errors import MambaCliError
+from runtime.generate import Session, Stats, stream_text
+from runtime.loader import LoadedModel
 
 HELP = """[bold]Commands[/]
   /help               this help
@@ -40,14 +41,6 @@ HELP = """[bold]Commands[/]
   /exit               quit (also Ctrl-D)
 Multi-line input: end a line with \\ to continue, or wrap the text in triple quotes \"\"\".
 Ctrl-C stops a reply in progress and keeps the conversation."""
-
-
-def model_fingerprint(m) -> str:
-    """Identifies the weights a saved state belongs to: config + every tensor's name and shape."""
-    h = hashlib.sha256(json.dumps(m.config, sort_keys=True, default=str).encode())
-    for name, t in m.module.state_dict().items():
-        h.update(f"{name}{tuple(t.shape)}".encode())
-    return h.hexdigest()[:16]
 
 
 class Interrupt:
@@ -73,37 +66,26 @@ class Interrupt:
 
 
 class Chat:
-    def __init__(self, m, sampling: Sampling, system: str | None, console: Console, verbose: bool):
-        from runtime.chat import chat_format, stop_strings
-        from runtime.generate import Session
-
+    def __init__(self, m: LoadedModel, sampling: Sampling, system: str | None, console: Console, verbose: bool):
         self.m, self.sampling, self.console, self.verbose = m, sampling, console, verbose
         self.system = system
         self.messages: list[dict] = []
         self.session = Session(m)
-        self.stop = stop_strings(chat_format(m.tokenizer, arch_hint=m.config.get("model_type")))
         self.stop_ids: list[int] | None = None  # None: the model's EOS ids
 
-    def conversation(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-
     def ids(self) -> list[int]:
-        from runtime.chat import render
-
-        return render(self.conversation(), self.m.tokenizer, arch_hint=self.m.config.get("model_type"))
+        return chat_prompt(self.m, self.messages, self.system)[0]
 
     def reply(self, text: str) -> None:
-        from runtime.generate import Stats, stream_text
-
         self.messages.append({"role": "user", "content": text})
         stats = Stats()
         pieces: list[str] = []
         interrupt = Interrupt()
         try:
+            ids, stop = chat_prompt(self.m, self.messages, self.system)
             with interrupt:
-                for piece in stream_text(self.m, self.ids(), stats=stats, session=self.session,
-                                         stop=self.stop, stop_ids=self.stop_ids, should_stop=interrupt,
-                                         **self.sampling.kwargs()):
+                for piece in stream_text(self.m, ids, stats=stats, session=self.session, stop=stop,
+                                         stop_ids=self.stop_ids, should_stop=interrupt, **self.sampling.kwargs()):
                     pieces.append(piece)
                     self.console.print(piece, end="", style="cyan", markup=False, highlight=False)
         except MambaCliError as e:
@@ -121,39 +103,16 @@ class Chat:
     # ------------------------------------------------------------ state files
 
     def save(self, path: str) -> None:
-        from runtime.cache import save_cache
-
-        # An SSM state cannot rewind, and the last reply may re-tokenize differently in the next prompt:
-        # save the state where the last prompt ended (the session's checkpoint), which the next prompt
-        # always extends, so a resumed chat prefills only the last reply and the new turn.
-        n, cache = self.session.checkpoint or (len(self.session.tokens), self.session.cache)
-        tokens = self.session.tokens[:n]
-        meta = {"format": "mamba-cli-chat/1", "model": self.m.source, "arch": self.m.arch,
-                "fingerprint": model_fingerprint(self.m), "tokens": tokens,
-                "messages": self.messages, "system": self.system}
-        save_cache(path, cache, meta)
+        saved = self.session.save(path, {"messages": self.messages, "system": self.system})
         size = Path(path).stat().st_size
         self.console.print(f"[dim]saved {len(self.messages)} messages and the model state "
-                           f"({len(tokens)} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
+                           f"({saved} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
 
     def load(self, path: str) -> None:
-        from runtime.cache import load_cache
-
-        if not Path(path).is_file():
-            raise MambaCliError(f"{path}: no such file")
-        cache, meta = load_cache(path, self.m.layer_devices(), self._layer_dtypes())
-        if meta.get("fingerprint") != model_fingerprint(self.m):
-            raise MambaCliError(f"{path} was saved with another model ({meta.get('model')}); "
-                                f"load it with that model")
-        self.session.cache, self.session.tokens = cache, list(meta["tokens"])
-        self.session.last_logits = None
+        meta = self.session.load(path)
         self.messages, self.system = list(meta["messages"]), meta.get("system")
         self.console.print(f"[dim]resumed {len(self.messages)} messages ({len(self.session.tokens)} tokens "
                            "in the model state, nothing re-read)[/]")
-
-    def _layer_dtypes(self) -> list:
-        fresh = self.m.make_cache(1)
-        return [getattr(c, "k", getattr(c, "conv", None)).dtype if c is not None else None for c in fresh]
 
     # ------------------------------------------------------------ commands
 

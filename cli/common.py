@@ -1,14 +1,21 @@
-"""Options and helpers shared by the commands: model loading with a status line, sampling flags, stats."""
+"""Options and helpers shared by the commands: model loading with a status line, download bars,
+sampling flags, stats."""
 
 from __future__ import annotations
 
-import resource
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+import store
+from runtime import LoadedModel, load_model
+from runtime.device import peak_cuda_bytes, peak_rss_bytes, set_threads
+from runtime.loader import local_path
 
 err = Console(stderr=True, highlight=False)
 
@@ -44,14 +51,57 @@ class Sampling:
         setattr(self, name, None if (name == "seed" and value.lower() == "none") else kind(value))
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
-         threads: int | None = None):
-    from runtime import load_model
-    from runtime.device import set_threads
+class DownloadBars:
+    """store.download's progress as rich bars: one per file and a total (bytes, rate, ETA); silent
+    unless the console is a terminal. Use as a context manager; the object is the progress callback."""
 
+    def __init__(self, console: Console):
+        self.progress = None
+        self.tasks: dict[str, tuple[object, int]] = {}  # file name -> (its bar, bytes it held last)
+        if console.is_terminal:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=console)
+            self.total = self.progress.add_task("[bold]total", total=0)
+
+    def __enter__(self) -> DownloadBars:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def __call__(self, name: str, done: int, size: int) -> None:
+        if self.progress is None:
+            return
+        if name not in self.tasks:
+            self.tasks[name] = (self.progress.add_task(name, total=size, completed=done), done)
+            self.progress.update(self.total, total=self.progress.tasks[self.total].total + size)
+            self.progress.advance(self.total, done)
+            return
+        task, before = self.tasks[name]
+        self.progress.update(task, completed=done)
+        self.progress.advance(self.total, done - before)
+        self.tasks[name] = (task, done)
+
+
+def resolve(model: str) -> Path:
+    """A model argument -> a local folder or .gguf: a local path as it is, else through the store (a
+    first use pulls, with download bars on stderr)."""
+    def pull_with_bars(name: str) -> Path:
+        with DownloadBars(err) as bars:
+            return store.resolve_model(name, progress=bars)
+
+    return local_path(model, resolve=pull_with_bars)
+
+
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
+         threads: int | None = None) -> LoadedModel:
     set_threads(threads)
+    path = resolve(model)
     with err.status(f"loading {model}…", spinner="dots"):
-        m = load_model(model, device=device, dtype=dtype, gpu_layers=gpu_layers)
+        m = load_model(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
     if compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
                         spinner="dots"):
@@ -68,10 +118,9 @@ def cpu_threads(m) -> str:
 
 
 def peak_memory() -> str:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = f"peak RSS {rss / 2**20:.0f} MiB"
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
-        out += f", peak CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    out = f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB"
+    if peak_cuda_bytes():
+        out += f", peak CUDA {peak_cuda_bytes() / 2**20:.0f} MiB"
     return out
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import sys
 
+import click
 import typer
 from rich.console import Console
 
+from cli import bench, chat, models, perplexity, pull, quantize, run
 from runtime.errors import MambaCliError
 
 app = typer.Typer(
@@ -31,8 +33,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from cli import bench, chat, models, perplexity, pull, quantize, run
-
     app.command("run")(run.run)
     app.command("chat")(chat.chat)
     app.command("pull")(pull.pull)
@@ -65,8 +65,6 @@ def main() -> None:
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except Exception as e:  # click usage errors and unexpected failures
-        import click
-
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         if isinstance(e, click.ClickException):

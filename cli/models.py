@@ -5,14 +5,15 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from runtime.errors import MambaCliError
+import store
+from runtime.errors import MambaCliError, ModelFormatError
 
 
-def _console():
+def _console() -> Console:
     """stdout; wide enough when piped that table cells are not cut."""
-    from rich.console import Console
-
     out = Console(highlight=False)
     if not out.is_terminal:
         out.width = 240
@@ -28,15 +29,10 @@ def _params(n: int) -> str:
 
 def list_models() -> None:
     """List pulled models: name, architecture, parameters, format/quant, size on disk."""
-    from rich.table import Table
-
-    from runtime import hub
-    from runtime.errors import ModelFormatError
-
     out = _console()
-    entries = hub.store_entries()
+    entries = store.store_entries()
     if not entries:
-        out.print(f"no models in {hub.cache_dir()}; pull one with `mamba-cli pull ALIAS` "
+        out.print(f"no models in {store.cache_dir()}; pull one with `mamba-cli pull ALIAS` "
                   "(see `mamba-cli aliases`)")
         return
     table = Table(box=None, pad_edge=False)
@@ -44,20 +40,18 @@ def list_models() -> None:
         table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
     for e in entries:
         try:
-            d = hub.describe(e)
+            d = store.describe(e)
             arch, params, fmt = str(d["architecture"]), _params(d["parameters"]), d["format"]
         except ModelFormatError:
             arch, params, fmt = "unreadable", "?", e.kind
         rev = ",".join(e.refs) + f"@{e.commit[:8]}" if e.refs else e.commit[:12]
-        table.add_row(e.name, e.alias or "", arch, params, fmt, hub.format_size(e.size()), rev)
+        table.add_row(e.name, e.alias or "", arch, params, fmt, store.format_size(e.size()), rev)
     out.print(table)
 
 
-def _entry(model: str, revision: str | None):
-    from runtime import hub
-
-    entries = hub.find_entries(model)
-    local = hub.find_local(hub.parse_ref(model), revision)
+def _entry(model: str, revision: str | None) -> store.StoreEntry:
+    entries = store.find_entries(model)
+    local = store.find_local(store.parse_ref(model), revision)
     for e in entries:
         if e.path == local:
             return e
@@ -70,10 +64,8 @@ def show(model: str = typer.Argument(..., help="Alias, owner/repo or owner/repo:
          revision: str = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: main).")
          ) -> None:
     """Show a pulled model: config summary, context length, quant, chat template, files."""
-    from runtime import hub
-
     out = _console()
-    d = hub.describe(_entry(model, revision))
+    d = store.describe(_entry(model, revision))
     rows = [("name", d["name"]), ("alias", d["alias"] or "-"), ("path", d["path"]),
             ("revision", ", ".join(d["refs"]) + f" @ {d['commit']}" if d["refs"] else d["commit"]),
             ("architecture", d["architecture"]),
@@ -82,12 +74,12 @@ def show(model: str = typer.Argument(..., help="Alias, owner/repo or owner/repo:
             ("context length", d["context_length"] or "-"), ("sliding window", d["window"] or "-"),
             ("hidden size", d["hidden_size"] or "-"), ("layers", d["layers"] or "-"),
             ("vocab size", d["vocab_size"] or "-"), ("chat template", "yes" if d["chat_template"] else "no"),
-            ("size on disk", hub.format_size(d["size"]))]
+            ("size on disk", store.format_size(d["size"]))]
     for k, v in rows:
         out.print(f"{k:<15} {v}", soft_wrap=True)
     out.print("files")
     for name, size in d["files"]:
-        out.print(f"  {name:<44} {hub.format_size(size):>10}", soft_wrap=True)
+        out.print(f"  {name:<44} {store.format_size(size):>10}", soft_wrap=True)
 
 
 def rm(model: str = typer.Argument(..., help="Alias, owner/repo (all of its models) or owner/repo:QUANT."),
@@ -95,13 +87,11 @@ def rm(model: str = typer.Argument(..., help="Alias, owner/repo (all of its mode
                                     "or commit); default: every snapshot."),
        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Remove a pulled model; frees only the blobs no other snapshot in the store uses."""
-    from runtime import hub
-
     out = _console()
-    entries = hub.find_entries(model, revision)
+    entries = store.find_entries(model, revision)
     if not entries:
         raise MambaCliError(f"{model} is not in the local store (see `mamba-cli list`)")
-    removal = hub.plan_removal(entries)
+    removal = store.plan_removal(entries)
     for e in entries:
         out.print(f"{e.name} @ {e.commit[:12]}: {e.path}", soft_wrap=True)
     shared = len({p.resolve() for p in removal.links if p.is_symlink()}) - len(removal.blobs)
@@ -109,23 +99,19 @@ def rm(model: str = typer.Argument(..., help="Alias, owner/repo (all of its mode
     if not yes:
         if not sys.stdin.isatty():
             raise MambaCliError("rm needs confirmation; pass -y to remove without a prompt")
-        freeing = hub.format_size(removal.freed)
+        freeing = store.format_size(removal.freed)
         if not typer.confirm(f"remove {len(entries)} model(s), freeing {freeing}{note}?"):
             out.print("nothing removed")
             raise typer.Exit(1)
-    freed = hub.remove_entries(removal)
-    out.print(f"removed {len(entries)} model(s), freed {hub.format_size(freed)}{note}")
+    freed = store.remove_entries(removal)
+    out.print(f"removed {len(entries)} model(s), freed {store.format_size(freed)}{note}")
 
 
 def aliases() -> None:
     """List model aliases and the repo each pulls (a GGUF repo where 4-bit is the better CPU default)."""
-    from rich.table import Table
-
-    from runtime import hub
-
     table = Table(box=None, pad_edge=False)
     for col in ("ALIAS", "PULLS", "ORIGINAL REPO"):
         table.add_column(col)
-    for a in hub.ALIASES.values():
-        table.add_row(a.name, f"{a.gguf}:{hub.DEFAULT_QUANT}" if a.gguf else a.repo, a.repo)
+    for a in store.ALIASES.values():
+        table.add_row(a.name, f"{a.gguf}:{store.DEFAULT_QUANT}" if a.gguf else a.repo, a.repo)
     _console().print(table)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+import store
+from cli.common import DownloadBars
 
 
 def pull(
@@ -13,45 +18,32 @@ def pull(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and total size; download nothing."),
 ) -> None:
     """Download a model's files (config, tokenizer, weights) into the store; an interrupted pull resumes."""
-    from rich.console import Console
-
-    from runtime import hub
-
     out = Console(highlight=False)
-    ref = hub.parse_ref(model)
-    if hub.offline() and not dry_run:
-        out.print(f"{ref} is in the store (offline): {hub.pull(ref, revision, token)}")
+    ref = store.parse_ref(model)
+    if store.offline() and not dry_run:
+        out.print(f"{ref} is in the store (offline): {store.pull(ref, revision, token)}")
         return
-    plan = hub.plan_pull(ref, revision, token)
+    plan = store.plan_pull(ref, revision, token)
     if dry_run:
         _print_plan(out, plan)
         return
-    path = hub.download(plan, token, out)
-    out.print(f"pulled {ref} @ {plan.commit[:12]} ({hub.format_size(plan.total)}) -> {path}", soft_wrap=True)
+    with DownloadBars(out) as bars:
+        path = store.download(plan, token, bars)
+    out.print(f"pulled {ref} @ {plan.commit[:12]} ({store.format_size(plan.total)}) -> {path}", soft_wrap=True)
 
 
-def _print_plan(out, plan) -> None:
-    from rich.table import Table
-
-    from runtime import hub
-
-    blobs = hub.repo_dir(plan.ref.repo) / "blobs"
+def _print_plan(out: Console, plan: store.Plan) -> None:
     table = Table(title=f"{plan.ref} @ {plan.commit[:12]} ({plan.selection.kind})", title_justify="left")
     for col, justify in (("file", "left"), ("size", "right"), ("status", "left")):
         table.add_column(col, justify=justify)
-    need = 0
+    todo = store.pending(plan)
+    missing = {f.name: have for f, have in todo}
     for f in plan.files:
-        partial = blobs / f"{f.etag}.incomplete"
-        if (blobs / f.etag).is_file():
-            status = "in store"
-        elif partial.is_file():
-            have = partial.stat().st_size
-            status = f"partial, {hub.format_size(have)} kept"
-            need += f.size - have
-        else:
-            status = "to download"
-            need += f.size
-        table.add_row(f.name, hub.format_size(f.size), status)
+        have = missing.get(f.name)
+        status = ("in store" if have is None else f"partial, {store.format_size(have)} kept" if have
+                  else "to download")
+        table.add_row(f.name, store.format_size(f.size), status)
     out.print(table)
-    out.print(f"total {hub.format_size(plan.total)} in {len(plan.files)} files, "
-              f"{hub.format_size(need)} to download into {plan.snapshot}", soft_wrap=True)
+    need = sum(f.size - have for f, have in todo)
+    out.print(f"total {store.format_size(plan.total)} in {len(plan.files)} files, "
+              f"{store.format_size(need)} to download into {plan.snapshot}", soft_wrap=True)

@@ -4,7 +4,7 @@ The tensors are read from the source's own files (safetensors, or the .gguf bein
 by quant/recipe.py, packed by quant/formats.py and written by quant/gguf_out.py (temp file, re-read,
 fsync, rename). The report: size before and after, tensors per type, and, unless --no-eval, the
 perplexity of the original and the quantized model on a text (built in, or --eval FILE) and the mean
-KL divergence of their next-token distributions.
+KL divergence of their next-token distributions (runtime/evaluate.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.common import DEVICE_OPT, MODEL_ARG, err, load
-from cli.perplexity import DEFAULT_CTX, compare, eval_ids, read_text
+from cli.common import DEVICE_OPT, MODEL_ARG, err, load, resolve
 from quant.recipe import QUANT_TYPES
 from runtime.errors import MambaCliError
+from runtime.evaluate import DEFAULT_CTX, compare, eval_ids, read_text
 
 
 def _size(n: int) -> str:
@@ -38,14 +38,17 @@ def quantize(
     device: str = DEVICE_OPT,
 ) -> None:
     """Quantize MODEL (folder, .gguf, repo id or alias) to a GGUF file llama.cpp and mamba-cli can run."""
+    # not at module top: the writer imports the gguf package (~0.8 s, measured), which every command's
+    # start (`mamba-cli --help` too) would pay
     from quant.gguf_out import plan_from_source, write_gguf
 
     qtype = qtype.lower()
     if qtype not in QUANT_TYPES:
         raise MambaCliError(f"--type {qtype}: unknown; use one of {', '.join(QUANT_TYPES)}")
     text = None if no_eval else read_text(eval_file)
+    source = resolve(model)
     with err.status(f"reading {model}…", spinner="dots"):
-        plan = plan_from_source(model)
+        plan = plan_from_source(source)
     output = output or Path(f"{plan.name}-{qtype.upper()}.gguf")
     if output.suffix != ".gguf":
         raise MambaCliError(f"{output}: the output file must end in .gguf")

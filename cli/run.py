@@ -19,6 +19,8 @@ from cli.common import (
     load,
     stats_line,
 )
+from runtime.chat import chat_prompt
+from runtime.generate import Stats, stream_text
 
 
 def run(
@@ -43,8 +45,6 @@ def run(
     compile: bool = typer.Option(False, "--compile/--no-compile", help=COMPILE_HELP + " Off for one-shot runs."),
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
-    from runtime.generate import Stats, stream_text
-
     if prompt is None or prompt == "-":
         if sys.stdin.isatty() and prompt is None:
             raise typer.BadParameter("give a PROMPT, or pipe one on stdin")
@@ -53,13 +53,8 @@ def run(
     if raw:
         ids = m.tokenizer.encode_prompt(prompt)
     else:
-        from runtime.chat import chat_format, render, stop_strings
-
-        hint = m.config.get("model_type")
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-        ids = render(messages, m.tokenizer, arch_hint=hint)
-        stop = list(stop or []) + stop_strings(chat_format(m.tokenizer, arch_hint=hint))
+        ids, format_stop = chat_prompt(m, [{"role": "user", "content": prompt}], system)
+        stop = list(stop or []) + format_stop
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     stats = Stats()
     if verbose:

@@ -5,8 +5,8 @@
     write_gguf(plan, dest, qtype)   quantize per quant/recipe.py and write; returns [Written]
     tokenizer_metadata(folder, n)   tokenizer.ggml.* keys for a folder's tokenizer
 
-Names, layouts and `{arch}.*` keys come from each architecture file's GGUF section (GGUF_NAMES,
-gguf_write_transform, gguf_metadata), so reading and writing share one map. The file is written to a
+Names come from each architecture's GGUF_NAMES table (runtime/gguf_names.py), which the loader reads
+with too; layouts and `{arch}.*` keys from its gguf_write_transform and gguf_metadata. The file is written to a
 temp file beside the destination, re-read with runtime.weights.read_gguf and checked (every tensor's
 name, type and shape, the architecture's config, the tokenizer) before it is fsynced and renamed:
 Ctrl-C, a full disk or a failed check leave no partial file and the destination untouched.
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -36,7 +37,21 @@ from quant.recipe import QUANT_TYPES, tensor_types
 from runtime import registry
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.fileio import atomic_path
-from runtime.tokenizer import BYTE, CONTROL, NORMAL, SPM_FILES, UNKNOWN, UNUSED, USER_DEFINED
+from runtime.loader import gguf_config, local_path
+from runtime.models.base import hooks
+from runtime.tokenizer import (
+    BYTE,
+    CONTROL,
+    GGUF_PRE,
+    NORMAL,
+    SPM_FILES,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    Tokenizer,
+    read_spm_model,
+)
+from runtime.weights import iter_safetensors, read_gguf, safetensors_files
 
 QUANTIZATION_VERSION = 2
 # keys a .gguf source's metadata does not pass on: the writer sets them (or they describe the old file)
@@ -83,9 +98,7 @@ class Written:
 
 def plan_from_source(source: str | Path) -> Plan:
     """A model folder or .gguf file (or a repo id / alias, resolved as load_model does) -> Plan."""
-    from runtime import _resolve
-
-    path = _resolve(source)
+    path = local_path(source)
     if path.is_file() and path.suffix == ".gguf":
         return plan_from_gguf(path)
     if path.is_dir():
@@ -93,39 +106,23 @@ def plan_from_source(source: str | Path) -> Plan:
     raise MambaCliError(f"{path}: not a model folder or .gguf file")
 
 
-def _gguf_arch_name(arch_mod) -> str:
-    short = arch_mod.__name__.rsplit(".", 1)[1]
-    return next(k for k, v in registry.GGUF_ARCHS.items() if v == short)
-
-
-def _layer_order(name: str, order: dict[str, int]) -> tuple:
-    m = re.match(r"blk\.(\d+)\.(.*)$", name)
-    if m:
-        return (1, int(m[1]), order.get("blk.{i}." + m[2], 0))
-    return (0 if name == "token_embd.weight" else 2, 0, order.get(name, 0))
-
-
 def plan_from_folder(folder: Path) -> Plan:
     """HF (config.json + safetensors) or mistral-inference (params.json) folder -> Plan."""
-    from runtime.tokenizer import Tokenizer
-    from runtime.weights import iter_safetensors, safetensors_files
-
     cfg, cfg_path, arch_mod, args = registry.arch_for_folder(folder)
     files = safetensors_files(folder)
     weights = arch_mod.Model.sanitize(dict(iter_safetensors(files)), args)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    to_gguf = [(re.compile(re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), g) for g, h in arch_mod.GGUF_NAMES.items()]
-    order = {g: i for i, g in enumerate(arch_mod.GGUF_NAMES)}
-    transform = getattr(arch_mod, "gguf_write_transform", lambda _n, t, _a: t)
+    names = arch_mod.GGUF_NAMES
+    transform = hooks(arch_mod).gguf_write_transform
     tensors = []
     for hf, t in weights.items():
-        name = next((g.replace("{i}", m[1]) if "{i}" in g else g for p, g in to_gguf if (m := p.match(hf))), None)
+        name = names.to_gguf(hf)
         if name is None:
-            raise ModelFormatError(f"{folder}: tensor {hf} has no GGUF name for {_gguf_arch_name(arch_mod)}")
+            raise ModelFormatError(f"{folder}: tensor {hf} has no GGUF name for {registry.gguf_architecture(arch_mod)}")
         shape = tuple(transform(hf, torch.empty(t.shape, device="meta"), args).shape)
         tensors.append(PlannedTensor(name, shape, lambda hf=hf: transform(hf, weights[hf], args).float().contiguous()))
-    tensors.sort(key=lambda p: _layer_order(p.name, order))
+    tensors.sort(key=lambda p: names.sort_key(p.name))
     try:
         meta = arch_mod.gguf_metadata(args)
     except ValueError as e:
@@ -133,15 +130,13 @@ def plan_from_folder(folder: Path) -> Plan:
     tokenizer = Tokenizer.from_dir(folder)
     meta = {"general.name": folder.name, **meta, **tokenizer_metadata(folder, args.vocab_size, cfg, tokenizer)}
     experts = getattr(args, "num_local_experts", 0) or getattr(args, "num_experts", 0)
-    return Plan(_gguf_arch_name(arch_mod), meta, tensors, args.num_hidden_layers, experts if experts > 1 else 0,
-                tokenizer, sum(f.stat().st_size for f in files), folder.name, folder, [weights])
+    return Plan(registry.gguf_architecture(arch_mod), meta, tensors, args.num_hidden_layers,
+                experts if experts > 1 else 0, tokenizer, sum(f.stat().st_size for f in files), folder.name, folder,
+                [weights])
 
 
 def plan_from_gguf(path: Path) -> Plan:
     """A .gguf file -> Plan: its names, layouts and metadata as they are; tensors dequantized on demand."""
-    from runtime.tokenizer import Tokenizer
-    from runtime.weights import read_gguf
-
     gf = read_gguf(path)
     arch = gf.architecture
     registry.arch_for_gguf(arch, str(path))
@@ -160,8 +155,6 @@ def plan_from_gguf(path: Path) -> Plan:
 
 def tokenizer_metadata(folder: Path, n_vocab: int, cfg: dict[str, Any], tok) -> dict[str, Any]:
     """tokenizer.ggml.* keys for a folder's tokenizer, padded to the model's n_vocab rows."""
-    from runtime.tokenizer import read_spm_model
-
     spm = next((folder / n for n in SPM_FILES if (folder / n).is_file()), None)
     if spm is not None:
         proto = read_spm_model(spm)
@@ -269,8 +262,6 @@ def _metaspace_prepend(node: Any) -> str | None:
 
 def _with_gpt2_pre(meta: dict[str, Any], tok, folder: Path) -> dict[str, Any]:
     """Pick the tokenizer.ggml.pre whose pre-tokenizer reproduces the original tokenizer on PROBE."""
-    from runtime.tokenizer import GGUF_PRE, Tokenizer
-
     want = tok.encode(PROBE)
     for pre in ("llama-bpe", "qwen2", "smollm", "gpt-2", "dbrx", "default", *GGUF_PRE):
         cand = {**meta, "tokenizer.ggml.pre": pre}
@@ -289,8 +280,6 @@ def pack(t: torch.Tensor, ggml_type: GGMLType) -> np.ndarray:
     if ggml_type in formats.QUANTIZABLE:
         return formats.quantize(t, ggml_type).numpy()
     if ggml_type == GGMLType.Q5_0:
-        import gguf
-
         return gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q5_0)
     raise ValueError(f"cannot write {ggml_type.name}")
 
@@ -301,8 +290,6 @@ def _nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
 
 
 def _add_kv(w, key: str, value: Any) -> None:
-    import gguf
-
     T = gguf.GGUFValueType
     if isinstance(value, bool):
         w.add_key_value(key, value, T.BOOL)
@@ -326,8 +313,6 @@ def write_gguf(plan: Plan, dest: str | Path, qtype: str,
 
     Returns the tensors written and warnings. progress(written, elements_done, elements_total) is
     called after each tensor."""
-    import gguf
-
     file_type = QUANT_TYPES[qtype][0]
     types = tensor_types([(p.name, p.shape) for p in plan.tensors], qtype, plan.n_layers, plan.n_experts)
     w = gguf.GGUFWriter(None, plan.arch)
@@ -369,9 +354,6 @@ def validate(path: Path, plan: Plan, written: list[Written]) -> list[str]:
     """Re-read a written file: every tensor as planned, the architecture's config parses, the tokenizer
     rebuilds. Returns a warning when the rebuilt tokenizer encodes PROBE differently from the source's
     (a tokenizer.json whose Metaspace pre-tokenizer splits words has no exact SentencePiece form)."""
-    from runtime.tokenizer import Tokenizer
-    from runtime.weights import read_gguf
-
     gf = read_gguf(path)
     fail = f"the GGUF written for {plan.name or path.name} does not read back:"
     if gf.architecture != plan.arch:
@@ -384,9 +366,7 @@ def validate(path: Path, plan: Plan, written: list[Written]) -> list[str]:
             raise MambaCliError(f"{fail} tensor {o.name} is {GGMLType(info.ggml_type).name} {list(info.shape)}")
     arch_mod = registry.arch_for_gguf(gf.architecture, str(path))
     try:
-        cfg = arch_mod.config_from_gguf(gf.metadata, int(gf.tensors["token_embd.weight"].shape[1]))
-        cfg.update(getattr(arch_mod, "config_from_gguf_tensors", lambda _names: {})(set(gf.tensors)))
-        arch_mod.Args.from_config(cfg)
+        arch_mod.Args.from_config(gguf_config(gf, arch_mod))
     except (KeyError, TypeError, ValueError) as e:
         raise MambaCliError(f"{fail} metadata {e}") from None
     tok = Tokenizer.from_gguf_metadata(gf.metadata, str(path))

@@ -21,6 +21,10 @@ import re
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from runtime.fileio import atomic_path
 
 STEP = 256
 
@@ -47,7 +51,13 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.offset = 0
 
-    def _reserve(self, n: int) -> None:
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold before they grow."""
+        return self.k.shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions (in steps of STEP); the positions held so far are kept."""
         if n <= self.k.shape[2]:
             return
         size = ((n + STEP - 1) // STEP) * STEP
@@ -62,7 +72,7 @@ class KVCache:
         """Append k, v [B, H, T, D]; return all keys, values and the [T, S] mask (None: all visible)."""
         t = k.shape[2]
         start = self.offset
-        self._reserve(start + t)
+        self.reserve(start + t)
         self.k[:, :, start : start + t] = k
         self.v[:, :, start : start + t] = v
         self.offset += t
@@ -78,7 +88,7 @@ class KVCache:
 
         One slot always stays spare, so the view never spans the whole buffer: torch would specialize
         a compiled graph on that case (the view is then contiguous) and recompile mid-conversation."""
-        self._reserve(self.offset + 2)
+        self.reserve(self.offset + 2)
         self.offset += 1
         return self.k[:, :, : self.offset], self.v[:, :, : self.offset]
 
@@ -98,7 +108,7 @@ class KVCache:
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device, dtype) -> KVCache:
         k = tensors["k"]
         c = cls(k.shape[0], k.shape[1], k.shape[3], dtype, device)
-        c._reserve(k.shape[2])
+        c.reserve(k.shape[2])
         c.k[:, :, : k.shape[2]] = k.to(device, dtype)
         c.v[:, :, : k.shape[2]] = tensors["v"].to(device, dtype)
         c.offset = int(meta["offset"])
@@ -227,11 +237,6 @@ def cache_offset(cache: list) -> int:
 
 def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> None:
     """Snapshot a per-layer cache plus caller metadata (model id, tokens) to one safetensors file, atomically."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from runtime.fileio import atomic_path
-
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for i, c in enumerate(cache):
@@ -256,8 +261,6 @@ def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> No
 def load_cache(path: str | os.PathLike, devices: list[torch.device], dtypes: list[torch.dtype]
                ) -> tuple[list, dict[str, Any]]:
     """Read a snapshot written by save_cache; devices/dtypes give each layer's placement."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {}).get("mamba_cli_cache", "null"))

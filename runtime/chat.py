@@ -1,6 +1,7 @@
 """Chat formatting: messages -> the prompt token ids a model was trained on.
 
-    render(messages, tokenizer)       -> list[int]   what run/chat feed the model
+    chat_prompt(model, messages, system) -> (ids, stop strings)   what run and chat feed the model
+    render(messages, tokenizer)       -> list[int]   the prompt ids of a conversation
     render_text(messages, tokenizer)  -> str         the same prompt as text (for show/verbose)
     chat_format(tokenizer, ...)       -> "template" | "mistral-v3" | "mistral-v1" | "plain"
     stop_strings(fmt)                 -> text that ends a reply besides the EOS ids
@@ -70,6 +71,15 @@ def chat_format(tokenizer, template: str | None = None, arch_hint: str | None = 
 def stop_strings(fmt: str) -> list[str]:
     """Strings that end a reply in format fmt (the EOS ids end it in every format)."""
     return list(PLAIN_STOP) if fmt == "plain" else []
+
+
+def chat_prompt(model, messages: list[dict], system: str | None = None) -> tuple[list[int], list[str]]:
+    """A loaded model's prompt ids for a conversation (the system prompt, when given, first) and the
+    stop strings of the chat format it was rendered in."""
+    hint = model.config.get("model_type")
+    messages = ([{"role": "system", "content": system}] if system else []) + messages
+    return (render(messages, model.tokenizer, arch_hint=hint),
+            stop_strings(chat_format(model.tokenizer, arch_hint=hint)))
 
 
 def render(messages: list[dict], tokenizer, add_generation_prompt: bool = True, template: str | None = None,

@@ -19,9 +19,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import time
 from collections.abc import Callable
 
 import torch
+
+from runtime.cache import KVCache
 
 failures: dict[str, str] = {}  # function name -> why it runs eagerly
 compiled_calls: dict[str, int] = {}  # function name -> calls served by compiled code
@@ -43,7 +46,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
 
 
 def setup() -> None:
-    import torch._dynamo
+    import torch._dynamo  # not at module top: ~3 s of imports (measured) only compiling needs
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
@@ -72,7 +75,7 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
         try:
             out = c(*args)
         except Exception as e:
-            from torch._dynamo.exc import TorchDynamoException
+            from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile by now (setup())
 
             if not isinstance(e, TorchDynamoException):
                 raise
@@ -96,3 +99,35 @@ def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
         if layer.compiled_step:
             marked.append(i)
     return marked
+
+
+def warm_up(m) -> None:
+    """Compile a LoadedModel's graphs now rather than at its first token: decode steps on a scratch
+    cache, at two KV lengths and two KV capacities, so the graphs generalize over both now, not mid-chat."""
+    cache = m.make_cache(1)
+    one = torch.zeros(1, 1, dtype=torch.long)
+    m.forward(torch.zeros(1, 2, dtype=torch.long), cache)  # a KV length of 1 would be specialized
+    m.forward(one, cache)
+    with torch.inference_mode():  # as forward() allocates: the graphs guard on tensor kind
+        for c in cache:
+            if isinstance(c, KVCache):
+                c.reserve(c.capacity + 1)
+    m.forward(one, cache)
+
+
+def compile_model(m, on: bool = True, warm: bool = True) -> tuple[str | None, float]:
+    """Turn compiled one-token steps on (or off) for a LoadedModel's CPU layers, warming up when `warm`.
+
+    Returns (why compilation is off or failed, None when compiled code runs; seconds spent warming up).
+    """
+    why = unavailable() if on else "turned off"
+    if not enable(m.module, on and why is None):
+        return why or "no layer on the CPU", 0.0
+    seconds = 0.0
+    if warm:
+        t0 = time.perf_counter()
+        warm_up(m)
+        seconds = time.perf_counter() - t0
+    if failures:
+        return "; ".join(f"{k}: {v}" for k, v in failures.items()), seconds
+    return None, seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 from torch import nn
@@ -77,6 +78,16 @@ def check_fits(nbytes: int, device: str, what: str) -> None:
     if nbytes > have:
         raise ResourceError(f"{what} needs {gib(nbytes)} but only {gib(have)} is free on {device}; "
                             "try a 4-bit GGUF (mamba-cli quantize), --gpu-layers, or --device cpu")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_cuda_bytes() -> int:
+    """Peak CUDA memory torch allocated so far (0 without a GPU)."""
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
 def gib(n: int) -> str:

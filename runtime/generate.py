@@ -1,6 +1,7 @@
 """Prefill once, decode step by step; sampling; stop conditions; incremental UTF-8-safe detokenizing.
 
-    Session       a model's cache and the tokens it holds: a new prompt prefills only what is new
+    Session       a model's cache and the tokens it holds: a new prompt prefills only what is new;
+                  save() / load() write and read the whole state (a conversation resumes with no re-prefill)
     sample()      repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
     generate()    yields token ids (the stop token itself is not yielded)
     Detokenizer   ids -> text pieces that never split a multi-byte character
@@ -10,15 +11,22 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from runtime.cache import load_cache, save_cache
 from runtime.errors import MambaCliError
 
 PREFILL_CHUNK = 512
+STATE_FORMAT = "mamba-cli-chat/1"
 
 
 class ContextError(MambaCliError):
@@ -100,6 +108,33 @@ class Session:
             self.tokens.extend(ids[i : i + chunk])
         return self.last_logits
 
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> int:
+        """Write the cache, the tokens it holds and `meta` (e.g. the conversation) to one safetensors
+        file, atomically; load() resumes from it. Returns how many tokens the saved state holds.
+
+        With an SSM checkpoint, the state saved is the checkpoint's (where the last prompt ended): an SSM
+        state cannot rewind, and the last reply may re-tokenize differently in the next prompt, which
+        always extends the checkpoint; so a resumed chat prefills only the last reply and the new turn."""
+        m = self.model
+        n, cache = self.checkpoint or (len(self.tokens), self.cache)
+        save_cache(path, cache, {"format": STATE_FORMAT, "model": m.source, "arch": m.arch,
+                                 "fingerprint": model_fingerprint(m), "tokens": self.tokens[:n], **(meta or {})})
+        return n
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Restore a state written by save() with the same weights; returns the saved meta."""
+        if not Path(path).is_file():
+            raise MambaCliError(f"{path}: no such file")
+        fresh = self.model.make_cache(1)
+        dtypes = [getattr(c, "k", getattr(c, "conv", None)).dtype if c is not None else None for c in fresh]
+        cache, meta = load_cache(path, self.model.layer_devices(), dtypes)
+        if meta.get("fingerprint") != model_fingerprint(self.model):
+            raise MambaCliError(f"{path} was saved with another model ({meta.get('model')}); "
+                                f"load it with that model")
+        self.cache, self.tokens = cache, list(meta["tokens"])
+        self.last_logits = None
+        return meta
+
     def prepare(self, prompt: list[int], stats: Stats | None = None,
                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Make the cache hold `prompt`, reusing the longest common prefix; return next-token logits."""
@@ -127,6 +162,14 @@ class Session:
             stats.prompt_tokens, stats.cached_tokens = len(new), len(prompt) - len(new)
             stats.prompt_seconds = time.perf_counter() - t0
         return logits
+
+
+def model_fingerprint(m) -> str:
+    """Identifies the weights a saved state belongs to: config + every tensor's name and shape."""
+    h = hashlib.sha256(json.dumps(m.config, sort_keys=True, default=str).encode())
+    for name, t in m.module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}".encode())
+    return h.hexdigest()[:16]
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -1,4 +1,5 @@
-"""The few blocks the architectures share: RMSNorm, RoPE, GQA attention over SDPA, SwiGLU, top-k MoE.
+"""The few blocks the architectures share: RMSNorm, RoPE, GQA attention over SDPA, SwiGLU, top-k MoE,
+and the one-token steps of attention blocks that runtime/compile.py captures.
 
 Legend: B batch, T new tokens, S attended positions, H query heads, Hk kv heads, D head dim,
 E hidden size, I intermediate size, X experts, K experts per token.
@@ -8,6 +9,8 @@ Parameter names follow the Hugging Face checkpoints so HF safetensors load witho
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,13 @@ from runtime.cache import KVCache, attention_mask
 from runtime.compile import graph
 
 
+def rms_normalize(x: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x / RMS(x) over the last dim, computed in float32 and returned in dtype: the one RMS norm
+    (RMSNorm; Falcon-Mamba's weightless dt/B/C norms; Mamba-2's grouped, gated norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -24,9 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * rms_normalize(x, self.eps, x.dtype)
 
 
 def embedding(vocab: int, dim: int) -> nn.Embedding:
@@ -151,12 +159,9 @@ def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
 # ---------------------------------------------------------------- fused projections
 
 
-def fuse_linears(mods: list[nn.Module]) -> nn.Module:
-    """One module computing torch.cat([m(x) for m in mods], -1): fewer, larger matmuls per token."""
-    from quant.linear import QuantLinear
-
-    if all(isinstance(m, QuantLinear) for m in mods):
-        return QuantLinear.concat(mods)
+def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One nn.Linear computing torch.cat([m(x) for m in mods], -1): fewer, larger matmuls per token.
+    None unless all are plain nn.Linear with matching biases (quant/swap.py fuses 4-bit ones)."""
     if all(type(m) is nn.Linear for m in mods):
         has_bias = [m.bias is not None for m in mods]
         if any(has_bias) and not all(has_bias):
@@ -170,16 +175,17 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module:
     return None
 
 
-def fuse_projections(model: nn.Module) -> None:
-    """After loading: q/k/v -> qkv_proj and gate/up -> gate_up_proj wherever both sides allow it."""
+def fuse_projections(model: nn.Module, fuse: Callable[[list[nn.Module]], nn.Module | None] = fuse_linears
+                     ) -> None:
+    """After loading: q/k/v -> qkv_proj and gate/up -> gate_up_proj wherever `fuse` allows it."""
     for mod in model.modules():
         if isinstance(mod, Attention) and not hasattr(mod, "qkv_proj"):
-            fused = fuse_linears([mod.q_proj, mod.k_proj, mod.v_proj])
+            fused = fuse([mod.q_proj, mod.k_proj, mod.v_proj])
             if fused is not None:
                 mod.qkv_proj = fused
                 del mod.q_proj, mod.k_proj, mod.v_proj
         elif isinstance(mod, SwiGLU) and not hasattr(mod, "gate_up_proj"):
-            fused = fuse_linears([mod.gate_proj, mod.up_proj])
+            fused = fuse([mod.gate_proj, mod.up_proj])
             if fused is not None:
                 mod.gate_up_proj = fused
                 del mod.gate_proj, mod.up_proj
@@ -201,6 +207,26 @@ class SwiGLU(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
+
+
+def stack_experts(weights: dict[str, torch.Tensor], pattern: str, rename: dict[str, str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint matrices -> a MoE's stacked parameters (X, out, in); other tensors pass.
+
+    pattern matches a whole per-expert name with three groups: the MoE module's path, the expert index
+    and the weight's name, which `rename` maps to w1 / w3 / w2 (default: it already is one of them).
+    """
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in weights.items():
+        m = re.fullmatch(pattern, name)
+        if m:
+            experts.setdefault(f"{m[1]}.{(rename or {}).get(m[3], m[3])}", {})[int(m[2])] = t
+        else:
+            out[name] = t
+    for name, per in experts.items():
+        out[name] = torch.stack([per[e] for e in sorted(per)])
+    return out
 
 
 class MoE(nn.Module):

@@ -1,6 +1,7 @@
 """Which architecture module serves a model: by config `model_type` or GGUF `general.architecture`.
 
-A new architecture is one file in runtime/models/ plus a line in each table below.
+A new architecture is one file in runtime/models/ (meeting runtime/models/base.py's contract) plus a
+line in each table below. Architecture modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from types import ModuleType
 from typing import Any
 
 from runtime.errors import ModelFormatError
+from runtime.models.base import check
+from runtime.weights import read_config
 
 # config.json model_type -> runtime.models.<module>
 MODEL_TYPES = {
@@ -31,9 +34,22 @@ GGUF_ARCHS = {
     "jamba": "jamba",
 }
 
+# mistral-inference's params.json (Codestral Mamba) -> the module whose config_from_params maps it
+PARAMS_JSON = "mamba2"
+
 
 def _import(name: str) -> ModuleType:
-    return importlib.import_module(f"runtime.models.{name}")
+    return check(importlib.import_module(f"runtime.models.{name}"))
+
+
+def short_name(arch_mod: ModuleType) -> str:
+    """The module's name in runtime/models/ ("llama", "mamba", ...): LoadedModel.arch."""
+    return arch_mod.__name__.rsplit(".", 1)[1]
+
+
+def gguf_architecture(arch_mod: ModuleType) -> str:
+    """The GGUF general.architecture a module writes."""
+    return next(k for k, v in GGUF_ARCHS.items() if v == short_name(arch_mod))
 
 
 def arch_for_config(cfg: dict, where: str = "config.json") -> ModuleType:
@@ -48,14 +64,10 @@ def arch_for_config(cfg: dict, where: str = "config.json") -> ModuleType:
 
 def arch_for_folder(folder: Path) -> tuple[dict, Path, ModuleType, Any]:
     """A model folder's (config, config path, architecture module, parsed Args): config.json (HF) or
-    params.json (mistral-inference, mapped to the HF Mamba2 config)."""
-    from runtime.weights import read_config
-
+    params.json (mistral-inference, mapped to the HF config of PARAMS_JSON's architecture)."""
     cfg, cfg_path = read_config(folder)
     if cfg_path.name == "params.json":
-        from runtime.models.mamba2 import config_from_params
-
-        cfg = config_from_params(cfg)
+        cfg = _import(PARAMS_JSON).config_from_params(cfg)
     arch_mod = arch_for_config(cfg, str(cfg_path))
     try:
         args = arch_mod.Args.from_config(cfg)

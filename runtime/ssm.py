@@ -15,13 +15,28 @@ given, and returns (y, final_state); so a second chat turn prefills from where t
 Inputs are float32 (callers cast); `dt` is already discretized (softplus'd, biased, clamped).
 
 Legend: B batch, T tokens, L tokens in a chunk, D inner channels, N state size, C conv channels,
-K conv kernel, H heads, P head dim, G groups (B/C shared by H/G heads), R heads per group.
+K conv kernel, H heads, P head dim, G groups (B/C shared by H/G heads), R heads per group, E hidden,
+V vocab.
+
+The modules the SSM architectures share are built on these kernels:
+
+    MambaMixer        the Mamba-1 selective-SSM mixer (Mamba, Falcon-Mamba, and Jamba's Mamba layers)
+    ssm_block_step    one token through a pre-norm SSM block, as one compiled graph (runtime/compile.py)
+    SSMBlock          norm -> mixer -> residual
+    SSMModel          the pure-SSM language model (backbone.embeddings, layers, norm_f, lm_head) with a
+                      mixer its subclass makes: models/mamba.py (MambaMixer), models/mamba2.py (its own)
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from runtime.cache import SSMState
+from runtime.compile import graph
+from runtime.layers import RMSNorm, embedding, input_dtype, rms_normalize
+from runtime.models.base import LanguageModel
 
 MAMBA1_CHUNK = 32  # power of two (the in-chunk scan is a Blelloch tree); small chunks stay in cache
 MAMBA2_CHUNK = 64  # the intra-chunk work grows with the chunk; 64 measured fastest on CPU
@@ -232,3 +247,160 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     hg.addcmul_((dt[:, :, None] * x).view(b, g, nh // g, p, 1), B.view(b, g, 1, 1, n))
     y = torch.matmul(hg, C.view(b, g, 1, n, 1)).view(b, nh, p)
     return y.addcmul_(x, D[:, None])
+
+
+# ---------------------------------------------------------------- modules
+
+
+class MambaMixer(nn.Module):
+    """Selective SSM mixer. bcdt_norm: None (Mamba), "weightless" (Falcon-Mamba), "weighted" (Jamba).
+
+        in_proj      (2D, E)      -> x, z (gate)
+        conv1d       (D, 1, K)    depthwise causal conv (+ bias)
+        x_proj       (R + 2N, D)  -> dt (low rank, R), B, C
+        dt_proj      (D, R) + (D,)
+        A_log, D     (D, N), (D,)
+        out_proj     (E, D)
+        [dt|b|c]_layernorm        Jamba only: RMSNorms on dt, B, C (Falcon-Mamba: the same, weightless)
+    """
+
+    def __init__(self, hidden: int, inner: int, state: int, rank: int, kernel: int, bias: bool,
+                 conv_bias: bool, bcdt_norm: str | None = None, norm_eps: float = 1e-6):
+        super().__init__()
+        self.inner, self.state, self.rank, self.kernel = inner, state, rank, kernel
+        self.bcdt_norm, self.norm_eps = bcdt_norm, norm_eps
+        self.in_proj = nn.Linear(hidden, 2 * inner, bias=bias)
+        self.conv1d = nn.Conv1d(inner, inner, kernel, groups=inner, padding=kernel - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(inner, rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, state))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, hidden, bias=bias)
+        if bcdt_norm == "weighted":
+            self.dt_layernorm = RMSNorm(rank, norm_eps)
+            self.b_layernorm = RMSNorm(state, norm_eps)
+            self.c_layernorm = RMSNorm(state, norm_eps)
+
+    def make_state(self, batch: int) -> SSMState:
+        dev = self.A_log.device
+        return SSMState(torch.zeros(batch, self.inner, self.kernel - 1, device=dev),
+                        torch.zeros(batch, self.inner, self.state, device=dev))
+
+    def _dt_b_c(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # x : (..., D) float32  ->  dt : (..., D), B, C : (..., N), float32
+        proj = self.x_proj(x.to(input_dtype(self.x_proj)))  # (..., R + 2N)
+        dt, B, C = proj.split([self.rank, self.state, self.state], dim=-1)
+        if self.bcdt_norm == "weighted":
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        elif self.bcdt_norm == "weightless":
+            eps = self.norm_eps
+            dt, B, C = rms_normalize(dt, eps, dt.dtype), rms_normalize(B, eps, B.dtype), rms_normalize(C, eps, C.dtype)
+        dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
+        return dt, B.float(), C.float()
+
+    def _conv_a(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
+        conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        return conv_w, conv_b, -torch.exp(self.A_log.float())  # A : (D, N)
+
+    def forward(self, h: Tensor, cache: SSMState | None = None) -> Tensor:
+        # h : (B, T, E)  ->  (B, T, E)
+        t = h.shape[1]
+        if cache is not None and t == 1:
+            cache.offset += 1
+            return self.step(h[:, 0], cache.conv, cache.ssm).unsqueeze(1)
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, D) each
+        conv_w, conv_b, A = self._conv_a()
+        conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
+        x = F.silu(causal_conv1d(x.float(), conv_w, conv_b, conv_state))  # (B, T, D) float32
+        dt, B, C = self._dt_b_c(x)
+        y, _ = selective_scan(x, dt, A, B, C, self.D.float(), ssm_state)
+        if cache is not None:
+            cache.offset += t
+        return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
+
+    def step(self, h: Tensor, conv: Tensor, state: Tensor) -> Tensor:
+        """One token: h (B, E) -> (B, E); conv (B, D, K-1) and state (B, D, N) updated in place."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, D) each
+        conv_w, conv_b, A = self._conv_a()
+        x = F.silu(conv1d_step(x.float(), conv_w, conv_b, conv))
+        dt, B, C = self._dt_b_c(x)
+        y = selective_step(x, dt, A, B, C, self.D.float(), state)
+        return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
+
+
+@graph
+def ssm_block_step(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor, state: Tensor) -> Tensor:
+    """One token through a pre-norm SSM block (Mamba-1, Mamba-2, Jamba's Mamba layers): h (B, 1, E)."""
+    return h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
+
+
+class SSMBlock(nn.Module):
+    def __init__(self, a, mixer: nn.Module):
+        super().__init__()
+        self.norm = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
+        self.mixer = mixer
+
+    compiled_step = False  # runtime/compile.py: one-token steps through a compiled graph
+
+    def forward(self, h: Tensor, cache: SSMState | None) -> Tensor:
+        if self.compiled_step and cache is not None and h.shape[1] == 1:
+            cache.offset += 1
+            return ssm_block_step(self.norm, self.mixer, h, cache.conv, cache.ssm)
+        return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
+
+
+class SSMBackbone(nn.Module):
+    def __init__(self, a, make_mixer):
+        super().__init__()
+        self.embeddings = embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(SSMBlock(a, make_mixer(a)) for _ in range(a.num_hidden_layers))
+        self.norm_f = RMSNorm(a.hidden_size, a.layer_norm_epsilon)
+
+
+class SSMModel(LanguageModel):
+    """The pure-SSM language model; a subclass supplies make_mixer(args) (and its checkpoints' quirks).
+
+    Args fields read here: vocab_size, hidden_size, num_hidden_layers, layer_norm_epsilon,
+    residual_in_fp32, tie_word_embeddings. Cache: one SSMState per layer (the mixer's make_state).
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.backbone = SSMBackbone(args, self.make_mixer)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @staticmethod
+    def make_mixer(a) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def forward(self, tokens: Tensor, cache: list | None = None, last_only: bool = False) -> Tensor:
+        # tokens : (B, T)  ->  logits : (B, T, V) float32
+        h = self.backbone.embeddings(tokens)
+        if self.args.residual_in_fp32:
+            h = h.float()
+        for i, layer in enumerate(self.backbone.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        if last_only:
+            h = h[:, -1:]
+        h = self.backbone.norm_f(h)
+        return self.lm_head(h.to(self.backbone.norm_f.weight.dtype)).float()
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
+        return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
+
+    @staticmethod
+    def sanitize(weights: dict[str, Tensor], args) -> dict[str, Tensor]:
+        """mamba_ssm's `backbone.embedding` -> `backbone.embeddings`; the tied head."""
+        out = {name.replace("backbone.embedding.", "backbone.embeddings.", 1)
+               if name.startswith("backbone.embedding.") else name: t for name, t in weights.items()}
+        if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
+            out["lm_head.weight"] = out["backbone.embeddings.weight"]
+        return out

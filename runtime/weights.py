@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
+from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
 from runtime.errors import ModelFormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -78,8 +80,6 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every tensor of the files; a malformed file raises ModelFormatError naming it."""
-    from safetensors import SafetensorError, safe_open
-
     seen: set[str] = set()
     for path in files:
         _check_safetensors_header(path)
@@ -223,8 +223,6 @@ class GGUFFile:
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to dtype, in PyTorch order (GGUF's ne reversed). Stored F32 read as
         float32 is a view of the file's copy-on-write mapping (paged in lazily, never written back)."""
-        from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
-
         info = self._info(name)
         t = GGMLType(info.ggml_type)
         if t not in DEQUANTIZABLE:
@@ -354,8 +352,6 @@ def _pad(n: int, alignment: int) -> int:
 
 
 def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
-    from quant.formats import GGML_BLOCKS, GGMLType
-
     cur = _Cursor(path, buf)
     magic = bytes(cur.take(4, "magic"))
     if magic != GGUF_MAGIC:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import build_module, load_model
+from runtime import load_model
 from runtime.cache import KVCache, SSMState, cache_nbytes
+from runtime.loader import build_module
 from runtime.models import jamba
 from tests.configs import JAMBA
 from tests.fixtures import build_tiny, hf_model, prompt, rel

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import hub
+import store as hub
 from runtime.errors import MambaCliError, ModelFormatError
 from tests.hub_server import HubServer, make_repos
 

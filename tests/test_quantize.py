@@ -358,7 +358,7 @@ def test_quantize_is_atomic(exc, tmp_path, monkeypatch):
 
 
 def _direct_perplexity(m, ids: list[int], ctx: int) -> float:
-    """Independent of cli.perplexity: walk the tokens, each scored once with up to ctx - 1 tokens of
+    """Independent of runtime.evaluate: walk the tokens, each scored once with up to ctx - 1 tokens of
     context taken from the window that scores it (windows of ctx, moved by ctx // 2)."""
     nll, stride, start, scored = 0.0, ctx // 2, 0, 1
     while scored < len(ids):

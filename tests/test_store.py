@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from runtime import hub
+import store as hub
 from tests.hub_server import Repo
 from tests.test_pull import HF_FILES, env, one_line_error, run_cli, served, server  # noqa: F401 (fixtures)
 

@@ -1,4 +1,4 @@
-"""Jamba: attention + Mamba hybrid with MoE feed-forwards (AI21). Reuses mamba.MambaMixer and layers.MoE.
+"""Jamba: attention + Mamba hybrid with MoE feed-forwards (AI21). Reuses ssm.MambaMixer and layers.MoE.
 
 Layer i mixes with attention when i % attn_layer_period == attn_layer_offset (no RoPE: position comes
 from the Mamba layers), otherwise with a Mamba-1 mixer whose dt, B and C pass through RMSNorms; its
@@ -23,17 +23,26 @@ Cache: a list with a KVCache for each attention layer and an SSMState for each M
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from runtime import gguf_names
 from runtime.cache import KVCache
-from runtime.layers import Attention, MoE, RMSNorm, SwiGLU, attention_block_step, embedding, ffn_block_step
-from runtime.models import mamba
-from runtime.models.mamba import MambaMixer, ssm_block_step
+from runtime.layers import (
+    Attention,
+    MoE,
+    RMSNorm,
+    SwiGLU,
+    attention_block_step,
+    embedding,
+    ffn_block_step,
+    stack_experts,
+)
+from runtime.models.base import LanguageModel, require
+from runtime.ssm import MambaMixer, ssm_block_step
 
 
 @dataclass
@@ -62,12 +71,8 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        require(cfg, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"],
+                silu=True)
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rank = cfg.get("mamba_dt_rank", "auto")
         a = cls(
@@ -159,7 +164,7 @@ class Backbone(nn.Module):
         self.final_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     def __init__(self, args: Args):
         super().__init__()
         self.args = args
@@ -194,16 +199,12 @@ class Model(nn.Module):
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
         """Router `router` -> `gate`; per-expert (or fused gate_up) expert weights -> stacked w1/w3/w2."""
+        weights = stack_experts(weights, r"(model\.layers\.\d+\.feed_forward)\.experts\.(\d+)\."
+                                r"(gate_proj|up_proj|down_proj)\.weight",
+                                {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})
         out: dict[str, torch.Tensor] = {}
-        experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-        per_expert = re.compile(r"(model\.layers\.\d+\.feed_forward)\.experts\.(\d+)\."
-                                r"(gate_proj|up_proj|down_proj)\.weight")
-        stacked = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
         for name, t in weights.items():
-            m = per_expert.fullmatch(name)
-            if m:
-                experts.setdefault((m[1], stacked[m[3]]), {})[int(m[2])] = t
-            elif name.endswith(".feed_forward.router.weight"):
+            if name.endswith(".feed_forward.router.weight"):
                 out[name.replace(".router.", ".gate.")] = t
             elif name.endswith(".feed_forward.experts.gate_up_proj"):  # fused (X, 2I, E), gate first
                 prefix = name[: -len(".experts.gate_up_proj")]
@@ -212,8 +213,6 @@ class Model(nn.Module):
                 out[name.replace(".experts.down_proj", ".w2")] = t
             else:
                 out[name] = t
-        for (prefix, w), per in experts.items():
-            out[f"{prefix}.{w}"] = torch.stack([per[e] for e in sorted(per)])
         if args.tie_word_embeddings:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         return out
@@ -224,38 +223,11 @@ class Model(nn.Module):
 # MoE layers those with an ffn_gate_inp tensor; no RoPE, so q/k rows are not permuted. Mamba
 # tensors as in mamba.py (ssm_a = -exp(A_log), conv (D, K)); experts stacked (X, out, in).
 
-GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.final_layernorm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ssm_in.weight": "model.layers.{i}.mamba.in_proj.weight",
-    "blk.{i}.ssm_in.bias": "model.layers.{i}.mamba.in_proj.bias",
-    "blk.{i}.ssm_conv1d.weight": "model.layers.{i}.mamba.conv1d.weight",
-    "blk.{i}.ssm_conv1d.bias": "model.layers.{i}.mamba.conv1d.bias",
-    "blk.{i}.ssm_x.weight": "model.layers.{i}.mamba.x_proj.weight",
-    "blk.{i}.ssm_dt.weight": "model.layers.{i}.mamba.dt_proj.weight",
-    "blk.{i}.ssm_dt.bias": "model.layers.{i}.mamba.dt_proj.bias",
-    "blk.{i}.ssm_dt_norm.weight": "model.layers.{i}.mamba.dt_layernorm.weight",
-    "blk.{i}.ssm_b_norm.weight": "model.layers.{i}.mamba.b_layernorm.weight",
-    "blk.{i}.ssm_c_norm.weight": "model.layers.{i}.mamba.c_layernorm.weight",
-    "blk.{i}.ssm_a": "model.layers.{i}.mamba.A_log",
-    "blk.{i}.ssm_d": "model.layers.{i}.mamba.D",
-    "blk.{i}.ssm_out.weight": "model.layers.{i}.mamba.out_proj.weight",
-    "blk.{i}.ssm_out.bias": "model.layers.{i}.mamba.out_proj.bias",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_ff_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.feed_forward.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.feed_forward.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.feed_forward.down_proj.weight",
-    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.feed_forward.gate.weight",
-    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.feed_forward.w1",
-    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.feed_forward.w3",
-    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.feed_forward.w2",
-}
+GGUF_NAMES = gguf_names.table(
+    "model.embed_tokens", "model.final_layernorm", "model.layers",
+    gguf_names.block_norm("input_layernorm"), gguf_names.attention("self_attn", bias=False),
+    gguf_names.ssm("mamba", 1, bcdt_norms=True), gguf_names.ffn("pre_ff_layernorm", "feed_forward"),
+    gguf_names.moe("feed_forward"))
 
 
 def fit_period(flags: list[bool]) -> tuple[int, int]:
@@ -271,18 +243,14 @@ def fit_period(flags: list[bool]) -> tuple[int, int]:
 
 
 # The Mamba layers' tensors are stored as Mamba-1's: A as -exp(A_log), the conv as (D, K).
-gguf_tensor_transform = mamba.gguf_tensor_transform
-gguf_write_transform = mamba.gguf_write_transform
+gguf_tensor_transform = gguf_names.ssm_tensor_transform
+gguf_write_transform = gguf_names.ssm_write_transform
 
 
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """An HF-style Jamba config from llama.cpp `jamba` metadata (MoE layers: config_from_gguf_tensors)."""
 
-    def get(key: str, default: Any = None) -> Any:
-        v = meta.get(f"jamba.{key}", default)
-        if v is None:
-            raise KeyError(f"jamba.{key}")
-        return v
+    get = gguf_names.metadata(meta, "jamba")
 
     layers, hidden = int(get("block_count")), int(get("embedding_length"))
     kv = get("attention.head_count_kv")
@@ -316,10 +284,8 @@ def config_from_gguf_tensors(names: set[str]) -> dict[str, Any]:
     layers = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("blk."))
     period, offset = fit_period([f"blk.{i}.ffn_gate_inp.weight" in names for i in range(layers)])
     mamba = [n.split(".")[1] for n in names if n.endswith(".ssm_in.weight")]
-    first = mamba[0] if mamba else "0"
-    return {"expert_layer_period": period, "expert_layer_offset": offset,
-            "mamba_conv_bias": f"blk.{first}.ssm_conv1d.bias" in names,
-            "mamba_proj_bias": f"blk.{first}.ssm_in.bias" in names}
+    biases = gguf_names.ssm_bias_config(names, mamba[0] if mamba else "0", ("mamba_proj_bias", "mamba_conv_bias"))
+    return {"expert_layer_period": period, "expert_layer_offset": offset, **biases}
 
 
 def gguf_metadata(args: Args) -> dict[str, Any]:

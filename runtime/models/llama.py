@@ -17,15 +17,16 @@ Legend: B batch, T tokens, E hidden, V vocab.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from runtime import gguf_names
 from runtime.cache import KVCache, RollingKVCache, cache_offset
-from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step, embedding
+from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step, embedding, stack_experts
+from runtime.models.base import LanguageModel, require
 
 
 def rope_theta(cfg: dict[str, Any], default: float = 10000.0) -> float:
@@ -63,10 +64,7 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
+        require(cfg, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"])
         heads = int(cfg["num_attention_heads"])
         window = cfg.get("sliding_window") if cfg.get("model_type") in ("mistral", "mixtral") else None
         if cfg.get("use_sliding_window") is False:
@@ -127,7 +125,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     def __init__(self, args: Args):
         super().__init__()
         self.args = args
@@ -169,19 +167,8 @@ class Model(nn.Module):
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
         """Checkpoint quirks: stack per-expert Mixtral weights; drop rotary buffers; tied heads."""
-        out: dict[str, torch.Tensor] = {}
-        experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-        pat = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
-        for name, t in weights.items():
-            if "rotary_emb.inv_freq" in name:
-                continue
-            m = pat.fullmatch(name)
-            if m:
-                experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = t
-                continue
-            out[name] = t
-        for (layer, w), per in experts.items():
-            out[f"model.layers.{layer}.block_sparse_moe.{w}"] = torch.stack([per[e] for e in sorted(per)])
+        out = {name: t for name, t in weights.items() if "rotary_emb.inv_freq" not in name}
+        out = stack_experts(out, r"(model\.layers\.\d+\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight")
         if args.tie_word_embeddings and "model.embed_tokens.weight" in out:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         return out
@@ -189,28 +176,10 @@ class Model(nn.Module):
 
 # ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
 
-GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
-    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.block_sparse_moe.w1",
-    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.block_sparse_moe.w3",
-    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.block_sparse_moe.w2",
-}
+GGUF_NAMES = gguf_names.table(
+    "model.embed_tokens", "model.norm", "model.layers",
+    gguf_names.block_norm("input_layernorm"), gguf_names.attention("self_attn"),
+    gguf_names.ffn("post_attention_layernorm", "mlp"), gguf_names.moe("block_sparse_moe"))
 
 
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Module tree (names as in the HF checkpoints; mistral-inference's are mapped in M
 
     Model
       backbone.embeddings           (V, E)
-      backbone.layers[i]            Block
+      backbone.layers[i]            SSMBlock
         norm                        RMSNorm
         mixer                       Mamba2Mixer
           in_proj                   (D + C + H, E)  -> z (gate, D), xBC (C = D + 2GN), dt (H)
@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime import ssm
+from runtime import gguf_names
 from runtime.cache import SSMState
 from runtime.errors import ModelFormatError
-from runtime.layers import input_dtype
-from runtime.models import mamba
+from runtime.layers import input_dtype, rms_normalize
+from runtime.models.base import require
+from runtime.ssm import MAMBA2_CHUNK, SSMModel, causal_conv1d, conv1d_step, ssd_scan, ssd_step
 
 
 def config_from_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -102,12 +103,7 @@ class Args:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Args:
-        need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim"]
-        missing = [k for k in need if cfg.get(k) is None]
-        if missing:
-            raise KeyError(", ".join(missing))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+        require(cfg, ["vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim"], silu=True)
         a = cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -149,9 +145,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # y, z : (B, T, D)
         x = y.float() * F.silu(z.float())
-        xg = x.view(*x.shape[:-1], -1, self.group)
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xg.view(x.shape).to(y.dtype)
+        return self.weight * rms_normalize(x.view(*x.shape[:-1], -1, self.group), self.eps, y.dtype).view(x.shape)
 
 
 class Mamba2Mixer(nn.Module):
@@ -159,7 +153,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.groups, self.state = a.num_heads, a.head_dim, a.n_groups, a.state_size
         self.inner, self.kernel = a.inner, a.conv_kernel
-        self.chunk = min(a.chunk_size, ssm.MAMBA2_CHUNK)  # any chunk gives the same result; small is fast
+        self.chunk = min(a.chunk_size, MAMBA2_CHUNK)  # any chunk gives the same result; small is fast
         self.conv_dim = a.inner + 2 * a.n_groups * a.state_size
         lo, hi = a.time_step_limit
         self.dt_limit = None if (lo, hi) == (0.0, math.inf) else (lo, hi)
@@ -196,11 +190,11 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.heads], dim=-1)
         conv_w, conv_b, A = self._conv_a()
         conv_state, ssm_state = (cache.conv, cache.ssm) if cache is not None else (None, None)
-        xbc = F.silu(ssm.causal_conv1d(xbc.float(), conv_w, conv_b, conv_state))
+        xbc = F.silu(causal_conv1d(xbc.float(), conv_w, conv_b, conv_state))
         x, B, C = xbc.split([self.inner, gn, gn], dim=-1)  # (B, T, .)
         bc = (b, t, self.groups, self.state)
-        y, _ = ssm.ssd_scan(x.reshape(b, t, self.heads, self.head_dim), self._dt(dt), A, B.reshape(bc),
-                            C.reshape(bc), self.D.float(), ssm_state, self.chunk)
+        y, _ = ssd_scan(x.reshape(b, t, self.heads, self.head_dim), self._dt(dt), A, B.reshape(bc),
+                        C.reshape(bc), self.D.float(), ssm_state, self.chunk)
         if cache is not None:
             cache.offset += t
         y = self.norm(y.reshape(b, t, self.inner), z)
@@ -212,17 +206,17 @@ class Mamba2Mixer(nn.Module):
         gn = self.groups * self.state
         z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.heads], dim=-1)
         conv_w, conv_b, A = self._conv_a()
-        xbc = F.silu(ssm.conv1d_step(xbc.float(), conv_w, conv_b, conv))  # (B, C)
+        xbc = F.silu(conv1d_step(xbc.float(), conv_w, conv_b, conv))  # (B, C)
         x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
-        y = ssm.ssd_step(x.view(b, self.heads, self.head_dim), self._dt(dt), A,
-                         B.view(b, self.groups, self.state), C.view(b, self.groups, self.state),
-                         self.D.float(), state)
+        y = ssd_step(x.view(b, self.heads, self.head_dim), self._dt(dt), A,
+                     B.view(b, self.groups, self.state), C.view(b, self.groups, self.state),
+                     self.D.float(), state)
         y = self.norm(y.reshape(b, self.inner), z)
         return self.out_proj(y.to(input_dtype(self.out_proj)))
 
 
-class Model(mamba.Model):
-    """Mamba-1's language model (blocks, backbone, head, cache) with the Mamba-2 mixer."""
+class Model(SSMModel):
+    """The pure-SSM language model (runtime/ssm.py) with the Mamba-2 mixer."""
 
     @staticmethod
     def make_mixer(a: Args) -> nn.Module:
@@ -230,49 +224,22 @@ class Model(mamba.Model):
 
     @staticmethod
     def sanitize(weights: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
-        """mistral-inference names (`model.` prefix, `backbone.embedding`) -> HF names; the tied head."""
-        out: dict[str, torch.Tensor] = {}
-        for name, t in weights.items():
-            if name.startswith("model."):
-                name = name[len("model."):]
-            if name.startswith("backbone.embedding."):
-                name = name.replace("backbone.embedding.", "backbone.embeddings.", 1)
-            out[name] = t
-        if args.tie_word_embeddings and "backbone.embeddings.weight" in out:
-            out["lm_head.weight"] = out["backbone.embeddings.weight"]
-        return out
+        """mistral-inference names (a `model.` prefix) -> HF names; then SSMModel's quirks."""
+        return SSMModel.sanitize({name.removeprefix("model."): t for name, t in weights.items()}, args)
 
 
 # ---------------------------------------------------------------- GGUF (llama.cpp names and layouts)
 # llama.cpp arch `mamba2`: ssm_a = -exp(A_log) and ssm_d as (H, 1), the conv as (C, K), the gated
 # norm's weight as (G, D / G), dt_bias named ssm_dt.bias; time_step_rank holds the head count.
 
-GGUF_NAMES = {
-    "token_embd.weight": "backbone.embeddings.weight",
-    "output_norm.weight": "backbone.norm_f.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "backbone.layers.{i}.norm.weight",
-    "blk.{i}.ssm_in.weight": "backbone.layers.{i}.mixer.in_proj.weight",
-    "blk.{i}.ssm_in.bias": "backbone.layers.{i}.mixer.in_proj.bias",
-    "blk.{i}.ssm_conv1d.weight": "backbone.layers.{i}.mixer.conv1d.weight",
-    "blk.{i}.ssm_conv1d.bias": "backbone.layers.{i}.mixer.conv1d.bias",
-    "blk.{i}.ssm_dt.bias": "backbone.layers.{i}.mixer.dt_bias",
-    "blk.{i}.ssm_a": "backbone.layers.{i}.mixer.A_log",
-    "blk.{i}.ssm_d": "backbone.layers.{i}.mixer.D",
-    "blk.{i}.ssm_norm.weight": "backbone.layers.{i}.mixer.norm.weight",
-    "blk.{i}.ssm_out.weight": "backbone.layers.{i}.mixer.out_proj.weight",
-    "blk.{i}.ssm_out.bias": "backbone.layers.{i}.mixer.out_proj.bias",
-}
+GGUF_NAMES = gguf_names.table("backbone.embeddings", "backbone.norm_f", "backbone.layers",
+                              gguf_names.block_norm("norm"), gguf_names.ssm("mixer", 2))
 
 
 def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """An HF-style Mamba2 config from llama.cpp `mamba2` metadata."""
 
-    def get(key: str, default: Any = None) -> Any:
-        v = meta.get(f"mamba2.{key}", default)
-        if v is None:
-            raise KeyError(f"mamba2.{key}")
-        return v
+    get = gguf_names.metadata(meta, "mamba2")
 
     inner, heads = int(get("ssm.inner_size")), int(get("ssm.time_step_rank"))
     hidden = int(get("embedding_length"))
@@ -293,30 +260,22 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     }
 
 
-config_from_gguf_tensors = mamba.config_from_gguf_tensors  # the optional biases, named as in Mamba-1
+config_from_gguf_tensors = gguf_names.ssm_bias_config  # the optional biases: only the tensor list tells
 
 
 def gguf_tensor_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
     """A GGUF tensor -> our layout (A back to A_log, (H, 1) -> (H,), (G, D/G) -> (D,), conv (C, 1, K))."""
-    if hf_name.endswith(".A_log"):
-        return torch.log(-t).reshape(-1)
-    if hf_name.endswith((".D", "mixer.norm.weight")):
-        return t.reshape(-1)
-    if hf_name.endswith("conv1d.weight"):
-        return t.unsqueeze(1)
-    return t
+    t = gguf_names.ssm_tensor_transform(hf_name, t, args)
+    return t.reshape(-1) if hf_name.endswith((".A_log", ".D", "mixer.norm.weight")) else t
 
 
 def gguf_write_transform(hf_name: str, t: torch.Tensor, args: Args) -> torch.Tensor:
     """Our tensor -> llama.cpp's layout (the inverse of gguf_tensor_transform)."""
-    if hf_name.endswith(".A_log"):
-        return -torch.exp(t.float()).reshape(-1, 1)
-    if hf_name.endswith(".D"):
+    t = gguf_names.ssm_write_transform(hf_name, t, args)
+    if hf_name.endswith((".A_log", ".D")):
         return t.reshape(-1, 1)
     if hf_name.endswith("mixer.norm.weight"):
         return t.reshape(args.n_groups, -1)
-    if hf_name.endswith("conv1d.weight"):
-        return t[:, 0]
     return t
 
 

@@ -1,0 +1,283 @@
+"""From a model on disk to a LoadedModel: folder / .gguf -> registry -> module, placement, tokenizer.
+
+    load_model(source, device, dtype, gpu_layers)   a folder (HF or mistral-inference), a .gguf file, or a
+                                                    name the registered resolver maps to one (repo id, alias)
+    local_path(source, resolve)                     source as a local path; other names go to the resolver
+    set_resolver(fn)                                who maps names to local paths (the store, once imported);
+                                                    the runtime never talks to the network itself
+    build_module(arch_mod, args, weights, ...)      instantiate on the meta device, assign checked tensors
+    LoadedModel                                     the module plus config, tokenizer, generation defaults
+
+A GGUF file's Q4_0 / Q4_1 / Q4_K matrices stay 4-bit (quant/swap.py puts QuantLinear in their place);
+its names map onto ours through the architecture's GGUF_NAMES table (runtime/gguf_names.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quant import swap
+from quant.formats import INT4_TYPES, to_int4
+from runtime import compile, registry
+from runtime.device import check_fits, layer_devices, place, resolve_device
+from runtime.errors import MambaCliError, ModelFormatError
+from runtime.layers import MoE, fuse_projections
+from runtime.models.base import hooks
+from runtime.tokenizer import Tokenizer
+from runtime.weights import iter_safetensors, read_gguf, read_json, safetensors_files
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+FLOAT_TYPES = (0, 1, 30)  # ggml F32, F16, BF16
+
+Resolver = Callable[[str], Path]
+_resolver: Resolver | None = None
+
+
+class LoadedModel:
+    """A model ready to run: the nn.Module plus its config, tokenizer and generation defaults."""
+
+    def __init__(self, module: nn.Module, arch: str, config: dict[str, Any], tokenizer, source: str,
+                 generation: dict[str, Any] | None = None):
+        self.module = module
+        self.arch = arch
+        self.config = config
+        self.tokenizer = tokenizer
+        self.source = source
+        self.generation = generation or {}
+        self.load_seconds = 0.0
+        self.compile_seconds = 0.0  # time the last compile() spent compiling (with warm_up)
+        self.eos_ids: set[int] = set(_ids(config.get("eos_token_id")) + _ids(self.generation.get("eos_token_id")))
+        if tokenizer is not None:
+            self.eos_ids |= set(tokenizer.eos_ids)
+
+    @property
+    def args(self):
+        return self.module.args
+
+    @property
+    def input_device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.module.args, "context_length", None)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (float32), or [B, 1, V] for the last position only when last_only."""
+        return self.module(tokens.to(self.input_device), cache, last_only=last_only)
+
+    def make_cache(self, batch: int = 1) -> list:
+        return self.module.make_cache(batch)
+
+    def compile(self, on: bool = True, warm_up: bool = True) -> str | None:
+        """Run one-token decode steps of the CPU layers through compiled graphs (runtime/compile.py).
+
+        With warm_up, compiles now (a decode step on a scratch cache) rather than at the first token.
+        Returns why compilation is off or failed (None when compiled code runs).
+        """
+        why, self.compile_seconds = compile.compile_model(self, on, warm_up)
+        return why
+
+    def layer_devices(self) -> list[torch.device]:
+        return layer_devices(self.module)
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _ids(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(i) for i in x] if isinstance(x, list) else [int(x)]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def set_resolver(resolve: Resolver | None) -> None:
+    """Register the function load_model asks for the local path of a name that is not a local file
+    (a repo id or alias); `import store` registers store.resolve_model."""
+    global _resolver
+    _resolver = resolve
+
+
+def local_path(source: str | os.PathLike, resolve: Resolver | None = None) -> Path:
+    """source itself when it exists; a name that looks like a path but is not there is an error; any
+    other name goes to `resolve` (default: the registered resolver)."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    text = str(source)
+    if text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1:
+        raise MambaCliError(f"{text}: no such file or folder")
+    resolve = resolve or _resolver
+    if resolve is None:
+        raise MambaCliError(f"{text}: no such file or folder (repo ids and aliases are resolved by the model "
+                            "store: `import store` first, as the CLI does)")
+    return resolve(text)
+
+
+def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None,
+               gpu_layers: int | None = None) -> LoadedModel:
+    """Load a model folder (HF or mistral-inference layout), a .gguf file, a Hub repo id or an alias."""
+    t0 = time.perf_counter()
+    path = local_path(source)
+    device = resolve_device(device)
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            dtype = None
+        elif dtype not in DTYPES:
+            raise MambaCliError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        else:
+            dtype = DTYPES[dtype]
+    if path.is_file() and path.suffix == ".gguf":
+        m = _load_gguf(path, device, dtype, gpu_layers)
+    elif path.is_dir():
+        m = _load_folder(path, device, dtype, gpu_layers)
+    else:
+        raise MambaCliError(f"{path}: not a model folder or .gguf file")
+    m.load_seconds = time.perf_counter() - t0
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                 where: str, int4: dict[str, Callable[[], tuple[torch.Tensor, ...]]] | None = None
+                 ) -> nn.Module:
+    """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape.
+
+    int4 maps module paths (an nn.Linear or nn.Embedding) to a function returning (q, scales, zeros):
+    those modules become QuantLinear / QuantEmbedding and keep their weights in 4 bits. The functions
+    run one at a time, so only one matrix is ever held unpacked (1 byte per weight) during a load.
+    """
+    with torch.device("meta"):
+        module = arch_mod.Model(args)
+    for path, parts in (int4 or {}).items():
+        swap.swap_int4(module, path, *parts(), dtype or torch.float32, where)
+    weights = arch_mod.Model.sanitize(weights, args)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing:
+        raise ModelFormatError(f"{where}: weights missing {len(missing)} tensors, e.g. {missing[0]}")
+    if unexpected:
+        raise ModelFormatError(f"{where}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    for k, t in weights.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise ModelFormatError(f"{where}: tensor {k} has shape {list(t.shape)}, the config implies "
+                                   f"{list(expected[k].shape)}")
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            weights[k] = t.to(dtype)
+    module.load_state_dict(weights, assign=True, strict=True)
+    module.eval()
+    fuse_projections(module, swap.fuse_linears)
+    return module
+
+
+def release_free_memory() -> None:
+    """Hand the heap that loading freed (dequantization and packing scratch) back to the OS (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def gguf_config(gf, arch_mod) -> dict[str, Any]:
+    """The HF-style config of a GGUF file: its `{arch}.*` metadata and what only the tensor list tells.
+    KeyError / TypeError / ValueError when the metadata is missing or invalid."""
+    embd = gf.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ModelFormatError(f"{gf.path}: no token_embd.weight tensor")
+    cfg = arch_mod.config_from_gguf(gf.metadata, int(embd.shape[1]))
+    cfg.update(hooks(arch_mod).config_from_gguf_tensors(set(gf.tensors)))
+    cfg["tie_word_embeddings"] = "output.weight" not in gf.tensors
+    return cfg
+
+
+def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
+    """A GGUF file: llama.cpp names and layouts -> our modules; Q4_0/Q4_1/Q4_K linears stay 4-bit."""
+    gf = read_gguf(path)
+    where = str(path)
+    check_fits(int(path.stat().st_size * 1.25), "cpu", path.name)
+    arch_mod = registry.arch_for_gguf(gf.architecture, where)
+    h = hooks(arch_mod)
+    try:
+        cfg = gguf_config(gf, arch_mod)
+        args = arch_mod.Args.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{where}: missing or invalid metadata {e}") from None
+    names = arch_mod.GGUF_NAMES
+    with torch.device("meta"):
+        mods = dict(arch_mod.Model(args).named_modules())
+    linears = {n for n, mod in mods.items() if isinstance(mod, (nn.Linear, nn.Embedding))}
+    moes = {n for n, mod in mods.items() if isinstance(mod, MoE)}
+    weights: dict[str, torch.Tensor] = {}
+    int4: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {}
+    for name, info in gf.tensors.items():
+        hf = names.to_ours(name)
+        if hf is None:
+            raise ModelFormatError(f"{where}: unexpected tensor {name} for architecture {gf.architecture}")
+        rows = h.gguf_row_transform(hf, args)
+        owner = hf.rsplit(".", 1)[0]
+        matrix = hf.endswith(".weight") and owner in linears and len(info.shape) == 2
+        experts = owner in moes and hf.rsplit(".", 1)[1] in MoE.EXPERT_WEIGHTS and len(info.shape) == 3
+        if info.ggml_type in INT4_TYPES and (matrix or experts):
+            def parts(name=name, info=info, rows=rows):
+                blocks = torch.from_numpy(gf.raw(name).copy()).view(math.prod(info.shape[1:]), -1)
+                out = to_int4(blocks, info.ggml_type)
+                return tuple(rows(t) for t in out) if rows else out
+
+            int4[owner if matrix else hf] = parts
+            continue
+        # Other block-quantized matrices (Q8_0, Q6_K, Q5_x) are kept in bf16 rather than float32:
+        # their own quantization error is larger than bf16's rounding, and it halves their memory.
+        narrow = dtype is None and owner in linears and info.ggml_type not in FLOAT_TYPES
+        t = gf.tensor(name, torch.bfloat16 if narrow else torch.float32)
+        weights[hf] = h.gguf_tensor_transform(hf, rows(t) if rows else t, args)
+    if args.tie_word_embeddings and "model.embed_tokens" in int4:
+        int4["lm_head"] = int4["model.embed_tokens"]
+    module = build_module(arch_mod, args, weights, dtype, where, int4)
+    del weights, int4
+    swap.narrow_modules(module)
+    place(module, device, gpu_layers)
+    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)
+    release_free_memory()
+    return LoadedModel(module, registry.short_name(arch_mod), cfg, tokenizer, str(path))
+
+
+def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
+    cfg, _, arch_mod, args = registry.arch_for_folder(folder)
+    files = safetensors_files(folder)
+    size = sum(f.stat().st_size for f in files)
+    check_fits(int(size * 1.05) if gpu_layers is None or device == "cpu" else 0, "cpu", f"{folder.name}")
+    if dtype is None:
+        dtype = DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or ""), None)
+    weights = dict(iter_safetensors(files))
+    module = build_module(arch_mod, args, weights, dtype, str(folder))
+    del weights
+    if device != "cpu":
+        check_fits(size if gpu_layers is None else 0, device, folder.name)
+    place(module, device, gpu_layers)
+    gen_path = folder / "generation_config.json"
+    generation = read_json(gen_path) if gen_path.is_file() else {}
+    tokenizer = Tokenizer.from_dir(folder)
+    release_free_memory()
+    return LoadedModel(module, registry.short_name(arch_mod), cfg, tokenizer, str(folder), generation)

@@ -1,0 +1,106 @@
+"""The contract every architecture file in runtime/models/ meets, and the defaults of its optional hooks.
+
+An architecture is one module (registered in runtime/registry.py) with:
+
+    Args                          a dataclass; Args.from_config(cfg) reads an HF-style config dict
+                                  (KeyError / TypeError / ValueError when a field is missing or bad;
+                                  require() checks the mandatory keys) and
+                                  has vocab_size, num_hidden_layers, tie_word_embeddings, context_length
+                                  (None: unlimited, a recurrent state)
+    Model(LanguageModel)          built from Args on the meta device, then loaded over:
+        forward(tokens, cache=None, last_only=False) -> float32 logits (B, T, V); a cache advances
+        make_cache(batch, max_len=None) -> one typed cache per layer (runtime/cache.py)
+        sanitize(weights, args)   checkpoint quirks -> exactly the module's state_dict names
+        layers                    the blocks (placement and compile work per block)
+    GGUF_NAMES                    a runtime.gguf_names.NameTable: llama.cpp's names <-> ours
+    config_from_gguf(meta, n_vocab)   llama.cpp `{arch}.*` metadata -> an HF-style config dict
+    gguf_metadata(args)           the `{arch}.*` keys the GGUF writer puts in a file
+
+and, optionally (hooks() fills in the defaults below):
+
+    config_from_gguf_tensors(names)        config fields only the tensor list tells      default {}
+    gguf_row_transform(name, args)         a function on the rows of a tensor (and of its int4 scales
+                                           and zeros), e.g. llama.cpp's q/k permutation   default None
+    gguf_tensor_transform(name, t, args)   a GGUF tensor -> our layout                    default t
+    gguf_write_transform(name, t, args)    our tensor -> llama.cpp's layout (the inverse) default t
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+REQUIRED = ("Args", "Model", "GGUF_NAMES", "config_from_gguf", "gguf_metadata")
+
+
+class LanguageModel(nn.Module):
+    """What the loader, placement, compile and generation use of an architecture's Model."""
+
+    args: Any
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
+        # tokens : (B, T)  ->  logits : (B, T, V) float32, or (B, 1, V) when last_only
+        raise NotImplementedError
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
+        raise NotImplementedError
+
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor], args: Any) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors -> the module's names and shapes (default: as they are)."""
+        return weights
+
+
+def require(cfg: dict[str, Any], keys: list[str], silu: bool = False) -> None:
+    """For Args.from_config: KeyError naming the missing keys; ValueError for an activation other than
+    silu when `silu` (the SSM and hybrid blocks hard-wire it)."""
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise KeyError(", ".join(missing))
+    if silu and cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} (only silu is supported)")
+
+
+def _no_tensor_config(names: set[str]) -> dict[str, Any]:
+    return {}
+
+
+def _no_row_transform(name: str, args: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    return None
+
+
+def _same(name: str, t: torch.Tensor, args: Any) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """An architecture's optional GGUF hooks, its own where it defines them, else the defaults."""
+
+    config_from_gguf_tensors: Callable[[set[str]], dict[str, Any]] = _no_tensor_config
+    gguf_row_transform: Callable[[str, Any], Callable[[torch.Tensor], torch.Tensor] | None] = _no_row_transform
+    gguf_tensor_transform: Callable[[str, torch.Tensor, Any], torch.Tensor] = _same
+    gguf_write_transform: Callable[[str, torch.Tensor, Any], torch.Tensor] = _same
+
+
+def hooks(arch_mod: ModuleType) -> Hooks:
+    return Hooks(**{name: getattr(arch_mod, name) for name in Hooks.__dataclass_fields__ if hasattr(arch_mod, name)})
+
+
+def check(arch_mod: ModuleType) -> ModuleType:
+    """arch_mod, after checking it has the required members (a new architecture file fails here, early)."""
+    missing = [name for name in REQUIRED if not hasattr(arch_mod, name)]
+    if missing:
+        raise TypeError(f"{arch_mod.__name__} lacks {', '.join(missing)} (see runtime/models/base.py)")
+    if not issubclass(arch_mod.Model, LanguageModel):
+        raise TypeError(f"{arch_mod.__name__}.Model is not a runtime.models.base.LanguageModel")
+    return arch_mod
