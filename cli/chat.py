@@ -2,7 +2,8 @@
 
 Each turn renders the whole conversation with the chat template (runtime.chat.chat_prompt) and hands
 it to a Session, which prefills only the tokens past what the cache already holds. /save writes the
-session's cache itself (Session.save), so `--resume FILE` continues a conversation with no re-prefill.
+session's cache itself (Session.save), so `--resume FILE` continues a conversation without re-reading
+its history.
 """
 
 from __future__ import annotations

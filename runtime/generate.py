@@ -1,7 +1,7 @@
 """Prefill once, decode step by step; sampling; stop conditions; incremental UTF-8-safe detokenizing.
 
     Session       a model's cache and the tokens it holds: a new prompt prefills only what is new;
-                  save() / load() write and read the whole state (a conversation resumes with no re-prefill)
+                  save() / load() write and read the state (a conversation resumes without re-reading history)
     sample()      repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
     generate()    yields token ids (the stop token itself is not yielded)
     Detokenizer   ids -> text pieces that never split a multi-byte character
