@@ -15,6 +15,10 @@ import time
 
 import torch
 
+from runtime import load_model
+from runtime.cache import cache_nbytes
+from tests.fixtures import build_tiny, hf_model
+
 
 def hf_cache_bytes(pkv) -> int:
     total = 0
@@ -26,8 +30,6 @@ def hf_cache_bytes(pkv) -> int:
 
 
 def bench_ours(m, ids: torch.Tensor, n: int) -> tuple[float, int]:
-    from runtime.cache import cache_nbytes
-
     cache = m.make_cache()
     for i in range(0, ids.shape[1], 512):
         logits = m.forward(ids[:, i : i + 512], cache)
@@ -62,9 +64,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from runtime import load_model
-    from tests.fixtures import build_tiny, hf_model
-
     cfg = dict(hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 2, num_hidden_layers=a.layers,
                num_attention_heads=a.hidden // 64, num_key_value_heads=max(1, a.hidden // 256),
                sliding_window=a.window, max_position_embeddings=32768)

@@ -49,23 +49,15 @@ def list_models() -> None:
     out.print(table)
 
 
-def _entry(model: str, revision: str | None) -> store.StoreEntry:
-    entries = store.find_entries(model)
-    local = store.find_local(store.parse_ref(model), revision)
-    for e in entries:
-        if e.path == local:
-            return e
-    if revision is None and entries:
-        return entries[0]
-    raise MambaCliError(f"{model} is not in the local store; pull it with `mamba-cli pull {model}`")
-
-
 def show(model: str = typer.Argument(..., help="Alias, owner/repo or owner/repo:QUANT of a pulled model."),
          revision: str = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: main).")
          ) -> None:
     """Show a pulled model: config summary, context length, quant, chat template, files."""
     out = _console()
-    d = store.describe(_entry(model, revision))
+    entry = store.find_entry(model, revision)
+    if entry is None:
+        raise MambaCliError(f"{model} is not in the local store; pull it with `mamba-cli pull {model}`")
+    d = store.describe(entry)
     rows = [("name", d["name"]), ("alias", d["alias"] or "-"), ("path", d["path"]),
             ("revision", ", ".join(d["refs"]) + f" @ {d['commit']}" if d["refs"] else d["commit"]),
             ("architecture", d["architecture"]),
@@ -94,7 +86,7 @@ def rm(model: str = typer.Argument(..., help="Alias, owner/repo (all of its mode
     removal = store.plan_removal(entries)
     for e in entries:
         out.print(f"{e.name} @ {e.commit[:12]}: {e.path}", soft_wrap=True)
-    shared = len({p.resolve() for p in removal.links if p.is_symlink()}) - len(removal.blobs)
+    shared = removal.shared
     note = f" ({shared} files kept: other snapshots use them)" if shared > 0 else ""
     if not yes:
         if not sys.stdin.isatty():

@@ -22,6 +22,7 @@ from store.local import (
     StoreEntry,
     describe,
     find_entries,
+    find_entry,
     find_local,
     plan_removal,
     remove_entries,
@@ -34,7 +35,7 @@ from store.select import Selection, gguf_quant, gguf_variants, select_files
 set_resolver(resolve_model)
 
 __all__ = ["ALIASES", "DEFAULT_QUANT", "Alias", "ModelRef", "Plan", "Progress", "RemoteFile", "Removal",
-           "Selection", "StoreEntry", "cache_dir", "describe", "download", "find_entries", "find_local",
+           "Selection", "StoreEntry", "cache_dir", "describe", "download", "find_entries", "find_entry", "find_local",
            "format_size", "gguf_quant", "gguf_variants", "offline", "parse_ref", "pending", "plan_pull",
            "plan_removal", "pull", "remove_entries", "repo_dir", "resolve_model", "select_files",
            "store_entries"]

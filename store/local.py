@@ -2,6 +2,7 @@
 
     find_local(ref, revision)        the cached folder or .gguf for a reference, or None
     store_entries(), find_entries()  every loadable model in the store (or those matching a reference)
+    find_entry(source, revision)     the one entry `show` describes
     describe(entry)                  architecture, parameters, format, context, chat template, files;
                                      read from headers with the runtime's validated readers
     plan_removal(), remove_entries() rm: the snapshot links and the blobs no other snapshot uses
@@ -132,6 +133,17 @@ def find_entries(source: str, revision: str | None = None) -> list[StoreEntry]:
             and (revision is None or e.commit == commit)]
 
 
+def find_entry(source: str, revision: str | None = None) -> StoreEntry | None:
+    """The entry `show` describes: the one load_model would open for `source` at `revision`, else
+    (no revision given) the newest entry matching it; None when the store has none."""
+    entries = find_entries(source)
+    local = find_local(parse_ref(source), revision)
+    for e in entries:
+        if e.path == local:
+            return e
+    return entries[0] if revision is None and entries else None
+
+
 # ------------------------------------------------------------------------------------------ describe
 
 
@@ -209,6 +221,11 @@ class Removal:
     @property
     def freed(self) -> int:
         return sum(b.stat().st_size for b in self.blobs if b.is_file())
+
+    @property
+    def shared(self) -> int:
+        """Blobs the links point at that stay: other snapshots use them."""
+        return len({p.resolve() for p in self.links if p.is_symlink()}) - len(self.blobs)
 
 
 def plan_removal(entries: list[StoreEntry]) -> Removal:
