@@ -1,6 +1,6 @@
 """Cache memory of a Jamba-shaped hybrid against an all-attention model of the same width, by context.
 
-    python bench/bench_jamba_memory.py [--contexts 1024,16384,65536] [--dtype bf16] [--materialize-gib 3]
+    python -m bench.bench_jamba_memory [--contexts 1024,16384,65536] [--dtype bf16] [--materialize-gib 3]
 
 Both models are Jamba-v0.1-shaped (hidden 4096, 32 layers, 32 query / 8 kv heads of 128, bf16); the
 hybrid has attention at 1 layer in 8 and Mamba (d_inner 8192, d_state 16, kernel 4) elsewhere. The
@@ -13,16 +13,11 @@ are then allocated for real on the CPU and the RSS growth printed next to them a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from runtime.cache import KVCache, SSMState, cache_nbytes  # noqa: E402
-from runtime.models import jamba, llama  # noqa: E402
+from runtime.cache import KVCache, SSMState, cache_nbytes
+from runtime.models import jamba, llama
 
 WIDTH = dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8)

@@ -1,7 +1,7 @@
 """Ours vs llama.cpp (llama-cpp-python) on the same GGUF files, alternating, in one process.
 
-    python bench/bench_llamacpp.py FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
-    python bench/bench_llamacpp.py --memory FILE.gguf [...]   # load time and memory, each in a fresh process
+    python -m bench.bench_llamacpp FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [--threads 2] [--reps 3]
+    python -m bench.bench_llamacpp --memory FILE.gguf [...]   # load time and memory, each in a fresh process
 
 For each file: load time (to a usable model; ours plus the time to compile the decode step, see
 runtime/compile.py, unless --no-compile), prefill tokens/s for -p tokens (next-token logits only, as
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime import load_model  # noqa: E402
+from runtime import load_model
 
 
 def ours_run(m, ids: list[int], n: int) -> tuple[float, float]:
@@ -64,9 +62,7 @@ def rss_mib() -> tuple[float, float]:
 def child(engine: str, f: str, threads: int) -> None:
     """One engine in this (fresh) process: load, a 64-token prefill and 16 decode steps; JSON to stdout."""
     torch.set_num_threads(threads)
-    if engine == "ours":
-        from runtime import load_model
-    else:
+    if engine != "ours":
         from llama_cpp import Llama
     base = rss_mib()[0]
     t0 = time.perf_counter()
@@ -93,8 +89,9 @@ def memory(files: list[str], threads: int) -> None:
     for f in files:
         r = {}
         for engine in ("ours", "llama.cpp"):
-            out = subprocess.run([sys.executable, __file__, "--child", engine, f, "--threads", str(threads)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.bench_llamacpp", "--child", engine, f, "--threads",
+                                  str(threads)], capture_output=True, text=True, check=True,
+                                 cwd=Path(__file__).resolve().parents[1])
             r[engine] = json.loads(out.stdout.strip().splitlines()[-1])
         size = Path(f).stat().st_size / 2**20
         o, c = r["ours"], r["llama.cpp"]

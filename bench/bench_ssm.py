@@ -1,6 +1,6 @@
 """Mamba-1 and Mamba-2 on the CPU: our runtime against transformers' PyTorch path, same random weights.
 
-    python bench/bench_ssm.py [--threads 1] [--sizes 512,2048,8192] [--hf-sizes-mamba 512,2048]
+    python -m bench.bench_ssm [--threads 1] [--sizes 512,2048,8192] [--hf-sizes-mamba 512,2048]
 
 Two mamba-130m-shaped models (d_model 768, 24 layers, vocab 50280; Mamba-2 with d_state 128, head dim
 64) are saved once with transformers' save_pretrained under bench/.cache/. For each model it prints:
@@ -21,20 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from runtime import load_model
+from runtime.generate import Session, Stats, generate
+from tests.fixtures import tiny_tokenizer_files
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fixtures import tiny_tokenizer_files  # noqa: E402
-
-from runtime import load_model  # noqa: E402
-from runtime.generate import Session, Stats, generate  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 MODELS = {

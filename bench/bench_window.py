@@ -4,26 +4,20 @@ A Mistral-shaped random model (window 4096, as Mistral 7B v0.1) is saved with tr
 runtimes prefill to each context depth and decode N tokens, alternating, in one process, on the CPU.
 Our cache memory is read from the cache objects; transformers' from its DynamicCache tensors.
 
-    python bench/bench_window.py [--hidden 512 --layers 8 --window 4096 --decode 32 --threads 2]
+    python -m bench.bench_window [--hidden 512 --layers 8 --window 4096 --decode 32 --threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fixtures import build_tiny, hf_model  # noqa: E402
-
-from runtime import load_model  # noqa: E402
-from runtime.cache import cache_nbytes  # noqa: E402
+from runtime import load_model
+from runtime.cache import cache_nbytes
+from tests.fixtures import build_tiny, hf_model
 
 
 def hf_cache_bytes(pkv) -> int:

@@ -1,9 +1,9 @@
 """Build the benchmark models: random weights in real shapes, saved with transformers, 4-bit GGUF via
 `mamba-cli quantize` (byte-identical to llama.cpp's own quantizer; see tests/test_quantize.py).
 
-    python bench/make_models.py            # -> bench/.cache/*.gguf (git-ignored), paths printed
+    python -m bench.make_models            # -> bench/.cache/*.gguf (git-ignored), paths printed
 
-    python bench/make_models.py --7b [--layers N] [q4_k_m]   # the 7B shapes -> bench/.cache/*-7b-*.gguf
+    python -m bench.make_models --7b [--layers N] [q4_k_m]   # the 7B shapes -> bench/.cache/*-7b-*.gguf
 
 Shapes: mamba-130m (d_model 768, 24 layers), a Mamba-2 of similar size (d_model 768, 24 layers,
 head dim 64, d_state 128), a small Jamba (d_model 768, 8 layers, attention 1 in 4, MoE 1 in 2,
@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 OUT = ROOT / "bench" / ".cache"
 
 MODELS = {
@@ -141,7 +140,7 @@ def main() -> None:
                     quantize_7b(folder, qtype, out)
                 print(out)
         return
-    from fixtures import build_tiny, spm_model_folder
+    from tests.fixtures import build_tiny, spm_model_folder
 
     for name, (cls, cfg) in MODELS.items():
         folder = spm_model_folder(build_tiny(cls, cfg, vocab_size=32000))

@@ -2,7 +2,8 @@
 
 Each turn renders the whole conversation with the chat template (runtime.chat.chat_prompt) and hands
 it to a Session, which prefills only the tokens past what the cache already holds. /save writes the
-session's cache itself (Session.save), so `--resume FILE` continues a conversation with no re-prefill.
+session's cache itself (Session.save), so `--resume FILE` continues a conversation without re-reading
+its history.
 """
 
 from __future__ import annotations
@@ -104,10 +105,10 @@ class Chat:
     # ------------------------------------------------------------ state files
 
     def save(self, path: str) -> None:
-        self.session.save(path, {"messages": self.messages, "system": self.system})
+        saved = self.session.save(path, {"messages": self.messages, "system": self.system})
         size = Path(path).stat().st_size
         self.console.print(f"[dim]saved {len(self.messages)} messages and the model state "
-                           f"({len(self.session.tokens)} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
+                           f"({saved} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
 
     def load(self, path: str) -> None:
         meta = self.session.load(path)

@@ -1,7 +1,7 @@
 """Prefill once, decode step by step; sampling; stop conditions; incremental UTF-8-safe detokenizing.
 
     Session       a model's cache and the tokens it holds: a new prompt prefills only what is new;
-                  save() / load() write and read the whole state (a conversation resumes with no re-prefill)
+                  save() / load() write and read the state (a conversation resumes without re-reading history)
     sample()      repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
     generate()    yields token ids (the stop token itself is not yielded)
     Detokenizer   ids -> text pieces that never split a multi-byte character
@@ -108,12 +108,18 @@ class Session:
             self.tokens.extend(ids[i : i + chunk])
         return self.last_logits
 
-    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> int:
         """Write the cache, the tokens it holds and `meta` (e.g. the conversation) to one safetensors
-        file, atomically; load() resumes from it."""
+        file, atomically; load() resumes from it. Returns how many tokens the saved state holds.
+
+        With an SSM checkpoint, the state saved is the checkpoint's (where the last prompt ended): an SSM
+        state cannot rewind, and the last reply may re-tokenize differently in the next prompt, which
+        always extends the checkpoint; so a resumed chat prefills only the last reply and the new turn."""
         m = self.model
-        save_cache(path, self.cache, {"format": STATE_FORMAT, "model": m.source, "arch": m.arch,
-                                      "fingerprint": model_fingerprint(m), "tokens": self.tokens, **(meta or {})})
+        n, cache = self.checkpoint or (len(self.tokens), self.cache)
+        save_cache(path, cache, {"format": STATE_FORMAT, "model": m.source, "arch": m.arch,
+                                 "fingerprint": model_fingerprint(m), "tokens": self.tokens[:n], **(meta or {})})
+        return n
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
         """Restore a state written by save() with the same weights; returns the saved meta."""
@@ -171,6 +177,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     """Pick the next token from logits [V] (float32)."""
     if temperature <= 0:
         return int(torch.argmax(logits))
+    probs = sampling_weights(logits, temperature, top_k, top_p, min_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0) -> torch.Tensor:
+    """What sample() draws from at temperature > 0: weights [V], 0 for filtered tokens (not renormalized)."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -183,7 +196,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     probs = torch.softmax(logits, -1)
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return probs
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:

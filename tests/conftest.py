@@ -1,9 +1,7 @@
-import sys
-from pathlib import Path
+"""Suite-wide settings. tests/ is a package: pytest puts the repository root on sys.path, so tests
+import `runtime`, `quant`, `cli` and `tests.fixtures` as packages."""
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import os  # noqa: E402
+import os
 
 # The CLI compiles chat's decode step by default (runtime/compile.py): seconds per model shape, too slow
 # for hundreds of tiny models. Tests run eagerly; tests/test_compile.py turns compilation back on.

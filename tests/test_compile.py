@@ -14,20 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import build_tiny
-from test_jamba import CONFIGS as JAMBA
-from test_llama import CONFIGS as LLAMA
-from test_mamba import CONFIGS as MAMBA
 
 from runtime import compile as comp
 from runtime import load_model
+from tests.configs import JAMBA, LLAMA, MAMBA
+from tests.fixtures import build_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
 LLAMA_CASES = ("mistral-window", "llama-mha-bias", "mixtral-4x-window")
 CASES = {**{f"llama:{k}": v for k, v in LLAMA.items() if k in LLAMA_CASES},
          **{f"ssm:{k}": v for k, v in MAMBA.items() if k in ("mamba-k4", "falcon-k3", "mamba2-g2")},
-         **{f"jamba:{k}": ("JambaForCausalLM", v) for k, v in JAMBA.items() if k == "p2-x4-top2-gqa2"}}
+         **{f"jamba:{k}": v for k, v in JAMBA.items() if k == "jamba-p2-x4-top2-gqa2"}}
 # Graphs each case must run: a plain KV cache takes the one-graph attention block (attn_kv_*), a
 # sliding-window ring the two graphs around an eager append.
 EXPECT = {"llama:llama-mha-bias": {"attn_kv_ffn_step"}, "llama:mistral-window": {"attn_in", "attn_out_ffn"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import build_tiny
 from safetensors.torch import save_file
 
 from runtime import load_model
 from runtime.errors import ModelFormatError
+from tests.fixtures import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
@@ -84,15 +85,28 @@ def test_vocab_size_mismatch_with_weights(folder):
         load_model(folder, device="cpu")
 
 
+class _CreatesFile:
+    """Unpickling this object calls open(path, "w"): the file appearing proves the pickle ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def test_pickle_only_folder_is_refused_and_never_unpickled(folder):
     (folder / "model.safetensors").unlink()
     marker = folder / "pwned"
-    # A pickle whose loading would create a file: it must never be opened by the loader.
-    (folder / "pytorch_model.bin").write_bytes(
-        b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x0ctouch " +
-        str(marker).encode() + b"\x85R.")
+    payload = pickle.dumps(_CreatesFile(marker))
+    pickle.loads(payload).close()  # the payload works: unpickling it creates the marker
+    assert marker.exists()
+    marker.unlink()
+    (folder / "pytorch_model.bin").write_bytes(payload)
     with pytest.raises(ModelFormatError, match="only pickle weights"):
         load_model(folder, device="cpu")
+    assert not marker.exists()
+    assert_one_line_error(cli("run", str(folder), "hi"), "only pickle weights")
     assert not marker.exists()
 
 
@@ -190,8 +204,15 @@ def test_missing_model_path_is_one_line():
 
 
 def test_prompt_from_stdin(folder):
-    p = cli("run", str(folder), "-", "--raw", "-n", "4", "-t", "0", stdin="The quick brown fox")
+    """`run MODEL -` reads the prompt from stdin: the reply is the greedy continuation of that text."""
+    from runtime.generate import stream_text
+
+    text = "The quick brown fox"
+    m = load_model(folder, device="cpu")
+    want = "".join(stream_text(m, m.tokenizer.encode_prompt(text), max_new_tokens=8, temperature=0.0, stop_ids=[]))
+    p = cli("run", str(folder), "-", "--raw", "-n", "8", "-t", "0", "--ignore-eos", stdin=text)
     assert p.returncode == 0, p.stderr
+    assert p.stdout == want + "\n" and want.strip()
 
 
 def limited(code: str, limit: int) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """GGUF files in the runtime: llama.cpp-converted tiny models vs transformers, the real SmolLM2 Q4_1 vs llama.cpp.
 
-The llama.cpp converter comes from the llama-cpp-python sdist (downloaded once, cached); tests that
-need the compiled llama.cpp (llama-cpp-python) skip when it is not installed.
+The llama.cpp converter comes from the llama-cpp-python sdist (downloaded once, cached); every test that
+uses llama.cpp is marked `llamacpp` and, without it, skips (fails under CI=true).
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ import math
 
 import pytest
 import torch
-from fixtures import (
-    build_tiny,
-    check_converted_matches_transformers,
-    convert_with_llama_cpp,
-    smollm2_gguf,
-    spm_model_folder,
-)
 
 from quant import native
 from quant.linear import BlockEmbedding, BlockLinear, QuantLinear
 from runtime import load_model
+from tests.fixtures import (
+    build_tiny,
+    check_converted_matches_transformers,
+    convert_with_llama_cpp,
+    llama_cpp,
+    smollm2_gguf,
+    spm_model_folder,
+)
 
 LLAMA_CONFIGS = {
     "llama-gqa2": ("LlamaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -47,11 +48,13 @@ def converted(request):
     return folder, convert_with_llama_cpp(folder, "f32")
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_converted_f32_matches_transformers(converted):
     folder, gguf = converted
     check_converted_matches_transformers(gguf, folder, new_tokens=16)
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_converted_tokenizer_matches_sentencepiece(converted):
     import sentencepiece
 
@@ -117,11 +120,10 @@ MULTILINGUAL = (
 @pytest.mark.parametrize("text,n,top1", [(TEXT * 3, 384, 0.98), (TEXT + MULTILINGUAL + TEXT + MULTILINGUAL, 512, 0.96)],
                          ids=["english-384", "multilingual-512"])
 def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol, text, n, top1):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF oracle (not in CI)")
     m = load_model(smol, device="cpu")
     ids = m.tokenizer.encode(text)[:n]
     assert len(ids) == n
-    llm = llama_cpp.Llama(model_path=str(smol), logits_all=True, n_ctx=1024, n_batch=512, n_threads=2,
+    llm = llama_cpp().Llama(model_path=str(smol), logits_all=True, n_ctx=1024, n_batch=512, n_threads=2,
                           verbose=False)
     llm.eval(ids)
     ref = torch.tensor(llm.scores[: len(ids)])

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, make_repos
 
 import store as hub
 from runtime.errors import MambaCliError, ModelFormatError
+from tests.hub_server import HubServer, make_repos
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -38,7 +38,9 @@ def served(tmp_path_factory):
 @pytest.fixture
 def server(served):
     srv = served[0]
-    srv.throttle, srv.drop_after, srv.corrupt = None, {}, set()
+    srv.throttle, srv.drop_after, srv.hold_after, srv.corrupt = None, {}, {}, set()
+    srv.held.clear()
+    srv.release.clear()
     return srv
 
 
@@ -180,15 +182,18 @@ def test_killed_pull_resumes_with_range(env, server, sig):
     data = server.repos["tiny/big"].files["model.safetensors"]
     sha = hashlib.sha256(data).hexdigest()
     part = hub.repo_dir("tiny/big") / "blobs" / f"{sha}.incomplete"
-    server.throttle = (16 << 10, 0.02)  # ~800 KB/s: the 1.5 MB file takes ~2 s
+    server.throttle = (16 << 10, 0.0)  # 16 KB writes, so that the transfer stops right at 256 KB
+    server.hold_after[sha] = 256 << 10  # ... and waits there until the pull has been killed
+    logged = len(server.log)  # (the log is the module's server's: earlier tests' entries stay in it)
     proc = subprocess.Popen(cli("pull", "tiny/big"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (part.is_file() and part.stat().st_size >= 256 << 10):
+    deadline = time.time() + 120  # hang guards, not speed checks: each wait ends on an event
+    while not (server.held.is_set() and part.is_file() and part.stat().st_size >= 256 << 10):
         assert proc.poll() is None and time.time() < deadline, "pull ended before it could be killed"
         time.sleep(0.02)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=30)
+    _, stderr = proc.communicate(timeout=120)
+    server.release.set()
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), stderr
     assert "Traceback" not in stderr
     kept = part.stat().st_size
@@ -196,8 +201,8 @@ def test_killed_pull_resumes_with_range(env, server, sig):
     assert not blob("tiny/big", data).exists()
 
     server.throttle = None
-    deadline = time.time() + 30  # the server logs the killed transfer once its write fails
-    while not any(e["method"] == "GET" and e["path"].endswith(sha) for e in server.log):
+    deadline = time.time() + 120  # the server logs the killed transfer once its write fails
+    while not any(e["method"] == "GET" and e["path"].endswith(sha) for e in server.log[logged:]):
         assert time.time() < deadline
         time.sleep(0.02)
     start = len(server.log)

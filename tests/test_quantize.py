@@ -18,7 +18,9 @@ init scaled by 1/2) so that quantization noise does not swamp every logit.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -27,13 +29,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import (
-    build_tiny,
-    check_converted_matches_transformers,
-    convert_with_llama_cpp,
-    rel,
-    spm_model_folder,
-)
 
 from quant import native
 from quant.formats import GGMLType
@@ -41,6 +36,14 @@ from quant.gguf_out import plan_from_source, write_gguf
 from quant.recipe import tensor_types, use_more_bits
 from runtime import load_model
 from runtime.weights import read_gguf
+from tests.fixtures import (
+    build_tiny,
+    check_converted_matches_transformers,
+    convert_with_llama_cpp,
+    rel,
+    spm_model_folder,
+)
+from tests.fixtures import llama_cpp as oracle_llama_cpp
 
 M1, F1, M2, J = "MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM", "JambaForCausalLM"
 
@@ -115,11 +118,13 @@ def converted_ssm(request):
     return folder, convert_with_llama_cpp(folder, "f32")
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_converted_ssm_matches_transformers(converted_ssm):
     folder, gguf = converted_ssm
     check_converted_matches_transformers(gguf, folder, new_tokens=12)
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("name", sorted(SSM_CONFIGS) + sorted(ATTN_CONFIGS))
 def test_f32_writer_matches_llama_cpp_converter(name, tmp_path):
     cls, cfg = {**SSM_CONFIGS, **ATTN_CONFIGS}[name]
@@ -193,10 +198,11 @@ def _written(quant_dir: Path, name: str, qtype: str) -> tuple[Path, Path]:
     return folder, out
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k_m"])
 @pytest.mark.parametrize("name", ["llama", "mixtral", "mamba2", "jamba"])
 def test_quantized_bytes_identical_to_llama_cpp_quantize(name, qtype, quant_dir):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF oracle (not in CI)")
+    llama_cpp = oracle_llama_cpp()
     _, f32 = _written(quant_dir, name, "f32")
     _, ours = _written(quant_dir, name, qtype)
     theirs = quant_dir / f"{name}-{qtype}-llama.cpp.gguf"
@@ -234,35 +240,55 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(same.float().mean()), float(same[decisive].float().mean())
 
 
+IDS_300 = torch.randint(3, 320, (1, 300), generator=torch.Generator().manual_seed(1))
+
+
+@functools.cache
+def teacher_forced(quant_dir: Path, name: str, qtype: str) -> dict[str, torch.Tensor]:
+    """Logits on 300 tokens: 'ours' (the native kernels, 8-bit activations below BLOCK_DENSE_ROWS rows;
+    or int4 kernels, bf16 activations), 'exact' (the same 4-bit weights dequantized, fp32 activations:
+    the float fallback) and 'fp32' (the source model)."""
+    folder, path = _written(quant_dir, name, qtype)
+    ours = load_model(path, device="cpu").forward(IDS_300)[0]
+    os.environ["MAMBA_CLI_NO_INT4_KERNEL"] = os.environ["MAMBA_CLI_NO_NATIVE"] = "1"
+    try:
+        exact = load_model(path, device="cpu").forward(IDS_300)[0]
+    finally:
+        del os.environ["MAMBA_CLI_NO_INT4_KERNEL"], os.environ["MAMBA_CLI_NO_NATIVE"]
+    return {"ours": ours, "exact": exact, "fp32": load_model(folder, device="cpu").forward(IDS_300)[0]}
+
+
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k_m"])
 @pytest.mark.parametrize("name", sorted(QUANT_CONFIGS))
-def test_quantized_file_runs_here_and_in_llama_cpp(name, qtype, quant_dir, monkeypatch):
-    """Teacher-forced top-1 on 300 tokens: our runtime (int4 kernels, bf16 activations), llama.cpp (8-bit
-    activations) and the exact computation of the same 4-bit weights (dequantized, fp32 activations)."""
-    folder, path = _written(quant_dir, name, qtype)
-    ids = torch.tensor([torch.randint(3, 320, (300,), generator=torch.Generator().manual_seed(1)).tolist()])
-    ours = load_model(path, device="cpu").forward(ids)[0]
-    monkeypatch.setenv("MAMBA_CLI_NO_INT4_KERNEL", "1")  # the float fallback: dequantized weights, fp32
-    monkeypatch.setenv("MAMBA_CLI_NO_NATIVE", "1")
-    exact = load_model(path, device="cpu").forward(ids)[0]
-    monkeypatch.delenv("MAMBA_CLI_NO_INT4_KERNEL")
-    monkeypatch.delenv("MAMBA_CLI_NO_NATIVE")
-    fp32 = load_model(folder, device="cpu").forward(ids)[0]
+def test_quantized_file_runs_the_4bit_model(name, qtype, quant_dir):
+    """Teacher-forced top-1 on 300 tokens: our runtime (int4 kernels, bf16 activations) against the exact
+    computation of the same 4-bit weights (dequantized, fp32 activations)."""
+    got = teacher_forced(quant_dir, name, qtype)
     # 0.97: prefill matmuls of >= DENSE_ROWS tokens run fp32 activations, smaller ones (MoE experts) the
     # bf16-activation kernel; on random weights the routing flips on a few decisive positions (mixtral
     # q4_k_m: 0.976; every other case >= 0.98). The real-model check is SmolLM2 vs llama.cpp.
-    assert agreement(ours, exact)[1] >= 0.97
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF oracle (not in CI)")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_batch=512, n_threads=2,
-                          type_k=0, type_v=0, verbose=False)
-    llm.eval(ids[0].tolist())
-    ref = torch.tensor(np.asarray(llm.scores[: ids.shape[1]]))
+    assert agreement(got["ours"], got["exact"])[1] >= 0.97
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("name", sorted(QUANT_CONFIGS))
+def test_quantized_file_runs_in_llama_cpp_alike(name, qtype, quant_dir):
+    """The same file in llama.cpp (8-bit activations): teacher-forced top-1 agrees with ours, and far
+    better than ours agrees with the fp32 source, so both run this 4-bit model, not just a nearby one."""
+    got = teacher_forced(quant_dir, name, qtype)
+    ours, exact, fp32 = got["ours"], got["exact"], got["fp32"]
+    _, path = _written(quant_dir, name, qtype)
+    llm = oracle_llama_cpp().Llama(model_path=str(path), logits_all=True, n_ctx=512, n_batch=512, n_threads=2,
+                                   type_k=0, type_v=0, verbose=False)
+    llm.eval(IDS_300[0].tolist())
+    ref = torch.tensor(np.asarray(llm.scores[: IDS_300.shape[1]]))
     (agree, decisive), (ref_exact, _) = agreement(ours, ref), agreement(ref, exact)
     print(f"{name:12} {qtype:6}: top-1 ours/llama.cpp {agree:.3f} (decisive {decisive:.3f}), "
           f"ours/exact {agreement(ours, exact)[0]:.3f}, llama.cpp/exact {ref_exact:.3f}, 4-bit/fp32 "
           f"{agreement(ours, fp32)[0]:.3f}; max rel ours/llama.cpp {rel(ours, ref):.4f}")
     assert decisive >= 0.93 and agree >= 0.85
-    assert agree > agreement(ours, fp32)[0] + 0.2  # both run the same 4-bit model, not just a nearby one
+    assert agree > agreement(ours, fp32)[0] + 0.2
 
 
 @pytest.mark.parametrize("path_kind", ["int4", "native"])
@@ -343,7 +369,7 @@ def test_quantize_is_atomic(exc, tmp_path, monkeypatch):
 
 
 def _direct_perplexity(m, ids: list[int], ctx: int) -> float:
-    """Independent of cli.perplexity: walk the tokens, each scored once with up to ctx - 1 tokens of
+    """Independent of runtime.evaluate: walk the tokens, each scored once with up to ctx - 1 tokens of
     context taken from the window that scores it (windows of ctx, moved by ctx // 2)."""
     nll, stride, start, scored = 0.0, ctx // 2, 0, 1
     while scored < len(ids):
@@ -378,3 +404,47 @@ def test_perplexity_command_equals_direct_computation(ctx, tmp_path):
         full = math.exp(-float(lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean()))
         assert want == pytest.approx(full, rel=1e-9)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantize command: its file and its quality report
+
+
+def test_quantize_command_file_and_quality_report(tmp_path):
+    """`mamba-cli quantize` writes what write_gguf writes, and its report's perplexities and mean KL
+    equal a direct computation on the source model and the file it wrote."""
+    import re
+    from collections import Counter
+
+    folder = unit_gain(build_tiny(*QUANT_CONFIGS["mamba"]))
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4 + "State space models keep a state.")
+    out = tmp_path / "model-q4_k_m.gguf"
+    p = subprocess.run([sys.executable, "-m", "cli", "quantize", str(folder), "-t", "q4_k_m", "-o", str(out),
+                        "--eval", str(text), "--ctx", "4096", "--device", "cpu"], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1], timeout=600, env={**os.environ, "COLUMNS": "300"})
+    assert p.returncode == 0, p.stderr
+    report = " ".join(p.stderr.split())
+    write_gguf(plan_from_source(folder), tmp_path / "library.gguf", "q4_k_m")
+    got, want = read_gguf(out), read_gguf(tmp_path / "library.gguf")
+    assert got.metadata == want.metadata and list(got.tensors) == list(want.tensors)
+    for n in want.tensors:
+        assert np.array_equal(got.raw(n), want.raw(n)), n
+    types = Counter(GGMLType(t.ggml_type).name for t in got.tensors.values())
+    assert ", ".join(f"{n} {t}" for t, n in types.most_common()) in report
+    assert f"{out.stat().st_size / 2**20:.1f} MiB" in report
+
+    found = re.search(r"perplexity ([\d.]+) -> ([\d.]+) \(([+-][\d.]+)%\), mean KL ([\d.]+) nats/token", report)
+    assert found, report
+    ppl_base, ppl_quant, pct, kl = (float(x) for x in found.groups())
+    base, quant = load_model(folder, device="cpu"), load_model(out, device="cpu")
+    ids = torch.tensor([base.tokenizer.encode_prompt(text.read_text())])
+    with torch.no_grad():  # one window holds the whole text (--ctx 4096): every position scored once
+        la = torch.log_softmax(base.forward(ids)[0, :-1].double(), -1)
+        lb = torch.log_softmax(quant.forward(ids)[0, :-1].double(), -1)
+    target = ids[0, 1:, None]
+    assert ppl_base == pytest.approx(math.exp(-float(la.gather(1, target).mean())), rel=1e-4)
+    assert ppl_quant == pytest.approx(math.exp(-float(lb.gather(1, target).mean())), rel=1e-4)
+    assert pct == pytest.approx((ppl_quant / ppl_base - 1) * 100, abs=0.01)
+    assert kl == pytest.approx(float((la.exp() * (la - lb)).sum(-1).mean()), rel=1e-3, abs=1e-5)
+    assert kl > 0 and ppl_quant != ppl_base  # 4 bits changed the model, measurably

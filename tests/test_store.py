@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from hub_server import Repo
-from test_pull import HF_FILES, env, one_line_error, run_cli, served, server  # noqa: F401 (fixtures)
-
 import store as hub
+from tests.hub_server import Repo
+from tests.test_pull import HF_FILES, env, one_line_error, run_cli, served, server  # noqa: F401 (fixtures)
 
 
 def n_params(repo: Repo) -> int:

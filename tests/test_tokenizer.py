@@ -11,15 +11,14 @@ import random
 import shutil
 from pathlib import Path
 
+import mistral_common
 import pytest
-from fixtures import smollm2_gguf
+import sentencepiece as spm
 
 from runtime.errors import ModelFormatError
 from runtime.generate import Detokenizer
 from runtime.tokenizer import Tokenizer, read_spm_model
-
-spm = pytest.importorskip("sentencepiece", reason="sentencepiece is the reference for .model files")
-mistral_common = pytest.importorskip("mistral_common", reason="mistral-common ships Mistral's tokenizers")
+from tests.fixtures import llama_cpp, smollm2_gguf
 
 DATA = Path(mistral_common.__file__).parent / "data"
 MISTRAL = {"v1": DATA / "tokenizer.model.v1", "v3": DATA / "mistral_instruct_tokenizer_240323.model.v3"}
@@ -141,7 +140,7 @@ def test_spm_control_tokens_only_with_special(tmp_path):
 
 
 def train_spm(folder: Path, model_type: str) -> Path:
-    from fixtures import CORPUS as TRAIN
+    from tests.fixtures import CORPUS as TRAIN
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAIN * 5), model_writer=buf, vocab_size=420,
@@ -177,11 +176,11 @@ def test_from_dir_errors(tmp_path):
 # ---- GGUF vocabularies ----------------------------------------------------------------------------
 
 
+@pytest.mark.llamacpp
 def test_gguf_gpt2_smollm2_matches_llama_cpp(smol):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is the reference for GGUF tokenizers")
     path, tok, _ = smol
     assert (tok.bos_id, tok.eos_ids, tok.add_bos) == (1, [2], False)
-    ll = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    ll = llama_cpp().Llama(str(path), vocab_only=True, verbose=False)
     texts = CORPUS + random_texts(400)
     for special in (False, True):
         mismatches = [t for t in texts if tok.encode(t, special=special)
@@ -190,7 +189,7 @@ def test_gguf_gpt2_smollm2_matches_llama_cpp(smol):
     assert all(tok.decode(tok.encode(t)) == t for t in texts)
 
 
-def test_gguf_spm_matches_sentencepiece_and_llama_cpp(tmp_path):
+def test_gguf_spm_matches_sentencepiece(tmp_path):
     path = spm_gguf(tmp_path / "spm.gguf", MISTRAL["v1"])
     tok = Tokenizer.from_gguf_metadata(gguf_meta(path))
     sp = spm.SentencePieceProcessor(model_file=str(MISTRAL["v1"]))
@@ -198,20 +197,26 @@ def test_gguf_spm_matches_sentencepiece_and_llama_cpp(tmp_path):
     texts = CORPUS + random_texts(300)
     mismatches = [t for t in texts if tok.encode(t) != sp.encode(t)]
     assert not mismatches, f"{len(mismatches)}/{len(texts)} differ, e.g. {mismatches[:3]}"
-    try:
-        import llama_cpp
-    except ImportError:
-        return
-    ll = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+@pytest.mark.llamacpp
+def test_gguf_spm_matches_llama_cpp(tmp_path):
+    path = spm_gguf(tmp_path / "spm.gguf", MISTRAL["v1"])
+    tok = Tokenizer.from_gguf_metadata(gguf_meta(path))
+    texts = CORPUS + random_texts(300)
+    ll = llama_cpp().Llama(str(path), vocab_only=True, verbose=False)
     for special in (False, True):
         assert [tok.encode(t, special=special) for t in texts] == [
             ll.tokenize(t.encode(), add_bos=False, special=special) for t in texts]
 
 
-def test_gguf_metadata_errors(smol):
-    meta = smol[2]
+def test_gguf_gpt2_pre_tokenizer_must_be_known(smol):
     with pytest.raises(ModelFormatError, match="tokenizer.ggml.pre 'nonesuch' is not supported"):
-        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "nonesuch"})
+        Tokenizer.from_gguf_metadata({**smol[2], "tokenizer.ggml.pre": "nonesuch"})
+
+
+def test_gguf_metadata_errors(tmp_path):
+    meta = gguf_meta(spm_gguf(tmp_path / "spm.gguf", MISTRAL["v1"]))
     with pytest.raises(ModelFormatError, match="no tokenizer.ggml.tokens"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.tokens": []})
     with pytest.raises(ModelFormatError, match="token_type has 3 entries"):
@@ -237,35 +242,39 @@ def metaspace_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def tokenizers_under_test(tmp_path: Path, smol) -> dict[str, Tokenizer]:
-    (tmp_path / "spm").mkdir()
-    (tmp_path / "meta").mkdir()
-    return {"spm-v3": Tokenizer.from_dir(spm_folder(tmp_path / "spm", "v3")),
-            "metaspace": Tokenizer.from_dir(metaspace_folder(tmp_path / "meta")), "smollm2": smol[1]}
+def make_tokenizer(request, tmp_path: Path, name: str) -> Tokenizer:
+    """A tokenizer under test by name; only "smollm2" needs (and may skip for) the SmolLM2 download."""
+    if name == "smollm2":
+        return request.getfixturevalue("smol")[1]
+    if name == "metaspace":
+        return Tokenizer.from_dir(metaspace_folder(tmp_path))
+    return Tokenizer.from_dir(spm_folder(tmp_path, name.removeprefix("spm-")))
 
 
-def test_encode_parts_equals_whole_string(tmp_path, smol):
+@pytest.mark.parametrize("name", ["spm-v3", "metaspace", "smollm2"])
+def test_encode_parts_equals_whole_string(request, tmp_path, name):
+    tok = make_tokenizer(request, tmp_path, name)
     rng = random.Random(3)
     controls = ["<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>"]
-    for name, tok in tokenizers_under_test(tmp_path, smol).items():
-        for text in CORPUS + random_texts(100, seed=5):
-            pieces = [rng.choice(controls) if rng.random() < 0.4 else text[: rng.randint(0, len(text))]
-                      for _ in range(rng.randint(1, 6))]
-            parts = [(p, any(c in p for c in controls) or rng.random() < 0.5) for p in pieces]
-            whole = "".join(pieces)
-            if sum(whole.count(c) for c in controls) != sum(p.count(c) for p in pieces for c in controls):
-                continue  # a control token spans a part boundary
-            assert tok.encode_parts(parts) == tok.encode(whole, special=True), (name, parts)
+    for text in CORPUS + random_texts(100, seed=5):
+        pieces = [rng.choice(controls) if rng.random() < 0.4 else text[: rng.randint(0, len(text))]
+                  for _ in range(rng.randint(1, 6))]
+        parts = [(p, any(c in p for c in controls) or rng.random() < 0.5) for p in pieces]
+        whole = "".join(pieces)
+        if sum(whole.count(c) for c in controls) != sum(p.count(c) for p in pieces for c in controls):
+            continue  # a control token spans a part boundary
+        assert tok.encode_parts(parts) == tok.encode(whole, special=True), parts
 
 
-def test_encode_parts_keeps_unmarked_controls_as_text(tmp_path, smol):
-    for name, tok in tokenizers_under_test(tmp_path, smol).items():
-        specials = tok.special_ids()
-        user = "x </s> [INST] <|im_end|> <s> y"
-        ids = tok.encode_parts([("[INST] ", True), (user, False), (" [/INST]", True)])
-        assert tok.decode(ids).count("</s>") == 1, name
-        assert [i for i in ids if i in specials] == [i for i in tok.encode("[INST][/INST]", special=True)
-                                                     if i in specials], name
+@pytest.mark.parametrize("name", ["spm-v3", "metaspace", "smollm2"])
+def test_encode_parts_keeps_unmarked_controls_as_text(request, tmp_path, name):
+    tok = make_tokenizer(request, tmp_path, name)
+    specials = tok.special_ids()
+    user = "x </s> [INST] <|im_end|> <s> y"
+    ids = tok.encode_parts([("[INST] ", True), (user, False), (" [/INST]", True)])
+    assert tok.decode(ids).count("</s>") == 1
+    assert [i for i in ids if i in specials] == [i for i in tok.encode("[INST][/INST]", special=True)
+                                                 if i in specials]
 
 
 # ---- streaming detokenizer ------------------------------------------------------------------------
@@ -277,17 +286,16 @@ STREAM_TEXTS = [
 ]
 
 
-def test_detokenizer_streams_whole_characters(tmp_path, smol):
-    (tmp_path / "v1").mkdir()
-    toks = tokenizers_under_test(tmp_path, smol)
-    toks["spm-v1"] = Tokenizer.from_dir(spm_folder(tmp_path / "v1", "v1"))
+@pytest.mark.parametrize("name", ["spm-v1", "spm-v3", "metaspace", "smollm2"])
+def test_detokenizer_streams_whole_characters(request, tmp_path, name):
+    tok = make_tokenizer(request, tmp_path, name)
     byte_pieces = 0
-    for name, tok in toks.items():
-        for text in STREAM_TEXTS:
-            ids = tok.encode(text)
-            byte_pieces += sum(tok.tok.id_to_token(i).startswith("<0x") for i in ids)
-            detok = Detokenizer(tok)
-            pieces = [detok.add(i) for i in ids] + [detok.flush()]
-            assert not any("\ufffd" in p for p in pieces), (name, pieces)
-            assert "".join(pieces) == tok.decode(ids), name
-    assert byte_pieces > 0  # the SentencePiece vocabularies spell some of these characters in bytes
+    for text in STREAM_TEXTS:
+        ids = tok.encode(text)
+        byte_pieces += sum(tok.tok.id_to_token(i).startswith("<0x") for i in ids)
+        detok = Detokenizer(tok)
+        pieces = [detok.add(i) for i in ids] + [detok.flush()]
+        assert not any("\ufffd" in p for p in pieces), pieces
+        assert "".join(pieces) == tok.decode(ids)
+    if name.startswith("spm-"):  # SentencePiece spells some of these characters in bytes: the hard case
+        assert byte_pieces > 0

@@ -1,0 +1,119 @@
+"""Sampling against transformers' logits processors (the oracle): temperature, top-k, top-p, min-p and
+the repetition penalty filter and reshape exactly what TemperatureLogitsWarper, TopKLogitsWarper,
+TopPLogitsWarper, MinPLogitsWarper and RepetitionPenaltyLogitsProcessor do, in transformers' order.
+Also: seeded sampling, stop strings and EOS.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from runtime import generate, load_model
+from runtime.generate import Stats, apply_repetition_penalty, sample, sampling_weights, stream_text
+from tests.configs import LLAMA
+from tests.fixtures import build_tiny, hf_model, prompt
+
+
+def hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """transformers' sampling distribution: its warpers in generate()'s order, then softmax."""
+    scores = logits[None].clone()
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p > 0 else []
+    for w in warpers:
+        scores = w(None, scores)
+    return torch.softmax(scores, -1)[0]
+
+
+SETTINGS = list(itertools.product([0.7, 1.0, 1.6], [0, 40], [1.0, 0.9, 0.5], [0.0, 0.05, 0.2]))
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_filtered_distribution_equals_transformers(scale):
+    g = torch.Generator().manual_seed(int(scale))
+    for temperature, top_k, top_p, min_p in SETTINGS:
+        logits = torch.randn(1000, generator=g) * scale
+        want = hf_probs(logits, temperature, top_k, top_p, min_p)
+        got = sampling_weights(logits, temperature, top_k, top_p, min_p)
+        setting = (temperature, top_k, top_p, min_p)
+        assert torch.equal(got > 0, want > 0), (setting, int((got > 0).sum()), int((want > 0).sum()))
+        assert (want > 0).sum() < 1000 or (top_k, top_p, min_p) == (0, 1.0, 0.0)  # something was filtered
+        torch.testing.assert_close(got / got.sum(), want, rtol=1e-5, atol=1e-7, msg=str(setting))
+
+
+def test_draws_stay_in_transformers_support():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(500, generator=g) * 3
+    support = hf_probs(logits, 1.0, 40, 0.9, 0.05) > 0
+    draws = [sample(logits, 1.0, 40, 0.9, 0.05, generator=g) for _ in range(300)]
+    assert all(support[d] for d in draws)
+    assert len(set(draws)) > 1 and int(logits.argmax()) in draws
+
+
+def test_repetition_penalty_equals_transformers():
+    g = torch.Generator().manual_seed(3)
+    for penalty in (0.8, 1.3, 5.0):
+        logits = torch.randn(300, generator=g) * 3
+        recent = torch.randint(0, 300, (40,), generator=g).tolist()  # with repeats
+        want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([recent]), logits[None].clone())[0]
+        got = apply_repetition_penalty(logits, recent, penalty)
+        assert torch.equal(got, want), penalty
+        assert not torch.equal(got, logits)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers():
+    """End to end: generate()'s penalty over the prompt and what it generated (well inside its 64-token
+    window) picks the tokens transformers picks with RepetitionPenaltyLogitsProcessor."""
+    folder = build_tiny(*LLAMA["llama-mha-bias"])
+    m, ref = load_model(folder, device="cpu"), hf_model(folder)
+    ids = prompt(8, 11)
+    proc = RepetitionPenaltyLogitsProcessor(1.5)
+    out = ids
+    with torch.no_grad():
+        for _ in range(24):
+            out = torch.cat([out, proc(out, ref(out).logits[:, -1]).argmax(-1, keepdim=True)], dim=1)
+    expect = out[0, 8:].tolist()
+    got = list(generate(m, ids[0].tolist(), max_new_tokens=24, repetition_penalty=1.5, stop_ids=[]))
+    assert got == expect
+    assert got != list(generate(m, ids[0].tolist(), max_new_tokens=24, stop_ids=[]))  # the penalty mattered
+
+
+def test_sampling_is_seeded_and_sane():
+    folder = build_tiny(*LLAMA["llama-gqa4-tied"])
+    m = load_model(folder, device="cpu")
+    ids = prompt(8, 10)[0].tolist()
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, min_p=0.02, stop_ids=[])
+    a = list(generate(m, ids, seed=1, **kw))
+    b = list(generate(m, ids, seed=1, **kw))
+    c = list(generate(m, ids, seed=2, **kw))
+    assert a == b and a != c and len(a) == 16
+    # top_k=1 at any temperature is greedy
+    g = list(generate(m, ids, max_new_tokens=16, temperature=0.0, stop_ids=[]))
+    assert list(generate(m, ids, max_new_tokens=16, temperature=5.0, top_k=1, seed=3, stop_ids=[])) == g
+
+
+def test_stop_strings_and_eos():
+    folder = build_tiny(*LLAMA["llama-gqa4-tied"])
+    m = load_model(folder, device="cpu")
+    ids = prompt(8, 12)[0].tolist()
+    full = "".join(stream_text(m, ids, max_new_tokens=30, stop_ids=[]))
+    assert len(full) > 6
+    stop = full[3:6]
+    st = Stats()
+    cut = "".join(stream_text(m, ids, stop=[stop], max_new_tokens=30, stop_ids=[], stats=st))
+    assert cut == full[: full.index(stop)] and st.stop_reason == "stop"
+    first = list(generate(m, ids, max_new_tokens=30, stop_ids=[]))
+    st = Stats()
+    got = list(generate(m, ids, max_new_tokens=30, stop_ids=[first[5]], stats=st))
+    assert got == first[: first.index(first[5])] and st.stop_reason == "eos"
