@@ -39,7 +39,9 @@ _state: dict[str, str | None] = {}  # "error": why the kernels are unavailable (
 
 def _cflags() -> list[str]:
     """-march=native picks this CPU's SIMD; MAMBA_CLI_NATIVE_SIMD=generic builds the plain C++ path."""
-    base = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is a header template over OpenMP in torch's CPU builds; without it the
+    # kernels run on one thread. The OpenMP runtime is the one torch already loaded (same soname).
+    base = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
     if os.environ.get("MAMBA_CLI_NATIVE_SIMD") == "generic":
         return base
     arch = platform.machine().lower()
@@ -115,8 +117,8 @@ def _load(on_build: Callable[[], AbstractContextManager] | None) -> str | None:
 def _build(name: str, folder: Path) -> None:
     from torch.utils import cpp_extension  # imported only to build: it pulls in setuptools
 
-    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(), build_directory=str(folder),
-                       is_python_module=False, verbose=False)
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
+                       build_directory=str(folder), is_python_module=False, verbose=False)
 
 
 def built() -> bool:
