@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -217,52 +218,83 @@ inline __m256i dot_us(__m256i u, __m256i s) {
 // Each dot<R> computes out[r] = <weight row w, activation row r> for r < R from quantized activations
 // q8[r] (the whole row), reusing each unpacked weight block for the R activation rows.
 
-template <int R>
-void dot_q4_0(int64_t nb, const BQ4_0* w, const BQ8_0* const* q8, const float* const* dx, const float* const* sx, float* out) {
+// The 32-blocks differ only in how a block's 32 quants are unpacked. Each decoder gives them as bytes
+// for the AVX2 path (signed for the symmetric types, 0..31 for those with a min, kMin) and one at a time
+// for the plain path; the value is d * q (+ m).
+struct DQ4_0 {
+  using B = BQ4_0;
+  static constexpr bool kMin = false;
+  static int q(const B& b, int j) { return (j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4) - 8; }
 #ifdef MC_AVX2
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  const __m256i off = _mm256_set1_epi8(8);
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < nb; ++i) {
-    const __m256i q = _mm256_sub_epi8(nibbles32(w[i].qs), off);  // -8..7
-    const __m256i aq = _mm256_sign_epi8(q, q);
-    const float dw = h2f(w[i].d);
-    for (int r = 0; r < R; ++r) {
-      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-#else
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      int sum = 0;
-      for (int j = 0; j < 16; ++j)
-        sum += ((w[i].qs[j] & 0xF) - 8) * q8[r][i].qs[j] + ((w[i].qs[j] >> 4) - 8) * q8[r][i].qs[j + 16];
-      s += (float)sum * h2f(w[i].d) * dx[r][i];
-    }
-    out[r] = s;
+  static __m256i v(const B& b) { return _mm256_sub_epi8(nibbles32(b.qs), _mm256_set1_epi8(8)); }
+#endif
+};
+struct DQ4_1 {
+  using B = BQ4_1;
+  static constexpr bool kMin = true;
+  static int q(const B& b, int j) { return j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4; }
+#ifdef MC_AVX2
+  static __m256i v(const B& b) { return nibbles32(b.qs); }
+#endif
+};
+inline int fifth_bit(const uint8_t* qh, int j) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  return (int)((h >> j) & 1) << 4;
+}
+struct DQ5_0 {
+  using B = BQ5_0;
+  static constexpr bool kMin = false;
+  static int q(const B& b, int j) { return (j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4) + fifth_bit(b.qh, j) - 16; }
+#ifdef MC_AVX2
+  // nibble | (bit << 4), minus 16: as signed bytes, (bit ? 0 : 0xF0) | nibble
+  static __m256i v(const B& b) {
+    return _mm256_or_si256(nibbles32(b.qs), _mm256_andnot_si256(bits32(b.qh), _mm256_set1_epi8((char)0xF0)));
   }
 #endif
-}
-
-template <int R>
-void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, const float* const* dx, const float* const* sx, float* out) {
+};
+struct DQ5_1 {
+  using B = BQ5_1;
+  static constexpr bool kMin = true;
+  static int q(const B& b, int j) { return (j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4) + fifth_bit(b.qh, j); }
 #ifdef MC_AVX2
-  __m256 acc[2][R];
+  static __m256i v(const B& b) {
+    return _mm256_or_si256(nibbles32(b.qs), _mm256_and_si256(bits32(b.qh), _mm256_set1_epi8(0x10)));
+  }
+#endif
+};
+struct DQ8_0 {
+  using B = BQ8_0;
+  static constexpr bool kMin = false;
+  static int q(const B& b, int j) { return b.qs[j]; }
+#ifdef MC_AVX2
+  static __m256i v(const B& b) { return _mm256_loadu_si256((const __m256i*)b.qs); }
+#endif
+};
+
+// 32-blocks against Q8_0 activations (Q8_1 for the types with a min, whose min term is m * s). dx, sx:
+// the activation blocks' d and s as float.
+template <class D, int R>
+void dot32(int64_t nb, const typename D::B* w, const uint8_t* const* act, const float* const* dx,
+           const float* const* sx, float* out) {
+  using A = std::conditional_t<D::kMin, BQ8_1, BQ8_0>;
+  const A* const* q8 = (const A* const*)act;
   float mins[R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  for (int r = 0; r < R; ++r) mins[r] = 0.f;
+#ifdef MC_AVX2
+  __m256 acc[2][R];  // even and odd blocks: two fmadd chains
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
 #pragma GCC unroll 2
   for (int64_t i = 0; i < nb; ++i) {
-    const __m256i q = nibbles32(w[i].qs);  // 0..15
-    const float dw = h2f(w[i].d), mw = h2f(w[i].m);
+    const __m256i q = D::v(w[i]);
+    const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);  // unsigned bytes for maddubs
+    const float dw = h2f(w[i].d);
     for (int r = 0; r < R; ++r) {
-      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
-      mins[r] += mw * sx[r][i];
+      __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      if constexpr (!D::kMin) y = _mm256_sign_epi8(y, q);
+      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, y));
+      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
+      if constexpr (D::kMin) mins[r] += h2f(w[i].m) * sx[r][i];
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
@@ -271,115 +303,23 @@ void dot_q4_1(int64_t nb, const BQ4_1* w, const BQ8_1* const* q8, const float* c
     float s = 0.f;
     for (int64_t i = 0; i < nb; ++i) {
       int sum = 0;
-      for (int j = 0; j < 16; ++j)
-        sum += (w[i].qs[j] & 0xF) * q8[r][i].qs[j] + (w[i].qs[j] >> 4) * q8[r][i].qs[j + 16];
-      s += (float)sum * h2f(w[i].d) * dx[r][i] + h2f(w[i].m) * sx[r][i];
-    }
-    out[r] = s;
-  }
-#endif
-}
-
-template <int R>
-void dot_q5_0(int64_t nb, const BQ5_0* w, const BQ8_0* const* q8, const float* const* dx, const float* const* sx, float* out) {
-#ifdef MC_AVX2
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < nb; ++i) {
-    // nibble | (bit << 4), minus 16: as signed bytes, (bit ? 0 : 0xF0) | nibble
-    const __m256i hi = _mm256_andnot_si256(bits32(w[i].qh), _mm256_set1_epi8((char)0xF0));
-    const __m256i q = _mm256_or_si256(nibbles32(w[i].qs), hi);
-    const __m256i aq = _mm256_sign_epi8(q, q);
-    const float dw = h2f(w[i].d);
-    for (int r = 0; r < R; ++r) {
-      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-#else
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      uint32_t qh;
-      std::memcpy(&qh, w[i].qh, 4);
-      int sum = 0;
-      for (int j = 0; j < 16; ++j) {
-        const int lo = (int)((w[i].qs[j] & 0xF) | (((qh >> j) & 1) << 4)), hi = (int)((w[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
-        sum += (lo - 16) * q8[r][i].qs[j] + (hi - 16) * q8[r][i].qs[j + 16];
-      }
+      for (int j = 0; j < QK; ++j) sum += D::q(w[i], j) * q8[r][i].qs[j];
       s += (float)sum * h2f(w[i].d) * dx[r][i];
+      if constexpr (D::kMin) mins[r] += h2f(w[i].m) * sx[r][i];
     }
-    out[r] = s;
+    out[r] = s + mins[r];
   }
 #endif
 }
 
-template <int R>
-void dot_q5_1(int64_t nb, const BQ5_1* w, const BQ8_1* const* q8, const float* const* dx, const float* const* sx, float* out) {
-#ifdef MC_AVX2
-  __m256 acc[2][R];
-  float mins[R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), mins[r] = 0.f;
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < nb; ++i) {
-    const __m256i q = _mm256_or_si256(nibbles32(w[i].qs), _mm256_and_si256(bits32(w[i].qh), _mm256_set1_epi8(0x10)));
-    const float dw = h2f(w[i].d), mw = h2f(w[i].m);
-    for (int r = 0; r < R; ++r) {
-      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), _mm256_cvtepi32_ps(dot_us(q, y)), acc[i & 1][r]);
-      mins[r] += mw * sx[r][i];
-    }
+template <class D>
+void dequant32(const uint8_t* src, float* y, int64_t k) {
+  for (auto* b = (const typename D::B*)src; k > 0; k -= QK, ++b, y += QK) {
+    const float d = h2f(b->d);
+    float m = 0.f;
+    if constexpr (D::kMin) m = h2f(b->m);
+    for (int j = 0; j < QK; ++j) y[j] = d * D::q(*b, j) + m;
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
-#else
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      uint32_t qh;
-      std::memcpy(&qh, w[i].qh, 4);
-      int sum = 0;
-      for (int j = 0; j < 16; ++j) {
-        const int lo = (int)((w[i].qs[j] & 0xF) | (((qh >> j) & 1) << 4)), hi = (int)((w[i].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
-        sum += lo * q8[r][i].qs[j] + hi * q8[r][i].qs[j + 16];
-      }
-      s += (float)sum * h2f(w[i].d) * dx[r][i] + h2f(w[i].m) * sx[r][i];
-    }
-    out[r] = s;
-  }
-#endif
-}
-
-template <int R>
-void dot_q8_0(int64_t nb, const BQ8_0* w, const BQ8_0* const* q8, const float* const* dx, const float* const* sx, float* out) {
-#ifdef MC_AVX2
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < nb; ++i) {
-    const __m256i q = _mm256_loadu_si256((const __m256i*)w[i].qs);
-    const __m256i aq = _mm256_sign_epi8(q, q);
-    const float dw = h2f(w[i].d);
-    for (int r = 0; r < R; ++r) {
-      const __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, _mm256_sign_epi8(y, q)));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-#else
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      int sum = 0;
-      for (int j = 0; j < 32; ++j) sum += w[i].qs[j] * q8[r][i].qs[j];
-      s += (float)sum * h2f(w[i].d) * dx[r][i];
-    }
-    out[r] = s;
-  }
-#endif
 }
 
 // Q4_K: x = d * sc[j] * q - dmin * mn[j] per 32-element sub-block j; the min term uses Q8_K's bsums.
@@ -536,41 +476,11 @@ void dot_q6_k(int64_t nb, const BQ6_K* w, const BQ8_K* const* q8, const float* c
 
 void dequant_row(int64_t type, const uint8_t* src, float* y, int64_t k) {
   switch (type) {
-    case Q4_0:
-      for (auto* b = (const BQ4_0*)src; k > 0; k -= QK, ++b, y += QK) {
-        const float d = h2f(b->d);
-        for (int j = 0; j < 16; ++j) y[j] = d * ((b->qs[j] & 0xF) - 8), y[j + 16] = d * ((b->qs[j] >> 4) - 8);
-      }
-      break;
-    case Q4_1:
-      for (auto* b = (const BQ4_1*)src; k > 0; k -= QK, ++b, y += QK) {
-        const float d = h2f(b->d), m = h2f(b->m);
-        for (int j = 0; j < 16; ++j) y[j] = d * (b->qs[j] & 0xF) + m, y[j + 16] = d * (b->qs[j] >> 4) + m;
-      }
-      break;
-    case Q5_0:
-    case Q5_1:
-      for (const uint8_t* p = src; k > 0; k -= QK, y += QK) {
-        const bool one = type == Q5_1;
-        const float d = h2f(*(const fp16*)p), m = one ? h2f(*(const fp16*)(p + 2)) : 0.f;
-        const uint8_t* qhp = p + (one ? 4 : 2);
-        const uint8_t* qs = qhp + 4;
-        uint32_t qh;
-        std::memcpy(&qh, qhp, 4);
-        const int off = one ? 0 : 16;
-        for (int j = 0; j < 16; ++j) {
-          y[j] = d * ((int)((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off) + m;
-          y[j + 16] = d * ((int)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off) + m;
-        }
-        p += one ? sizeof(BQ5_1) : sizeof(BQ5_0);
-      }
-      break;
-    case Q8_0:
-      for (auto* b = (const BQ8_0*)src; k > 0; k -= QK, ++b, y += QK) {
-        const float d = h2f(b->d);
-        for (int j = 0; j < QK; ++j) y[j] = d * b->qs[j];
-      }
-      break;
+    case Q4_0: dequant32<DQ4_0>(src, y, k); break;
+    case Q4_1: dequant32<DQ4_1>(src, y, k); break;
+    case Q5_0: dequant32<DQ5_0>(src, y, k); break;
+    case Q5_1: dequant32<DQ5_1>(src, y, k); break;
+    case Q8_0: dequant32<DQ8_0>(src, y, k); break;
     case Q4_K:
       for (auto* b = (const BQ4_K*)src; k > 0; k -= QK_K, ++b) {
         uint8_t sc[8], mn[8];
@@ -640,11 +550,11 @@ template <int R>
 void dot_rows(int64_t type, int64_t nb, const uint8_t* w, const uint8_t* const* q8, const float* const* dx,
               const float* const* sx, float* out) {
   switch (type) {
-    case Q4_0: dot_q4_0<R>(nb, (const BQ4_0*)w, (const BQ8_0* const*)q8, dx, sx, out); break;
-    case Q4_1: dot_q4_1<R>(nb, (const BQ4_1*)w, (const BQ8_1* const*)q8, dx, sx, out); break;
-    case Q5_0: dot_q5_0<R>(nb, (const BQ5_0*)w, (const BQ8_0* const*)q8, dx, sx, out); break;
-    case Q5_1: dot_q5_1<R>(nb, (const BQ5_1*)w, (const BQ8_1* const*)q8, dx, sx, out); break;
-    case Q8_0: dot_q8_0<R>(nb, (const BQ8_0*)w, (const BQ8_0* const*)q8, dx, sx, out); break;
+    case Q4_0: dot32<DQ4_0, R>(nb, (const BQ4_0*)w, q8, dx, sx, out); break;
+    case Q4_1: dot32<DQ4_1, R>(nb, (const BQ4_1*)w, q8, dx, sx, out); break;
+    case Q5_0: dot32<DQ5_0, R>(nb, (const BQ5_0*)w, q8, dx, sx, out); break;
+    case Q5_1: dot32<DQ5_1, R>(nb, (const BQ5_1*)w, q8, dx, sx, out); break;
+    case Q8_0: dot32<DQ8_0, R>(nb, (const BQ8_0*)w, q8, dx, sx, out); break;
     case Q4_K: dot_q4_k<R>(nb, (const BQ4_K*)w, (const BQ8_K* const*)q8, dx, sx, out); break;
     case Q6_K: dot_q6_k<R>(nb, (const BQ6_K*)w, (const BQ8_K* const*)q8, dx, sx, out); break;
   }
