@@ -133,6 +133,7 @@ class Session:
                                 f"load it with that model")
         self.cache, self.tokens = cache, list(meta["tokens"])
         self.last_logits = None
+        self.checkpoint = None  # the previous conversation's: never rewind into it
         return meta
 
     def prepare(self, prompt: list[int], stats: Stats | None = None,

@@ -112,3 +112,21 @@ def test_mamba2_dt_limit_applies_to_prefill_and_decode():
     cache = m.make_cache(1)
     outs = [m.forward(ids[:, :40], cache)] + [m.forward(ids[:, i : i + 1], cache) for i in range(40, 45)]
     assert rel(torch.cat(outs, 1), full) < 1e-4
+
+
+def test_loaded_state_drops_the_previous_conversations_checkpoint(model, tmp_path):
+    """/load replaces the conversation: a rewind afterwards must never restore the SSM checkpoint taken
+    in the conversation before it (that state belongs to other tokens)."""
+    from runtime.generate import Session
+
+    a, b = prompt(21, 12)[0].tolist(), prompt(7, 12)[0].tolist()
+    saved = Session(model)
+    saved.prepare(b)
+    saved.save(tmp_path / "b.safetensors")
+    s = Session(model)
+    s.prepare(a)  # an SSM checkpoint of conversation a, at 12 tokens
+    s.load(tmp_path / "b.safetensors")
+    assert s.checkpoint is None
+    edited = b[:-1] + [b[-1] % 300 + 3]  # the next prompt differs in its last token: a rewind to 11
+    fresh = Session(model)
+    assert rel(s.prepare(edited), fresh.prepare(edited)) < 1e-5
