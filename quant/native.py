@@ -94,10 +94,15 @@ def load(on_build: Callable[[], AbstractContextManager] | None = None) -> str | 
     return why
 
 
-def _load(on_build: Callable[[], AbstractContextManager] | None) -> str | None:
+def _library() -> tuple[str, Path, Path]:
+    """(extension name, its build folder, the built library) for this source, torch and CPU."""
     name = f"mamba_cli_kernels_{build_key()}"
     folder = cache_dir() / name
-    lib = folder / f"{name}.so"
+    return name, folder, folder / f"{name}.so"
+
+
+def _load(on_build: Callable[[], AbstractContextManager] | None) -> str | None:
+    name, folder, lib = _library()
     try:
         if not lib.is_file():
             if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -109,7 +114,8 @@ def _load(on_build: Callable[[], AbstractContextManager] | None) -> str | None:
                     _build(name, folder)
         torch.ops.load_library(str(lib))
     except Exception as e:  # a compiler error, a broken cache entry: fall back, keep the reason
-        return f"native kernels unavailable: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return f"native kernels unavailable: {last} (delete {folder} to rebuild them)"
     _register_fakes()
     return None
 
@@ -125,8 +131,7 @@ def built() -> bool:
     """Whether load() needs no build (already loaded or failed, built before, or turned off)."""
     if "error" in _state or os.environ.get("MAMBA_CLI_NO_NATIVE"):
         return True
-    name = f"mamba_cli_kernels_{build_key()}"
-    return (cache_dir() / name / f"{name}.so").is_file()
+    return _library()[2].is_file()
 
 
 def available() -> bool:

@@ -147,3 +147,20 @@ def test_smollm2_teacher_forced_agreement_with_llama_cpp(smol, text, n, top1):
     else:
         assert agree >= 0.94
         assert abs(ppl(ours) / ppl(ref) - 1) < 0.02
+
+
+def test_smollm2_without_native_kernels_runs_torch_int4(smol, monkeypatch):
+    """MAMBA_CLI_NO_NATIVE=1 (as a machine without a compiler): the int4 fallback loads, answers, and
+    -v says which path runs."""
+    from cli.common import quant_path
+    from runtime.chat import render
+    from runtime.generate import stream_text
+
+    monkeypatch.setenv("MAMBA_CLI_NO_NATIVE", "1")
+    m = load_model(smol, device="cpu")
+    layers = list(m.module.model.layers.modules())
+    assert sum(isinstance(mod, QuantLinear) for mod in layers) == 30 * 4
+    assert not any(isinstance(mod, (BlockLinear, BlockEmbedding)) for mod in m.module.modules())
+    assert "torch int4 kernels (turned off (MAMBA_CLI_NO_NATIVE))" in quant_path(m)
+    ids = render([{"role": "user", "content": "What is the capital of Germany?"}], m.tokenizer)
+    assert "Berlin" in "".join(stream_text(m, ids, max_new_tokens=24, temperature=0.0))
