@@ -331,6 +331,7 @@ void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, const float* c
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0xF);
   for (int64_t i = 0; i < nb; ++i) {
+    _mm_prefetch((const char*)(w + i + 8), _MM_HINT_T1);  // ahead of the hardware prefetcher
     // the 12 packed bytes -> 8 scales (bytes 0..7) and 8 mins (bytes 8..15), as 32-bit words
     uint32_t u[4];
     std::memcpy(u, w[i].scales, 12);
@@ -408,6 +409,7 @@ void dot_q6_k(int64_t nb, const BQ6_K* w, const BQ8_K* const* q8, const float* c
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
   for (int64_t i = 0; i < nb; ++i) {
+    _mm_prefetch((const char*)(w + i + 8), _MM_HINT_T1);
     const int8_t* sc = w[i].scales;
     __m256i sumi[R];
     for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
