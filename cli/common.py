@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import store
 from quant import native
+from quant.linear import BlockLinear, QuantLinear
 from runtime import LoadedModel, load_model
 from runtime.device import peak_cuda_bytes, peak_rss_bytes, set_threads
 from runtime.loader import local_path
@@ -126,8 +127,6 @@ def cpu_threads(m) -> str:
 
 def quant_path(m) -> str:
     """Which 4-bit matrix path the model's layers run, for -v: '' for a float model."""
-    from quant.linear import BlockLinear, QuantLinear
-
     kinds = {type(mod) for mod in m.module.modules()} & {BlockLinear, QuantLinear}
     if BlockLinear in kinds:
         return f"; 4-bit: {native.describe()}, GGUF blocks read in place"
