@@ -101,13 +101,14 @@ def resolve(model: str) -> Path:
 def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
          threads: int | None = None) -> LoadedModel:
     set_threads(threads)
-    if device in ("auto", "cpu") and not native.built():  # a one-time build: say what the wait is
+    path = resolve(model)
+    # a GGUF on the CPU runs the native kernels; their one-time build is announced (float models skip it)
+    if path.suffix == ".gguf" and device in ("auto", "cpu") and not native.built():
         err.print("[dim]building mamba-cli's native 4-bit kernels for this CPU (once per machine and torch version)[/]")
         with err.status("compiling quant/kernels/ggml_cpu.cpp (~30 s)…", spinner="dots"):
             why = native.load()
         if why:
             err.print(f"[dim]{why}; 4-bit layers use torch's int4 kernels[/]")
-    path = resolve(model)
     with err.status(f"loading {model}…", spinner="dots"):
         m = load_model(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
     if compile:
