@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import native
+from quant.formats import row_nbytes
 
 GROUP = 32
 # From this many rows (tokens) on, a CPU matmul dequantizes the packed weights to float32 and runs an
@@ -223,7 +224,7 @@ class BlockLinear(nn.Module):
     def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int, bias: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None):
         super().__init__()
-        if blocks.dim() != 2 or blocks.shape[1] != native.row_bytes(ggml_type, in_features):
+        if blocks.dim() != 2 or blocks.shape[1] != row_nbytes(ggml_type, in_features):
             raise ValueError(f"blocks {list(blocks.shape)} are not rows of {in_features} values of type {ggml_type}")
         self.ggml_type, self.in_features = int(ggml_type), in_features
         self.out_features = blocks.shape[0] if rows is None else rows.shape[0]
@@ -269,7 +270,7 @@ class BlockEmbedding(nn.Module):
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, dim: int, dtype: torch.dtype):
         super().__init__()
-        if blocks.dim() != 2 or blocks.shape[1] != native.row_bytes(ggml_type, dim):
+        if blocks.dim() != 2 or blocks.shape[1] != row_nbytes(ggml_type, dim):
             raise ValueError(f"blocks {list(blocks.shape)} are not rows of {dim} values of type {ggml_type}")
         self.ggml_type, self.embedding_dim, self.dtype = int(ggml_type), dim, dtype
         self.register_buffer("blocks", blocks, persistent=False)

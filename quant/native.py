@@ -31,8 +31,6 @@ SOURCE = Path(__file__).with_name("kernels") / "ggml_cpu.cpp"
 # ggml type ids the kernels take (gguf's GGMLQuantizationType values)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
 KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
-BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), Q4_K: (256, 144),
-         Q6_K: (256, 210)}  # type -> (elements, bytes) per block
 
 _state: dict[str, str | None] = {}  # "error": why the kernels are unavailable (None once loaded)
 
@@ -144,11 +142,6 @@ def describe() -> str:
     if why is None:
         return f"native 4-bit kernels ({torch.ops.mamba_cli.simd()})"
     return f"torch int4 kernels ({why})"
-
-
-def row_bytes(ggml_type: int, k: int) -> int:
-    elems, nbytes = BLOCK[ggml_type]
-    return k // elems * nbytes
 
 
 def _ops():
