@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,8 @@ import gguf
 import numpy as np
 import torch
 
-from quant import formats
-from quant.formats import GGML_BLOCKS, GGMLType
+from quant import formats, native
+from quant.formats import GGML_BLOCKS, QK_K, GGMLType
 from quant.recipe import QUANT_TYPES, tensor_types
 from runtime import registry
 from runtime.errors import MambaCliError, ModelFormatError
@@ -51,7 +53,7 @@ from runtime.tokenizer import (
     Tokenizer,
     read_spm_model,
 )
-from runtime.weights import iter_safetensors, read_gguf, safetensors_files
+from runtime.weights import read_gguf, safetensors_entries, safetensors_files
 
 QUANTIZATION_VERSION = 2
 # keys a .gguf source's metadata does not pass on: the writer sets them (or they describe the old file)
@@ -65,7 +67,7 @@ PROBE = ("Hello world! It's 2024: the year's 1234567 tokens... don't   stop\n\n 
 class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # PyTorch order (GGUF's ne reversed)
-    load: Callable[[], torch.Tensor]  # float tensor in llama.cpp's layout
+    load: Callable[[], torch.Tensor]  # the tensor in llama.cpp's layout (float32, bf16 or f16)
     source_type: GGMLType | None = None  # a .gguf source's stored type (copied raw when unchanged)
     raw: Callable[[], np.ndarray] | None = None
 
@@ -81,7 +83,7 @@ class Plan:
     source_bytes: int = 0
     name: str = ""
     path: Path = Path()
-    keep: list[Any] = field(default_factory=list)  # objects the loaders need alive (the weights dict)
+    keep: list[Any] = field(default_factory=list)  # objects the loaders need alive (a mapped .gguf)
 
 
 @dataclass
@@ -106,11 +108,59 @@ def plan_from_source(source: str | Path) -> Plan:
     raise MambaCliError(f"{path}: not a model folder or .gguf file")
 
 
+class Deferred(torch.Tensor):
+    """A meta tensor that knows how to make its value. An architecture's sanitize() runs on these, so its
+    renames, expert stacks and splits are recorded, not done: the writer then makes one tensor at a time,
+    reading only the checkpoint tensors that one is made of (a Mixtral expert stack: its 8 experts)."""
+
+    make: Callable[[], torch.Tensor]
+
+    @staticmethod
+    def __new__(cls, meta: torch.Tensor, make: Callable[[], torch.Tensor]) -> Deferred:
+        t = torch.Tensor._make_subclass(cls, meta)
+        t.make = make
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)  # on the meta tensors: shapes and dtypes only
+
+        def real():
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*_real(args), **_real(kwargs))
+
+        return _deferred(out, real)
+
+
+def _real(x: Any) -> Any:
+    if isinstance(x, Deferred):
+        return x.make()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_real(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _real(v) for k, v in x.items()}
+    return x
+
+
+def _deferred(out: Any, make: Callable[[], Any]) -> Any:
+    if isinstance(out, torch.Tensor) and not isinstance(out, Deferred):
+        return Deferred(out, make)
+    if isinstance(out, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in out):
+        return type(out)(_deferred(v, lambda i=i: make()[i]) for i, v in enumerate(out))
+    return out
+
+
 def plan_from_folder(folder: Path) -> Plan:
-    """HF (config.json + safetensors) or mistral-inference (params.json) folder -> Plan."""
+    """HF (config.json + safetensors) or mistral-inference (params.json) folder -> Plan. Nothing is read
+    here: each planned tensor reads its checkpoint tensors when the writer asks for it."""
     cfg, cfg_path, arch_mod, args = registry.arch_for_folder(folder)
     files = safetensors_files(folder)
-    weights = arch_mod.Model.sanitize(dict(iter_safetensors(files)), args)
+    entries = safetensors_entries(files)
+    leaves = {name: Deferred(torch.empty(e.shape, dtype=e.dtype, device="meta"), e.read)
+              for name, e in entries.items()}
+    weights = arch_mod.Model.sanitize(leaves, args)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     names = arch_mod.GGUF_NAMES
@@ -120,8 +170,11 @@ def plan_from_folder(folder: Path) -> Plan:
         name = names.to_gguf(hf)
         if name is None:
             raise ModelFormatError(f"{folder}: tensor {hf} has no GGUF name for {registry.gguf_architecture(arch_mod)}")
-        shape = tuple(transform(hf, torch.empty(t.shape, device="meta"), args).shape)
-        tensors.append(PlannedTensor(name, shape, lambda hf=hf: transform(hf, weights[hf], args).float().contiguous()))
+        shape = tuple(transform(hf, torch.empty(t.shape, dtype=t.dtype, device="meta"), args).shape)
+        make = t.make if isinstance(t, Deferred) else (lambda t=t: t)
+        # in the checkpoint's dtype (a row permutation or a reshape is exact in any): the writer converts
+        # to float32 a slice of rows at a time
+        tensors.append(PlannedTensor(name, shape, lambda hf=hf, make=make: transform(hf, make(), args)))
     tensors.sort(key=lambda p: names.sort_key(p.name))
     try:
         meta = arch_mod.gguf_metadata(args)
@@ -131,8 +184,7 @@ def plan_from_folder(folder: Path) -> Plan:
     meta = {"general.name": folder.name, **meta, **tokenizer_metadata(folder, args.vocab_size, cfg, tokenizer)}
     experts = getattr(args, "num_local_experts", 0) or getattr(args, "num_experts", 0)
     return Plan(registry.gguf_architecture(arch_mod), meta, tensors, args.num_hidden_layers,
-                experts if experts > 1 else 0, tokenizer, sum(f.stat().st_size for f in files), folder.name, folder,
-                [weights])
+                experts if experts > 1 else 0, tokenizer, sum(f.stat().st_size for f in files), folder.name, folder)
 
 
 def plan_from_gguf(path: Path) -> Plan:
@@ -276,7 +328,12 @@ def _with_gpt2_pre(meta: dict[str, Any], tok, folder: Path) -> dict[str, Any]:
 
 
 def pack(t: torch.Tensor, ggml_type: GGMLType) -> np.ndarray:
-    """float tensor [..., K] -> uint8 [..., bytes per row] in ggml_type (Q5_0: the gguf package's packer)."""
+    """float tensor [..., K] -> uint8 [..., bytes per row] in ggml_type. Q4_K / Q6_K go to the native
+    packers when they are built (quant/kernels/ggml_quantize.cpp: the same bytes, many times faster),
+    Q5_0 to the gguf package's packer, the rest to quant/formats.py."""
+    if ggml_type in native.PACK_TYPES and native.load() is None:
+        x = t.detach().to("cpu", torch.float32).contiguous()
+        return native.quantize(x.reshape(-1, QK_K), int(ggml_type)).reshape(*x.shape[:-1], -1).numpy()
     if ggml_type in formats.QUANTIZABLE:
         return formats.quantize(t, ggml_type).numpy()
     if ggml_type == GGMLType.Q5_0:
@@ -307,12 +364,36 @@ def _add_kv(w, key: str, value: Any) -> None:
         raise TypeError(f"metadata {key}: cannot write a {type(value).__name__}")
 
 
+SLICE_ELEMS = 1 << 24  # weights converted to float32 and packed per step: 64 MiB of float32 at a time
+PREFETCH_ELEMS = 1 << 28  # the next tensor is read while this one is packed when both hold fewer weights
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _slices(p: PlannedTensor, t: GGMLType, x: torch.Tensor | None) -> Iterator[tuple[np.ndarray, int]]:
+    """The tensor's bytes in the file, as (uint8 array, weights it holds) slices of whole rows."""
+    if x is None:  # a .gguf source's tensor, kept in its type: copied as it is
+        yield np.ascontiguousarray(p.raw()).reshape(-1).view(np.uint8), _numel(p.shape)
+        return
+    rows = x.reshape(-1, p.shape[-1] if p.shape else 1)
+    step = max(1, SLICE_ELEMS // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        part = rows[i:i + step]
+        yield np.ascontiguousarray(pack(part, t)).reshape(-1).view(np.uint8), part.numel()
+
+
 def write_gguf(plan: Plan, dest: str | Path, qtype: str,
                progress: Callable[[Written, int, int], None] | None = None) -> tuple[list[Written], list[str]]:
     """Write plan to dest as qtype (quant/recipe.py decides per tensor); atomic, validated before the rename.
 
+    Three things overlap: reading the next tensor (a thread), packing this one (here, on torch's CPU
+    threads), writing the packed bytes (a thread). Memory: the tensor being packed, the next one when
+    both are small (PREFETCH_ELEMS), a float32 slice and two packed slices in flight.
+
     Returns the tensors written and warnings. progress(written, elements_done, elements_total) is
-    called after each tensor."""
+    called after each slice (a tensor's last call has its end)."""
     file_type = QUANT_TYPES[qtype][0]
     types = tensor_types([(p.name, p.shape) for p in plan.tensors], qtype, plan.n_layers, plan.n_experts)
     w = gguf.GGUFWriter(None, plan.arch)
@@ -326,28 +407,53 @@ def write_gguf(plan: Plan, dest: str | Path, qtype: str,
         if p.shape[-1] % GGML_BLOCKS[t][0]:
             raise ModelFormatError(f"tensor {p.name}: rows of {p.shape[-1]} do not split into {t.name} blocks")
         out.append(Written(p.name, t, p.shape, _nbytes(p.shape, t)))
-        w.add_tensor_info(p.name, (*p.shape[:-1], out[-1].nbytes // max(1, int(np.prod(p.shape[:-1])))),
+        w.add_tensor_info(p.name, (*p.shape[:-1], out[-1].nbytes // max(1, _numel(p.shape[:-1]))),
                           np.dtype(np.uint8), out[-1].nbytes, raw_dtype=gguf.GGMLQuantizationType(int(t)))
-    total = sum(int(np.prod(p.shape)) for p in plan.tensors) or 1
-    with atomic_path(dest) as tmp:
+    total = sum(_numel(p.shape) for p in plan.tensors) or 1
+
+    def read(i: int) -> torch.Tensor | None:
+        p = plan.tensors[i]
+        return None if p.source_type == out[i].ggml_type and p.raw is not None else p.load()
+
+    in_flight: deque = deque()
+    with atomic_path(dest) as tmp, ThreadPoolExecutor(1, "gguf-read") as reader, \
+            ThreadPoolExecutor(1, "gguf-write") as writer:
         try:
             w.write_header_to_file(tmp)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            done = 0
-            for p, o in zip(plan.tensors, out, strict=True):
-                if p.source_type == o.ggml_type and p.raw is not None:
-                    data = np.asarray(p.raw())
-                else:
-                    data = pack(p.load(), o.ggml_type)
-                w.write_tensor_data(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-                done += int(np.prod(p.shape))
-                if progress is not None:
-                    progress(o, done, total)
+            fout = w.fout[0]
+
+            def put(fn, *args) -> None:
+                in_flight.append(writer.submit(fn, *args))
+                while len(in_flight) > 2:
+                    in_flight.popleft().result()
+
+            done, ahead = 0, None
+            for i, (p, o) in enumerate(zip(plan.tensors, out, strict=True)):
+                x = ahead.result() if ahead is not None else read(i)
+                ahead = None
+                if i + 1 < len(plan.tensors) and _numel(p.shape) + _numel(plan.tensors[i + 1].shape) <= PREFETCH_ELEMS:
+                    ahead = reader.submit(read, i + 1)
+                put(_align, w, fout)
+                for data, n in _slices(p, o.ggml_type, x):
+                    put(fout.write, data)
+                    done += n
+                    if progress is not None:
+                        progress(o, done, total)
+                put(w.write_padding, fout, o.nbytes)
+                del x
+            while in_flight:
+                in_flight.popleft().result()
         finally:
+            wait(in_flight)  # a failure above: let the queued writes end before the file closes
             w.close()
         warnings = validate(tmp, plan, out)
     return out, warnings
+
+
+def _align(w, fout) -> None:
+    w.write_padding(fout, fout.tell())
 
 
 def validate(path: Path, plan: Plan, written: list[Written]) -> list[str]:

@@ -1,6 +1,7 @@
-"""The native 4-bit CPU kernels (quant/kernels/ggml_cpu.cpp) as torch custom ops: built once, loaded, called.
+"""The native 4-bit CPU kernels (quant/kernels/ggml_cpu.cpp) and K-quant packers (ggml_quantize.cpp) as torch
+custom ops: built once, loaded, called.
 
-The C++ file is compiled with torch's extension tooling (ninja) for this machine's CPU (-march=native:
+The C++ files are compiled with torch's extension tooling (ninja) for this machine's CPU (-march=native:
 AVX2 here, AVX-512 or NEON elsewhere, plain C++ where the compiler finds no SIMD it knows) into
 ~/.cache/mamba-cli/kernels/<key>/, where key covers the source, the torch version and the CPU. Later
 processes load the built library directly (a few milliseconds). Without a compiler, or with
@@ -10,6 +11,8 @@ Ops (namespace mamba_cli, CPU):
     ggml_mm(x, w, type, k, rows=None)  x (M, K) float32 @ blocks w (N, row_bytes) uint8 -> (M, N) float32;
                                        output column j reads weight row rows[j] when rows is given
     ggml_dequant(w, type, k)           blocks (N, row_bytes) -> (N, K) float32
+    ggml_quantize(x, type)             super-blocks (B, 256) float32 -> (B, bytes) uint8, Q4_K / Q6_K, as
+                                       llama.cpp's reference packers (quant/formats.py is their torch port)
     simd()                             which path was compiled: "avx2" or "generic"
 """
 
@@ -27,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "ggml_cpu.cpp"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("ggml_cpu.cpp", "ggml_quantize.cpp")]
 # ggml type ids the kernels take (gguf's GGMLQuantizationType values)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
 KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
+PACK_TYPES = frozenset({Q4_K, Q6_K})  # the types ggml_quantize packs
 
 _state: dict[str, str | None] = {}  # "error": why the kernels are unavailable (None once loaded)
 
@@ -57,7 +61,7 @@ def _cpu_id() -> str:
 
 
 def build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
     for part in (torch.__version__, platform.machine(), _cpu_id(), " ".join(_cflags())):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -79,6 +83,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mamba_cli::ggml_dequant")
     def _(w, type, k):
         return w.new_empty(w.shape[0], k, dtype=torch.float32)
+
+    @torch.library.register_fake("mamba_cli::ggml_quantize")
+    def _(x, type):
+        return x.new_empty(x.shape[0], 144 if type == Q4_K else 210, dtype=torch.uint8)
 
 
 def load(on_build: Callable[[], AbstractContextManager] | None = None) -> str | None:
@@ -121,7 +129,7 @@ def _load(on_build: Callable[[], AbstractContextManager] | None) -> str | None:
 def _build(name: str, folder: Path) -> None:
     from torch.utils import cpp_extension  # imported only to build: it pulls in setuptools
 
-    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
+    cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
                        build_directory=str(folder), is_python_module=False, verbose=False)
 
 
@@ -156,3 +164,8 @@ def mm(x: torch.Tensor, w: torch.Tensor, ggml_type: int, k: int, rows: torch.Ten
 
 def dequant(w: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
     return _ops().ggml_dequant(w, ggml_type, k)
+
+
+def quantize(x: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Super-blocks (B, 256) float32 -> (B, bytes per block) uint8 in Q4_K or Q6_K, on torch's CPU threads."""
+    return _ops().ggml_quantize(x, ggml_type)

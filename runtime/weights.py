@@ -3,6 +3,8 @@
     read_config(dir)          config.json (HF) or params.json (mistral-inference), validated JSON
     safetensors_files(dir)    model.safetensors | sharded files from the index | consolidated.safetensors
     iter_safetensors(files)   (name, tensor) pairs, one tensor in memory at a time, errors name the file
+    safetensors_entries(files) name -> StEntry (file, dtype, shape, byte span): read() reads that one
+                              tensor into its own memory (no mapping that stays resident), for streaming
     read_gguf(path)           GGUFFile: metadata, tensor table, raw(name), tensor(name, dtype);
                               the header is validated whole before any tensor is mapped
 """
@@ -94,8 +96,58 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelFormatError(f"{path}: malformed safetensors file ({e})") from None
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Bounds-check the header ourselves so errors are ours, one line, naming the file."""
+@dataclass(frozen=True)
+class StEntry:
+    """One tensor of a safetensors file, located by the validated header."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    def read(self) -> torch.Tensor:
+        """The tensor, read (not mapped) into memory of its own: freed when dropped."""
+        buf = bytearray(self.end - self.begin)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.begin)
+            view, done = memoryview(buf), 0
+            while done < len(buf):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ModelFormatError(f"{self.path}: truncated while reading a tensor")
+                done += n
+        if not buf:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_entries(files: list[Path]) -> dict[str, StEntry]:
+    """Every tensor of the files, located (headers validated as iter_safetensors does), none read."""
+    out: dict[str, StEntry] = {}
+    for path in files:
+        header, start = _check_safetensors_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in out:
+                raise ModelFormatError(f"{path}: tensor {name} appears in more than one shard")
+            dtype = _ST_DTYPES.get(str(info["dtype"]))
+            if dtype is None:
+                raise ModelFormatError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which is not read")
+            begin, end = (int(x) for x in info["data_offsets"])
+            out[name] = StEntry(path, dtype, tuple(int(d) for d in info["shape"]), start + begin, start + end)
+    return out
+
+
+def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Bounds-check the header ourselves so errors are ours, one line, naming the file. Returns the
+    header and the offset of the data that its offsets count from."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -138,6 +190,7 @@ def _check_safetensors_header(path: Path) -> None:
     for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise ModelFormatError(f"{path}: tensors {n1!r} and {n2!r} overlap")
+    return header, 8 + n
 
 
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
