@@ -1,9 +1,12 @@
-"""Options and helpers shared by the commands: model loading with a status line, download bars,
-sampling flags, stats."""
+"""Options and helpers shared by the commands: model loading with a status line, progress that works
+in a terminal and in a log (Steps, DownloadBars), sampling flags, stats."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,28 +56,155 @@ class Sampling:
         setattr(self, name, None if (name == "seed" and value.lower() == "none") else kind(value))
 
 
+def plain_every() -> float:
+    """Seconds between plain progress lines when the output is not a terminal (MAMBA_CLI_PROGRESS_EVERY)."""
+    try:
+        return float(os.environ.get("MAMBA_CLI_PROGRESS_EVERY", "10"))
+    except ValueError:
+        return 10.0
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def amount(n: float, unit: str) -> str:
+    """1234567 'B' -> '1.2 MB'; other units: 1.2 M weights, 812 tokens."""
+    if unit == "B":
+        return store.format_size(n)
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix} {unit}".rstrip()
+    return f"{n:.0f} {unit}".rstrip()
+
+
+class Steps:
+    """Progress of one long step: a rich bar (percent, rate, ETA) when `console` is a terminal, else a
+    plain line every plain_every() seconds and one at the end, e.g.
+        quantizing to q4_k_m: 42% (3.1 G of 7.2 G weights), 25.3 M weights/s, ETA 2m41s
+    Use as a context manager; update(done, total) as the work advances."""
+
+    def __init__(self, console: Console, what: str, unit: str = ""):
+        self.console, self.what, self.unit = console, what, unit
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.done, self.total, self.detail = 0, 0, ""
+        self.bar = None
+        if console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.bar.add_task(what, total=None)
+
+    def __enter__(self) -> Steps:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif exc[0] is None and self.total:
+            self.line(final=True)
+
+    def update(self, done: int, total: int, detail: str = "") -> None:
+        self.done, self.total, self.detail = done, total, detail
+        if self.bar is not None:
+            desc = f"{self.what} {detail}".rstrip()
+            self.bar.update(self.task, completed=done, total=total, description=desc)
+            return
+        now = time.perf_counter()
+        if now - self.last >= plain_every() and done < total:
+            self.last = now
+            self.line()
+
+    def line(self, final: bool = False) -> None:
+        spent = max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.done / spent
+        pct = 100 * self.done / max(self.total, 1)
+        text = f"{self.what}: {pct:.0f}% ({amount(self.done, self.unit)} of {amount(self.total, self.unit)})"
+        if self.unit:
+            text += f", {amount(rate, self.unit)}/s"
+        if final:
+            text += f", done in {duration(spent)}"
+        elif rate > 0:
+            text += f", ETA {duration((self.total - self.done) / rate)}"
+        self.console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+class Heartbeat:
+    """A step with no measure of its progress (a model load): a spinner in a terminal, else a line when it
+    starts and one every plain_every() seconds while it lasts."""
+
+    def __init__(self, console: Console, what: str):
+        self.console, self.what = console, what
+        self.stop = threading.Event()
+        self.thread = None
+        self.status = console.status(f"{what}…", spinner="dots") if console.is_terminal else None
+
+    def __enter__(self) -> Heartbeat:
+        if self.status is not None:
+            self.status.start()
+            return self
+        self.console.print(f"{self.what}…", soft_wrap=True, highlight=False, markup=False)
+        t0 = time.perf_counter()
+
+        def beat() -> None:
+            while not self.stop.wait(max(plain_every(), 0.05)):
+                self.console.print(f"{self.what}: {duration(time.perf_counter() - t0)} so far", soft_wrap=True,
+                                   highlight=False, markup=False)
+
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.status is not None:
+            self.status.stop()
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 class DownloadBars:
-    """store.download's progress as rich bars: one per file and a total (bytes, rate, ETA); silent
-    unless the console is a terminal. Use as a context manager; the object is the progress callback."""
+    """store.download's progress: in a terminal, rich bars, one per file and a total (bytes, rate, ETA);
+    otherwise plain lines for the total (Steps). Use as a context manager; the object is the progress
+    callback."""
 
     def __init__(self, console: Console):
         self.progress = None
+        self.plain = None
         self.tasks: dict[str, tuple[object, int]] = {}  # file name -> (its bar, bytes it held last)
+        self.sizes: dict[str, tuple[int, int]] = {}  # file name -> (bytes held, size), for the plain lines
         if console.is_terminal:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), TimeRemainingColumn(), console=console)
             self.total = self.progress.add_task("[bold]total", total=0)
+        else:
+            self.plain = Steps(console, "downloading", "B")
 
     def __enter__(self) -> DownloadBars:
         if self.progress:
             self.progress.start()
+        elif self.plain is not None:
+            self.plain.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.progress:
             self.progress.stop()
+        elif self.plain is not None:
+            self.plain.__exit__(*exc)
 
     def __call__(self, name: str, done: int, size: int) -> None:
+        if self.plain is not None:
+            self.sizes[name] = (done, size)
+            self.plain.update(sum(d for d, _ in self.sizes.values()), sum(s for _, s in self.sizes.values()))
+            return
         if self.progress is None:
             return
         if name not in self.tasks:
@@ -98,6 +228,16 @@ def resolve(model: str) -> Path:
     return local_path(model, resolve=pull_with_bars)
 
 
+BIG_MODEL_BYTES = 1 << 30  # from this size on, a load reports itself in logs too (Heartbeat)
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of a model's weights on disk: the .gguf, or a folder's safetensors files."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
 def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
          threads: int | None = None) -> LoadedModel:
     set_threads(threads)
@@ -109,7 +249,8 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
             why = native.load()
         if why:
             err.print(f"[dim]{why}; 4-bit layers use torch's int4 kernels[/]")
-    with err.status(f"loading {model}…", spinner="dots"):
+    big = weights_bytes(path) >= BIG_MODEL_BYTES
+    with Heartbeat(err, f"loading {model}") if big else err.status(f"loading {model}…", spinner="dots"):
         m = load_model(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
     if compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",

@@ -4,6 +4,8 @@
     token_logprobs(model, ids, ctx)     per window, log-softmax of the logits at the scored positions
     perplexity(model, ids, ctx)         exp(mean negative log-likelihood of ids[1:])
     compare(base, other, ids, ctx)      (perplexity of each, mean KL(base || other) per token)
+    reference(base, ids, ctx), compare_to(ref, other, ids, ctx)
+                                        the same in two steps, so that only one model need be in memory
     read_text(path), eval_ids(model, text)   the text (a file, or BUILTIN_TEXT) and its token ids
 
 Sliding evaluation: the first window scores its ctx - 1 predictions; each next window moves by
@@ -15,7 +17,7 @@ as context. Every token but the first is scored exactly once; each window starts
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -101,11 +103,31 @@ def perplexity(model, ids: list[int], ctx: int = DEFAULT_CTX) -> float:
     return math.exp(nll / count)
 
 
-def compare(base, other, ids: list[int], ctx: int = DEFAULT_CTX) -> tuple[float, float, float]:
-    """(perplexity of base, perplexity of other, mean KL(base || other) in nats per scored token)."""
+Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
+
+
+def _scored(lps: Iterator[tuple[torch.Tensor, torch.Tensor]], total: int, progress: Progress | None):
+    done = 0
+    for lp, target in lps:
+        done += len(target)
+        if progress is not None:
+            progress(done, total)
+        yield lp, target
+
+
+def reference(base, ids: list[int], ctx: int = DEFAULT_CTX, progress: Progress | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """base's log-probabilities per window, kept (float64, [S, V] each) for compare_to."""
+    return list(_scored(token_logprobs(base, ids, ctx), len(ids) - 1, progress))
+
+
+def compare_to(ref: list[tuple[torch.Tensor, torch.Tensor]], other, ids: list[int], ctx: int = DEFAULT_CTX,
+               progress: Progress | None = None) -> tuple[float, float, float]:
+    """(perplexity of the reference's model, perplexity of other, mean KL(base || other) per scored token)."""
     nll_a = nll_b = kl = 0.0
     count = 0
-    for (la, target), (lb, _) in zip(token_logprobs(base, ids, ctx), token_logprobs(other, ids, ctx), strict=True):
+    for (la, target), (lb, _) in zip(ref, _scored(token_logprobs(other, ids, ctx), len(ids) - 1, progress),
+                                     strict=True):
         nll_a -= float(la.gather(1, target[:, None]).sum())
         nll_b -= float(lb.gather(1, target[:, None]).sum())
         kl += float((la.exp() * (la - lb)).sum())
@@ -113,6 +135,11 @@ def compare(base, other, ids: list[int], ctx: int = DEFAULT_CTX) -> tuple[float,
     if count == 0:
         raise MambaCliError("the text is too short: it needs at least 2 tokens")
     return math.exp(nll_a / count), math.exp(nll_b / count), kl / count
+
+
+def compare(base, other, ids: list[int], ctx: int = DEFAULT_CTX) -> tuple[float, float, float]:
+    """(perplexity of base, perplexity of other, mean KL(base || other) in nats per scored token)."""
+    return compare_to(reference(base, ids, ctx), other, ids, ctx)
 
 
 def read_text(path: Path | None) -> str:
