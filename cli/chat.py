@@ -20,6 +20,7 @@ from cli.common import (
     DTYPE_OPT,
     GPU_LAYERS_OPT,
     MODEL_ARG,
+    QUANTIZE_OPT,
     THREADS_OPT,
     Sampling,
     cpu_threads,
@@ -196,11 +197,12 @@ def chat(
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
     threads: int = THREADS_OPT,
+    quantize: str = QUANTIZE_OPT,
     compile: bool = typer.Option(True, "--compile/--no-compile", help=COMPILE_HELP),
 ) -> None:
     """Chat with a model in the terminal. /help inside lists the commands."""
     console = Console(highlight=False)
-    m = load(model, device, dtype, gpu_layers, compile, threads)
+    m = load(model, device, dtype, gpu_layers, compile, threads, quantize)
     c = Chat(m, Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens), system,
              console, verbose)
     if ignore_eos:

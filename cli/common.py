@@ -19,8 +19,18 @@ import store
 from quant import native
 from quant.linear import BlockLinear, QuantLinear
 from runtime import LoadedModel, load_model
-from runtime.device import peak_cuda_bytes, peak_rss_bytes, set_threads
+from runtime.device import (
+    available_ram,
+    cpu_has_fast_bf16,
+    gib,
+    peak_cuda_bytes,
+    peak_rss_bytes,
+    resolve_device,
+    set_threads,
+)
+from runtime.errors import MambaCliError
 from runtime.loader import local_path
+from runtime.weights import safetensors_entries, safetensors_files
 
 err = Console(stderr=True, highlight=False)
 
@@ -29,6 +39,9 @@ DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cp
 DTYPE_OPT = typer.Option(None, "--dtype", help="Weights dtype: float32, bfloat16, float16 (default: checkpoint's).")
 GPU_LAYERS_OPT = typer.Option(None, "--gpu-layers", help="Put the first N layers on the GPU, the rest on the CPU.")
 THREADS_OPT = typer.Option(None, "--threads", help="CPU threads (default: the physical cores).")
+QUANTIZE_OPT = typer.Option(None, "--quantize", "-q", help="Run a float model from a 4-bit copy of this type "
+                            "(q4_k_m, q4_0, ...; auto: choose), made once and kept beside the model (the store "
+                            "lists it as MODEL:TYPE).")
 COMPILE_HELP = ("Compile the CPU decode step with torch.compile: faster tokens after a few seconds of start-up "
                 "(the first time for a model shape up to ~15 s, then cached).")
 
@@ -238,10 +251,71 @@ def weights_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def _float_dtype(folder: Path) -> str:
+    """The dtype most of a folder's weights are stored in, from the safetensors headers."""
+    by_dtype: dict[str, int] = {}
+    for e in safetensors_entries(safetensors_files(folder)).values():
+        name = str(e.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + e.end - e.begin
+    return max(by_dtype, key=by_dtype.get) if by_dtype else "float32"
+
+
+def choose_quant(path: Path, device: str, dtype: str | None, asked: str | None) -> str | None:
+    """The --quantize type for a float folder: `asked`, or for auto the choice (printed): q4_k_m on the CPU
+    when the weights would not fit in memory or are bf16/f16 on a CPU without fast bf16, else none.
+    Without --quantize, a big float model that will run slowly on the CPU gets a suggestion."""
+    if path.suffix == ".gguf":
+        return None if asked == "auto" else asked
+    if asked not in (None, "auto"):
+        return asked
+    size = weights_bytes(path)
+    on_cpu = resolve_device(device) == "cpu"
+    half = (dtype or _float_dtype(path)) in ("bfloat16", "float16", "bf16", "fp16")
+    why = None
+    if on_cpu and size * 1.05 > available_ram():
+        why = f"its {gib(size)} of weights do not fit in the {gib(available_ram())} free"
+    elif on_cpu and half and not cpu_has_fast_bf16() and size >= BIG_MODEL_BYTES:
+        why = "its weights are 16-bit and this CPU has no bf16 instructions (slow)"
+    if asked == "auto":
+        choice = f"q4_k_m, as {why}" if why else "none, the float weights run as they are"
+        err.print(f"[dim]--quantize auto: {choice}[/]")
+        return "q4_k_m" if why else None
+    if why:
+        err.print(f"[yellow]note:[/] {path.name} runs in float on the CPU, but {why}; --quantize q4_k_m makes a "
+                  "4-bit copy once (about a quarter of the size) and runs that")
+    return None
+
+
+def stored_quantized(path: Path, qtype: str) -> Path:
+    """The stored `qtype` copy of the float model at `path`: found, or made now (once) beside its weights."""
+    from cli.quantize import write_quantized
+    from quant.recipe import QUANT_TYPES
+
+    qtype = qtype.lower()
+    if qtype not in QUANT_TYPES:
+        raise MambaCliError(f"--quantize {qtype}: unknown; use auto or one of {', '.join(QUANT_TYPES)}")
+    if path.suffix == ".gguf":
+        raise MambaCliError(f"{path.name} is a GGUF file already; --quantize makes 4-bit copies of safetensors models "
+                            "(to requantize a GGUF, use `mamba-cli quantize`)")
+    dest = store.quantized_path(path, qtype)
+    if store.fresh_copy(path, dest):
+        err.print(f"[dim]using the stored {qtype} copy {dest}[/]", soft_wrap=True)
+        return dest
+    err.print(f"quantizing {path.name} to {qtype} (once: the copy is kept at {dest}; `mamba-cli list` shows it, "
+              "`mamba-cli rm` removes it)", soft_wrap=True)
+    t0 = time.perf_counter()
+    write_quantized(path, dest, qtype)
+    err.print(f"[dim]quantized in {time.perf_counter() - t0:.0f} s[/]")
+    return dest
+
+
 def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
-         threads: int | None = None) -> LoadedModel:
+         threads: int | None = None, quantize: str | None = None) -> LoadedModel:
     set_threads(threads)
     path = resolve(model)
+    qtype = choose_quant(path, device, dtype, quantize.lower() if quantize else None)
+    if qtype is not None:
+        path = stored_quantized(path, qtype)
     # a GGUF on the CPU runs the native kernels; their one-time build is announced (float models skip it)
     if path.suffix == ".gguf" and device in ("auto", "cpu") and not native.built():
         err.print("[dim]building mamba-cli's native 4-bit kernels for this CPU (once per machine and torch version)[/]")

@@ -12,6 +12,7 @@ from cli.common import (
     DTYPE_OPT,
     GPU_LAYERS_OPT,
     MODEL_ARG,
+    QUANTIZE_OPT,
     THREADS_OPT,
     Sampling,
     cpu_threads,
@@ -43,6 +44,7 @@ def run(
     dtype: str = DTYPE_OPT,
     gpu_layers: int = GPU_LAYERS_OPT,
     threads: int = THREADS_OPT,
+    quantize: str = QUANTIZE_OPT,
     compile: bool = typer.Option(False, "--compile/--no-compile", help=COMPILE_HELP + " Off for one-shot runs."),
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
@@ -50,7 +52,7 @@ def run(
         if sys.stdin.isatty() and prompt is None:
             raise typer.BadParameter("give a PROMPT, or pipe one on stdin")
         prompt = sys.stdin.read()
-    m = load(model, device, dtype, gpu_layers, compile, threads)
+    m = load(model, device, dtype, gpu_layers, compile, threads, quantize)
     if raw:
         ids = m.tokenizer.encode_prompt(prompt)
     else:

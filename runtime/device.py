@@ -77,7 +77,8 @@ def check_fits(nbytes: int, device: str, what: str) -> None:
         have = free
     if nbytes > have:
         raise ResourceError(f"{what} needs {gib(nbytes)} but only {gib(have)} is free on {device}; "
-                            "try a 4-bit GGUF (mamba-cli quantize), --gpu-layers, or --device cpu")
+                            "try a 4-bit copy (--quantize q4_k_m, or mamba-cli quantize), --gpu-layers, or "
+                            "--device cpu")
 
 
 def peak_rss_bytes() -> int:
@@ -155,3 +156,17 @@ def _place(model: nn.Module, device: str, gpu_layers: int | None) -> None:
 
 def layer_devices(model: nn.Module) -> list[torch.device]:
     return [next(layer.parameters()).device for layer in model.layers]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512_BF16 / AMX-BF16, ARM BF16); without it
+    torch's bf16 CPU matmuls convert in software and run several times slower than float32."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})

@@ -3,7 +3,8 @@
     refs.py      aliases, `owner/repo[:QUANT]` references, the Hub cache's location (environment)
     select.py    which files of a repo listing a model needs (never pickle, never blind)
     download.py  plan_pull (one listing call) and download: resumable, verified, progress via a callback
-    local.py     find_local, list / describe / rm of what the store holds (no network)
+    local.py     find_local, list / describe / rm of what the store holds (no network), where a stored
+                 4-bit copy of a float model goes
     resolve.py   pull, and resolve_model: a name -> a local folder or .gguf, pulling on first use
 
 Files live in the standard Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
@@ -24,7 +25,9 @@ from store.local import (
     find_entries,
     find_entry,
     find_local,
+    fresh_copy,
     plan_removal,
+    quantized_path,
     remove_entries,
     store_entries,
 )
@@ -36,6 +39,6 @@ set_resolver(resolve_model)
 
 __all__ = ["ALIASES", "DEFAULT_QUANT", "Alias", "ModelRef", "Plan", "Progress", "RemoteFile", "Removal",
            "Selection", "StoreEntry", "cache_dir", "describe", "download", "find_entries", "find_entry", "find_local",
-           "format_size", "gguf_quant", "gguf_variants", "offline", "parse_ref", "pending", "plan_pull",
-           "plan_removal", "pull", "remove_entries", "repo_dir", "resolve_model", "select_files",
+           "format_size", "fresh_copy", "gguf_quant", "gguf_variants", "offline", "parse_ref", "pending", "plan_pull",
+           "plan_removal", "pull", "quantized_path", "remove_entries", "repo_dir", "resolve_model", "select_files",
            "store_entries"]

@@ -6,6 +6,9 @@
     describe(entry)                  architecture, parameters, format, context, chat template, files;
                                      read from headers with the runtime's validated readers
     plan_removal(), remove_entries() rm: the snapshot links and the blobs no other snapshot uses
+    quantized_path(folder, qtype)    where the stored 4-bit copy of a float model lives: a .gguf beside its
+                                     weights (in a snapshot, named after the repo), so list/rm/find_local
+                                     see it as that repo's `:QTYPE` variant; fresh_copy(folder, path)
 """
 
 from __future__ import annotations
@@ -55,6 +58,24 @@ def find_local(ref: ModelRef, revision: str | None = None) -> Path | None:
     if parts and all((snap / p).is_file() for p in parts):
         return snap / parts[0]
     return None
+
+
+def quantized_path(folder: Path, qtype: str) -> Path:
+    """The stored `qtype` copy of the float model in `folder`: `{name}-{QTYPE}.gguf` beside its weights,
+    `name` the repo's for a store snapshot, else the folder's."""
+    snaps = folder.parent
+    name = folder.name
+    if snaps.name == "snapshots" and snaps.parent.name.startswith("models--"):
+        name = repo_of_dir(snaps.parent).split("/")[-1]
+    return folder / f"{name}-{qtype.upper()}.gguf"
+
+
+def fresh_copy(folder: Path, path: Path) -> bool:
+    """Whether a stored copy exists and is newer than every weights file it was made from."""
+    if not path.is_file():
+        return False
+    made = path.stat().st_mtime
+    return all(p.stat().st_mtime <= made for p in safetensors_files(folder))
 
 
 # ------------------------------------------------------------------------------------------ entries
@@ -220,7 +241,9 @@ class Removal:
 
     @property
     def freed(self) -> int:
-        return sum(b.stat().st_size for b in self.blobs if b.is_file())
+        """The freed blobs, and the files that are no link (stored 4-bit copies)."""
+        own = [p for p in self.links if p.is_file() and not p.is_symlink()]
+        return sum(p.stat().st_size for p in [*self.blobs, *own] if p.is_file())
 
     @property
     def shared(self) -> int:

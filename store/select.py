@@ -78,7 +78,8 @@ def select_files(names: list[str], quant: str | None, repo: str) -> Selection:
     if quant is not None:
         if not ggufs:
             raise MambaCliError(f"{repo} has no GGUF files; drop the :{quant} tag to pull its safetensors "
-                                "weights")
+                                f"weights, or make and keep a 4-bit copy of them with `mamba-cli pull {repo} "
+                                f"--quantize {quant.lower()}`")
         if quant not in ggufs:
             raise MambaCliError(f"{repo} has no {quant} GGUF file; available: {', '.join(sorted(ggufs))} "
                                 f"(pull one with {repo}:TAG)")

@@ -289,3 +289,52 @@ def test_resolve_pulls_once_then_works_offline(env, server, served, monkeypatch)
     assert m.source == str(path) and m.arch == "llama"
     offline = run_cli({**env, "HF_HUB_OFFLINE": "1"}, "pull", "tiny/codestral")
     assert "HF_HUB_OFFLINE=1 is set" in one_line_error(offline)
+
+
+# --------------------------------------------------------------------------------- stored 4-bit copies
+
+
+def test_pull_quantize_keeps_a_4bit_copy_that_list_run_and_rm_see(env, server):
+    """`pull --quantize` stores the GGUF beside the snapshot; `list` shows it as REPO:TYPE; chat/run find it
+    again by that name or by --quantize without re-quantizing; `rm` removes the copy with the snapshot.
+    Progress goes to plain lines when the output is piped."""
+    env = {**env, "MAMBA_CLI_PROGRESS_EVERY": "0"}
+    p = run_cli(env, "pull", "tiny/llama", "--quantize", "q4_0")
+    assert p.returncode == 0, p.stderr
+    snap = hub.repo_dir("tiny/llama") / "snapshots" / server.repos["tiny/llama"].commit
+    copy = snap / "llama-Q4_0.gguf"
+    assert copy.is_file() and not copy.is_symlink()
+    assert "downloading: 100% (" in p.stdout and "done in" in p.stdout  # piped: plain progress lines
+    assert "quantizing to q4_0: " in p.stderr and "weights/s" in p.stderr
+    assert f"tiny/llama:Q4_0 ({hub.format_size(copy.stat().st_size)}) -> {copy}" in " ".join(p.stdout.split())
+
+    entries = {e.name: e for e in hub.store_entries()}  # what `list` prints
+    assert entries["tiny/llama:Q4_0"].path == copy and hub.describe(entries["tiny/llama:Q4_0"])["format"] == "gguf Q4_0"
+    assert entries["tiny/llama"].path == snap and copy not in entries["tiny/llama"].files
+
+    made = copy.stat().st_mtime_ns
+    p = run_cli(env, "chat", "tiny/llama", "--quantize", "q4_0", "--device", "cpu", "--no-compile")
+    assert p.returncode == 0, p.stderr
+    assert "using the stored q4_0 copy" in p.stderr and "llama-Q4_0.gguf (llama)" in p.stderr
+    p = run_cli({**env, "HF_HUB_OFFLINE": "1"}, "run", "tiny/llama:Q4_0", "hello", "-n", "3", "--device", "cpu",
+                "-v")
+    assert p.returncode == 0, p.stderr
+    assert f"loaded{copy}(llama)" in "".join(p.stderr.split())
+    assert copy.stat().st_mtime_ns == made  # found, not made again
+
+    removal = hub.plan_removal(hub.find_entries("tiny/llama"))  # what `rm tiny/llama` removes: both
+    assert copy in removal.links and removal.freed >= copy.stat().st_size
+    hub.remove_entries(removal)
+    assert not hub.repo_dir("tiny/llama").exists()
+
+
+def test_quantize_option_refuses_a_gguf_and_unknown_types(env, server):
+    from cli.common import stored_quantized
+
+    gguf = hub.pull("tiny/model-GGUF")
+    with pytest.raises(MambaCliError, match="is a GGUF file already"):
+        stored_quantized(gguf, "q4_0")
+    with pytest.raises(MambaCliError, match="--quantize q9: unknown"):
+        stored_quantized(hub.pull("tiny/codestral"), "q9")
+    with pytest.raises(MambaCliError, match="mamba-cli pull tiny/llama --quantize q4_k_m"):
+        hub.select_files(["config.json", "model.safetensors"], "Q4_K_M", "tiny/llama")
