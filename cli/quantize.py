@@ -117,7 +117,8 @@ def quality_report(model: str, output: Path, text: str, eval_file: Path | None, 
         ids = ids[:eval_tokens]
     params = sum(p.numel() for p in base.module.parameters())
     n = len(ids) - 1
-    err.print(f"quality report: the original ({params / 1e9:.2f} B parameters) and the {output.name} model each "
+    size = f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.1f} M"
+    err.print(f"quality report: the original ({size} parameters) and the {output.name} model each "
               f"score {n} tokens ({len(windows(len(ids), ctx))} windows of up to {ctx}) on {base.input_device}; "
               "expected time: the ETA below once the first window is done. --eval-tokens N shortens it, "
               "--no-eval skips it.", soft_wrap=True)

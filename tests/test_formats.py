@@ -3,14 +3,17 @@ gguf.quants.dequantize, and the int4 mapping checked through torch's own int4 ke
 
 from __future__ import annotations
 
+import importlib.util
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
+from quant import native
 from quant.formats import GGML_BLOCKS, QK_K, GGMLType, dequantize, quantize, to_int4
 from tests import ggml_oracle
-from tests.fixtures import calls_bounded
+from tests.fixtures import calls_bounded, missing_oracle
 
 F16_FIELDS = {  # byte ranges of the fp16 numbers in each block
     GGMLType.Q4_0: [(0, 2)], GGMLType.Q4_1: [(0, 4)], GGMLType.Q5_0: [(0, 2)], GGMLType.Q5_1: [(0, 4)],
@@ -108,6 +111,25 @@ def test_packers_byte_identical_to_llama_cpp(qtype: GGMLType) -> None:
     rms = [_rms(x, dequantize(torch.from_numpy(b), qtype)) for b in (ours, theirs)]
     assert rms[0] <= 1.05 * rms[1]
     assert same_blocks == 1.0, f"{qtype.name}: {same_blocks:.2%} of blocks identical"
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_native_packers_equal_the_torch_port_and_llama_cpp(qtype: GGMLType) -> None:
+    """quant/kernels/ggml_quantize.cpp (what the writer runs when it is built): the same bytes as the torch
+    port and as llama.cpp, on one thread and on several."""
+    if not native.available():
+        missing_oracle(f"native kernels: {native.load()}")
+    x = torch.cat([weights(seed=s) for s in range(3)])
+    want = quantize(x, qtype)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(native.quantize(x.reshape(-1, QK_K), int(qtype)).reshape(want.shape), want)
+    finally:
+        torch.set_num_threads(threads)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert np.array_equal(want.numpy().reshape(-1), ggml_oracle.quantize(x.numpy(), int(qtype)).reshape(-1))
 
 
 def _rms(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -410,7 +410,7 @@ def test_perplexity_command_equals_direct_computation(ctx, tmp_path):
 # the quantize command: its file and its quality report
 
 
-def test_quantize_command_file_and_quality_report(tmp_path):
+def test_quantize_command_file_and_quality_report(tmp_path, capsys):
     """`mamba-cli quantize` writes what write_gguf writes, and its report's perplexities and mean KL
     equal a direct computation on the source model and the file it wrote."""
     import re
@@ -422,9 +422,15 @@ def test_quantize_command_file_and_quality_report(tmp_path):
     out = tmp_path / "model-q4_k_m.gguf"
     p = subprocess.run([sys.executable, "-m", "cli", "quantize", str(folder), "-t", "q4_k_m", "-o", str(out),
                         "--eval", str(text), "--ctx", "4096", "--device", "cpu"], capture_output=True, text=True,
-                       cwd=Path(__file__).parents[1], timeout=600, env={**os.environ, "COLUMNS": "300"})
+                       cwd=Path(__file__).parents[1], timeout=600,
+                       env={**os.environ, "COLUMNS": "300", "MAMBA_CLI_PROGRESS_EVERY": "0"})
     assert p.returncode == 0, p.stderr
     report = " ".join(p.stderr.split())
+    # piped: progress as plain lines, for the quantize and both halves of the quality report
+    assert re.search(r"quantizing to q4_k_m: 100% \([^)]+ weights of [^)]+ weights\), [^,]+ weights/s, done in",
+                     report), report
+    for what in ("evaluating the original", "evaluating the quantized model"):
+        assert f"{what}: 100% (" in report and "tokens/s, done in" in report
     write_gguf(plan_from_source(folder), tmp_path / "library.gguf", "q4_k_m")
     got, want = read_gguf(out), read_gguf(tmp_path / "library.gguf")
     assert got.metadata == want.metadata and list(got.tensors) == list(want.tensors)
@@ -448,3 +454,10 @@ def test_quantize_command_file_and_quality_report(tmp_path):
     assert pct == pytest.approx((ppl_quant / ppl_base - 1) * 100, abs=0.01)
     assert kl == pytest.approx(float((la.exp() * (la - lb)).sum(-1).mean()), rel=1e-3, abs=1e-5)
     assert kl > 0 and ppl_quant != ppl_base  # 4 bits changed the model, measurably
+
+    from cli.quantize import quality_report  # --eval-tokens: the report on the text's first N tokens
+
+    capsys.readouterr()
+    quality_report(str(folder), out, text.read_text(), text, 12, 8, "cpu", 0.0)
+    short = " ".join(capsys.readouterr().err.split())
+    assert "each score 11 tokens (2 windows of up to 8)" in short and "quality on 11 tokens" in short
