@@ -3,7 +3,7 @@
 
     python -m bench.make_models            # -> bench/.cache/*.gguf (git-ignored), paths printed
 
-    python -m bench.make_models --7b [--layers N] [q4_k_m]   # the 7B shapes -> bench/.cache/*-7b-*.gguf
+    python -m bench.make_models --7b [--layers N] [--model NAME] [q4_k_m]   # 7B shapes -> bench/.cache/*.gguf
 
 Shapes: mamba-130m (d_model 768, 24 layers), a Mamba-2 of similar size (d_model 768, 24 layers,
 head dim 64, d_state 128), a small Jamba (d_model 768, 8 layers, attention 1 in 4, MoE 1 in 2,
@@ -11,9 +11,12 @@ head dim 64, d_state 128), a small Jamba (d_model 768, 8 layers, attention 1 in 
 
 7B shapes (--7b; random weights written straight to bf16 safetensors, one shard per layer, so
 building them needs no more memory than one layer): Mistral-7B (4096 wide, GQA 32/8, FFN 14336,
-32 layers) and Codestral-Mamba-7B (Mamba-2, 4096 wide, 64 layers, 128 heads of 64, 8 groups, d_state
-128). Vocabulary 32000 (the SentencePiece v1 that ships in mistral-common; the real ones have 32768).
---layers N keeps the width and cuts the depth (everyday runs: 4).
+32 layers), Codestral-Mamba-7B (Mamba-2, 4096 wide, 64 layers, 128 heads of 64, 8 groups, d_state
+128) and Mixtral-8x7B (Mistral-7B's layer with 8 experts, top 2: 2.8 GB of bf16 per layer, so it is
+built only when named with --model, and with few layers). Vocabulary 32000 (the SentencePiece v1 that
+ships in mistral-common; the real ones have 32768). --layers N keeps the width and cuts the depth
+(everyday runs: 4; Mixtral: 1 or 2). The GGUF files come from `mamba-cli quantize` (byte-identical to
+llama.cpp's quantizer, tests/test_quantize.py).
 """
 
 from __future__ import annotations
@@ -47,7 +50,31 @@ MODELS_7B = {
     "codestral-mamba-7b": ("Mamba2ForCausalLM", 64, dict(hidden_size=4096, state_size=128, expand=2, head_dim=64,
                                                          num_heads=128, n_groups=8, conv_kernel=4, chunk_size=256,
                                                          tie_word_embeddings=False)),
+    "mixtral-8x7b": ("MixtralForCausalLM", 32, dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                                    num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                                                    max_position_embeddings=32768, sliding_window=None,
+                                                    num_local_experts=8, num_experts_per_tok=2,
+                                                    tie_word_embeddings=False)),
 }
+DEFAULT_7B = ("mistral-7b", "codestral-mamba-7b")  # what --7b builds without --model
+
+
+def hub_names(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """transformers 5 keeps a Mixtral's experts fused (mlp.experts.gate_up_proj (X, 2I, E), down_proj
+    (X, E, I)); the Hub's checkpoints have one matrix per expert (block_sparse_moe.experts.N.w1/w3/w2)."""
+    out = {}
+    for key, shape in shapes.items():
+        if ".mlp.experts.gate_up_proj" in key:
+            pre = key.replace(".mlp.experts.gate_up_proj", ".block_sparse_moe.experts")
+            for e in range(shape[0]):
+                out[f"{pre}.{e}.w1.weight"] = out[f"{pre}.{e}.w3.weight"] = (shape[1] // 2, shape[2])
+        elif ".mlp.experts.down_proj" in key:
+            pre = key.replace(".mlp.experts.down_proj", ".block_sparse_moe.experts")
+            for e in range(shape[0]):
+                out[f"{pre}.{e}.w2.weight"] = tuple(shape[1:])
+        else:
+            out[key.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = shape
+    return out
 
 
 def build_7b(name: str, layers: int | None) -> Path:
@@ -71,7 +98,7 @@ def build_7b(name: str, layers: int | None) -> Path:
     config.architectures = [cls]
     config.dtype = "bfloat16"
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in getattr(transformers, cls)(config).state_dict().items()}
+        shapes = hub_names({k: v.shape for k, v in getattr(transformers, cls)(config).state_dict().items()})
     g = torch.Generator().manual_seed(0)
 
     def make(key: str, shape) -> torch.Tensor:
@@ -101,25 +128,9 @@ def build_7b(name: str, layers: int | None) -> Path:
     return folder
 
 
-LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15}
-
-
 def quantize_7b(folder: Path, qtype: str, out: Path) -> None:
-    """`mamba-cli quantize -t f16`, then llama.cpp's quantizer (llama-cpp-python) to qtype: the bytes our
-    q4_0 / q4_k_m writer produces (tests/test_quantize.py), in minutes instead of ours' ~20 (issue 16)."""
-    import llama_cpp
-
-    f16 = OUT / f"{folder.name}-f16.gguf"
-    if not f16.exists():
-        subprocess.run([sys.executable, "-m", "cli", "quantize", str(folder), "-t", "f16", "-o", str(f16),
-                        "--no-eval"], check=True, cwd=ROOT)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[qtype]
-    params.nthread = 2
-    tmp = out.with_suffix(".tmp")
-    if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params) != 0:
-        raise SystemExit(f"llama.cpp could not quantize {f16}")
-    tmp.rename(out)
+    subprocess.run([sys.executable, "-m", "cli", "quantize", str(folder), "-t", qtype, "-o", str(out), "--no-eval"],
+                   check=True, cwd=ROOT)
 
 
 def main() -> None:
@@ -132,7 +143,12 @@ def main() -> None:
             i = args.index("--layers")
             layers = int(args[i + 1])
             del args[i:i + 2]
-        for name in MODELS_7B:
+        names = DEFAULT_7B
+        if "--model" in args:
+            i = args.index("--model")
+            names = (args[i + 1],)
+            del args[i:i + 2]
+        for name in names:
             folder = build_7b(name, layers)
             for qtype in args or ["q4_k_m"]:
                 out = OUT / f"{folder.name}-{qtype}.gguf"

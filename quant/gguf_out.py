@@ -20,6 +20,7 @@ replays the merges). A .gguf source keeps its tokenizer keys as they are.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import deque
@@ -131,7 +132,17 @@ class Deferred(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*_real(args), **_real(kwargs))
 
+        if func is torch.stack and len(args) == 1 and kwargs.get("dim", 0) == 0 and isinstance(out, torch.Tensor):
+            real = functools.partial(_stack, args[0], out)
         return _deferred(out, real)
+
+
+def _stack(parts: list, meta: torch.Tensor) -> torch.Tensor:
+    """torch.stack(parts) made part by part into its place: an expert stack never held twice."""
+    out = torch.empty(meta.shape, dtype=meta.dtype)
+    for i, p in enumerate(parts):
+        out[i] = _real(p)
+    return out
 
 
 def _real(x: Any) -> Any:
