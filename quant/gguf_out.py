@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from quant import formats, native
-from quant.formats import GGML_BLOCKS, QK_K, GGMLType
+from quant.formats import GGML_BLOCKS, GGMLType
 from quant.recipe import QUANT_TYPES, tensor_types
 from runtime import registry
 from runtime.errors import MambaCliError, ModelFormatError
@@ -339,12 +339,13 @@ def _with_gpt2_pre(meta: dict[str, Any], tok, folder: Path) -> dict[str, Any]:
 
 
 def pack(t: torch.Tensor, ggml_type: GGMLType) -> np.ndarray:
-    """float tensor [..., K] -> uint8 [..., bytes per row] in ggml_type. Q4_K / Q6_K go to the native
-    packers when they are built (quant/kernels/ggml_quantize.cpp: the same bytes, many times faster),
-    Q5_0 to the gguf package's packer, the rest to quant/formats.py."""
+    """float tensor [..., K] -> uint8 [..., bytes per row] in ggml_type. Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K go
+    to the native packers when they are built (quant/kernels/ggml_quantize.cpp: the same bytes, many times
+    faster), Q5_0 to the gguf package's packer, the rest to quant/formats.py."""
     if ggml_type in native.PACK_TYPES and native.load() is None:
         x = t.detach().to("cpu", torch.float32).contiguous()
-        return native.quantize(x.reshape(-1, QK_K), int(ggml_type)).reshape(*x.shape[:-1], -1).numpy()
+        block = GGML_BLOCKS[ggml_type][0]
+        return native.quantize(x.reshape(-1, block), int(ggml_type)).reshape(*x.shape[:-1], -1).numpy()
     if ggml_type in formats.QUANTIZABLE:
         return formats.quantize(t, ggml_type).numpy()
     if ggml_type == GGMLType.Q5_0:

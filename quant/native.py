@@ -11,8 +11,9 @@ Ops (namespace mamba_cli, CPU):
     ggml_mm(x, w, type, k, rows=None)  x (M, K) float32 @ blocks w (N, row_bytes) uint8 -> (M, N) float32;
                                        output column j reads weight row rows[j] when rows is given
     ggml_dequant(w, type, k)           blocks (N, row_bytes) -> (N, K) float32
-    ggml_quantize(x, type)             super-blocks (B, 256) float32 -> (B, bytes) uint8, Q4_K / Q6_K, as
-                                       llama.cpp's reference packers (quant/formats.py is their torch port)
+    ggml_quantize(x, type)             blocks (B, 32 or 256) float32 -> (B, bytes) uint8, Q4_0 / Q4_1 / Q8_0 /
+                                       Q4_K / Q6_K, as llama.cpp's reference packers (quant/formats.py is
+                                       their torch port)
     simd()                             which path was compiled: "avx2" or "generic"
 """
 
@@ -34,7 +35,7 @@ SOURCES = [Path(__file__).with_name("kernels") / name for name in ("ggml_cpu.cpp
 # ggml type ids the kernels take (gguf's GGMLQuantizationType values)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
 KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
-PACK_TYPES = frozenset({Q4_K, Q6_K})  # the types ggml_quantize packs
+PACK_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})  # the types ggml_quantize packs
 
 _state: dict[str, str | None] = {}  # "error": why the kernels are unavailable (None once loaded)
 
@@ -86,7 +87,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mamba_cli::ggml_quantize")
     def _(x, type):
-        return x.new_empty(x.shape[0], 144 if type == Q4_K else 210, dtype=torch.uint8)
+        return x.new_empty(x.shape[0], {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144}.get(type, 210), dtype=torch.uint8)
 
 
 def load(on_build: Callable[[], AbstractContextManager] | None = None) -> str | None:
@@ -167,5 +168,6 @@ def dequant(w: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    """Super-blocks (B, 256) float32 -> (B, bytes per block) uint8 in Q4_K or Q6_K, on torch's CPU threads."""
+    """Blocks (B, 32 or 256) float32 -> (B, bytes per block) uint8 in ggml_type (PACK_TYPES), on torch's
+    CPU threads."""
     return _ops().ggml_quantize(x, ggml_type)

@@ -113,7 +113,7 @@ def test_packers_byte_identical_to_llama_cpp(qtype: GGMLType) -> None:
     assert same_blocks == 1.0, f"{qtype.name}: {same_blocks:.2%} of blocks identical"
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
 def test_native_packers_equal_the_torch_port_and_llama_cpp(qtype: GGMLType) -> None:
     """quant/kernels/ggml_quantize.cpp (what the writer runs when it is built): the same bytes as the torch
     port and as llama.cpp, on one thread and on several."""
@@ -125,7 +125,8 @@ def test_native_packers_equal_the_torch_port_and_llama_cpp(qtype: GGMLType) -> N
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            assert torch.equal(native.quantize(x.reshape(-1, QK_K), int(qtype)).reshape(want.shape), want)
+            got = native.quantize(x.reshape(-1, GGML_BLOCKS[qtype][0]), int(qtype))
+            assert torch.equal(got.reshape(want.shape), want)
     finally:
         torch.set_num_threads(threads)
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -3,9 +3,10 @@
 // Registered as a torch custom op beside the matrix kernels (quant/native.py builds both files into one
 // library):
 //
-//   ggml_quantize(x, type)     x : (B, 256) float32 super-blocks -> (B, bytes per block) uint8, type Q4_K / Q6_K
+//   ggml_quantize(x, type)     x : (B, block) float32 blocks -> (B, bytes per block) uint8, for
+//                              Q4_0 / Q4_1 / Q8_0 (blocks of 32) and Q4_K / Q6_K (super-blocks of 256)
 //
-// The functions below are ggml-quants.c's quantize_row_q4_K_ref / quantize_row_q6_K_ref with their
+// The functions below are ggml-quants.c's quantize_row_{q4_0,q4_1,q8_0,q4_K,q6_K}_ref with their
 // helpers make_qkx2_quants / make_qx_quants (llama.cpp, MIT licence), kept statement for statement
 // (the helpers transposed to run the sub-blocks side by side) so that the bytes are llama.cpp's: every
 // sum in element order, float32 throughout, no fused multiply-adds
@@ -33,11 +34,15 @@ namespace {
 
 constexpr int QK_K = 256;
 constexpr float GROUP_MAX_EPS = 1e-15f;
-enum : int64_t { Q4_K = 12, Q6_K = 14 };
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
+struct BQ4_0 { uint16_t d; uint8_t qs[16]; };                                    // 18 bytes / 32
+struct BQ4_1 { uint16_t d, m; uint8_t qs[16]; };                                 // 20 bytes / 32
+struct BQ8_0 { uint16_t d; int8_t qs[32]; };                                     // 34 bytes / 32
 struct BQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };        // 144 bytes / 256
 struct BQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; }; // 210 bytes / 256
-static_assert(sizeof(BQ4_K) == 144 && sizeof(BQ6_K) == 210, "block layouts");
+static_assert(sizeof(BQ4_0) == 18 && sizeof(BQ4_1) == 20 && sizeof(BQ8_0) == 34 && sizeof(BQ4_K) == 144 &&
+              sizeof(BQ6_K) == 210, "block layouts");
 
 inline uint16_t to_fp16(float f) { return c10::Half(f).x; }  // IEEE round to nearest even
 inline float from_fp16(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
@@ -312,25 +317,77 @@ void quantize_block_q6_k(const float* x, BQ6_K* y) {
   }
 }
 
-at::Tensor ggml_quantize(const at::Tensor& x_in, int64_t type) {
-  TORCH_CHECK(type == Q4_K || type == Q6_K, "ggml_quantize: Q4_K or Q6_K only, got type ", type);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == QK_K, "ggml_quantize: x must be (blocks, 256)");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t nb = x.size(0);
-  const int64_t size = type == Q4_K ? sizeof(BQ4_K) : sizeof(BQ6_K);
-  at::Tensor out = at::empty({nb, size}, x.options().dtype(at::kByte));
-  const float* src = x.data_ptr<float>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, nb, 64, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (type == Q4_K) {
-        quantize_block_q4_k(src + i * QK_K, reinterpret_cast<BQ4_K*>(dst + i * size));
-      } else {
-        quantize_block_q6_k(src + i * QK_K, reinterpret_cast<BQ6_K*>(dst + i * size));
-      }
+void quantize_block_q4_0(const float* x, BQ4_0* y) {
+  float amax = 0, max = 0;
+  for (int j = 0; j < 32; j++) {
+    const float v = x[j];
+    if (amax < std::fabs(v)) {
+      amax = std::fabs(v);
+      max = v;
     }
+  }
+  const float d = max / -8;
+  const float id = d ? 1.0f / d : 0.0f;
+  y->d = to_fp16(d);
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t xi0 = mn<int8_t>(15, (int8_t)(x[j] * id + 8.5f));
+    const uint8_t xi1 = mn<int8_t>(15, (int8_t)(x[16 + j] * id + 8.5f));
+    y->qs[j] = xi0 | (xi1 << 4);
+  }
+}
+
+void quantize_block_q4_1(const float* x, BQ4_1* y) {
+  float min = 3.402823466e+38f, max = -3.402823466e+38f;
+  for (int j = 0; j < 32; j++) {
+    const float v = x[j];
+    if (v < min) min = v;
+    if (v > max) max = v;
+  }
+  const float d = (max - min) / ((1 << 4) - 1);
+  const float id = d ? 1.0f / d : 0.0f;
+  y->d = to_fp16(d);
+  y->m = to_fp16(min);
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t xi0 = mn<int8_t>(15, (int8_t)((x[j] - min) * id + 0.5f));
+    const uint8_t xi1 = mn<int8_t>(15, (int8_t)((x[16 + j] - min) * id + 0.5f));
+    y->qs[j] = xi0 | (xi1 << 4);
+  }
+}
+
+void quantize_block_q8_0(const float* x, BQ8_0* y) {
+  float amax = 0;
+  for (int j = 0; j < 32; j++) amax = mx(amax, std::fabs(x[j]));
+  const float d = amax / ((1 << 7) - 1);
+  const float id = d ? 1.0f / d : 0.0f;
+  y->d = to_fp16(d);
+  for (int j = 0; j < 32; ++j) y->qs[j] = (int8_t)std::round(x[j] * id);
+}
+
+template <class B, void (*F)(const float*, B*)>
+at::Tensor quantize_blocks(const at::Tensor& x, int64_t grain) {
+  const int64_t nb = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({nb, (int64_t)sizeof(B)}, x.options().dtype(at::kByte));
+  const float* src = x.data_ptr<float>();
+  B* dst = reinterpret_cast<B*>(out.data_ptr<uint8_t>());
+  at::parallel_for(0, nb, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) F(src + i * n, dst + i);
   });
   return out;
+}
+
+at::Tensor ggml_quantize(const at::Tensor& x_in, int64_t type) {
+  const int64_t block = (type == Q4_K || type == Q6_K) ? QK_K : 32;
+  TORCH_CHECK(type == Q4_0 || type == Q4_1 || type == Q8_0 || type == Q4_K || type == Q6_K,
+              "ggml_quantize: Q4_0, Q4_1, Q8_0, Q4_K or Q6_K, got type ", type);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == block, "ggml_quantize: x must be (blocks, ", block, ")");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  switch (type) {
+    case Q4_0: return quantize_blocks<BQ4_0, quantize_block_q4_0>(x, 2048);
+    case Q4_1: return quantize_blocks<BQ4_1, quantize_block_q4_1>(x, 2048);
+    case Q8_0: return quantize_blocks<BQ8_0, quantize_block_q8_0>(x, 2048);
+    case Q4_K: return quantize_blocks<BQ4_K, quantize_block_q4_k>(x, 64);
+    default: return quantize_blocks<BQ6_K, quantize_block_q6_k>(x, 64);
+  }
 }
 
 }  // namespace
