@@ -204,12 +204,27 @@ def plan_from_gguf(path: Path) -> Plan:
     arch = gf.architecture
     registry.arch_for_gguf(arch, str(path))
     meta = {k: v for k, v in gf.metadata.items() if k not in _OWN_KEYS and not k.startswith("split.")}
-    tensors = [PlannedTensor(n, tuple(reversed(info.shape)), lambda n=n: gf.tensor(n, torch.float32),
-                             GGMLType(info.ggml_type), lambda n=n: gf.raw(n))
+    tensors = [PlannedTensor(n, tuple(reversed(info.shape)), functools.partial(_gguf_tensor, gf, n),
+                             GGMLType(info.ggml_type), functools.partial(gf.read, n))
                for n, info in gf.tensors.items()]
     experts = int(gf.metadata.get(f"{arch}.expert_count", 0) or 0)
     return Plan(arch, meta, tensors, int(gf.metadata.get(f"{arch}.block_count", 0)), experts if experts > 1 else 0,
                 Tokenizer.from_gguf_metadata(gf.metadata, str(path)), path.stat().st_size, path.stem, path, [gf])
+
+
+_FLOAT_DTYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+
+
+def _gguf_tensor(gf, name: str) -> torch.Tensor:
+    """A .gguf source's tensor, read (not mapped); float types as stored (the writer converts slices),
+    block types dequantized to float32."""
+    info = gf.tensors[name]
+    t, shape = GGMLType(info.ggml_type), tuple(reversed(info.shape))
+    if t in _FLOAT_DTYPES and info.nbytes:
+        return torch.from_numpy(gf.read(name)).view(_FLOAT_DTYPES[t]).reshape(shape)
+    if t in formats.DEQUANTIZABLE and info.nbytes:
+        return formats.dequantize(torch.from_numpy(gf.read(name)).reshape(-1, GGML_BLOCKS[t][1]), t).reshape(shape)
+    return gf.tensor(name, torch.float32)  # empty, or a type it cannot read (its error)
 
 
 # ---------------------------------------------------------------------------------------------

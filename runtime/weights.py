@@ -273,6 +273,21 @@ class GGUFFile:
         view.flags.writeable = False
         return view
 
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored (uint8), read into memory of its own rather than mapped: nothing
+        stays resident once it is dropped (the writer streams a .gguf source this way)."""
+        info = self._info(name)
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            view, done = memoryview(buf), 0
+            while done < info.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ModelFormatError(f"{self.path}: truncated while reading tensor {name}")
+                done += n
+        return buf
+
     def mapped(self, name: str) -> torch.Tensor:
         """The tensor's bytes as stored, as a uint8 tensor over the file's copy-on-write mapping: pages are
         read on first use and shared with every process mapping the file (the native kernels' input)."""
