@@ -271,16 +271,16 @@ def choose_quant(path: Path, device: str, dtype: str | None, asked: str | None) 
     size = weights_bytes(path)
     on_cpu = resolve_device(device) == "cpu"
     half = (dtype or _float_dtype(path)) in ("bfloat16", "float16", "bf16", "fp16")
-    why = None
-    if on_cpu and size * 1.05 > available_ram():
+    why, slow = None, False
+    if on_cpu and size * 1.05 > available_ram():  # without --quantize, the loader refuses it (and says so)
         why = f"its {gib(size)} of weights do not fit in the {gib(available_ram())} free"
     elif on_cpu and half and not cpu_has_fast_bf16() and size >= BIG_MODEL_BYTES:
-        why = "its weights are 16-bit and this CPU has no bf16 instructions (slow)"
+        why, slow = "its weights are 16-bit and this CPU has no bf16 instructions (slow)", True
     if asked == "auto":
         choice = f"q4_k_m, as {why}" if why else "none, the float weights run as they are"
         err.print(f"[dim]--quantize auto: {choice}[/]")
         return "q4_k_m" if why else None
-    if why:
+    if slow:
         err.print(f"[yellow]note:[/] {path.name} runs in float on the CPU, but {why}; --quantize q4_k_m makes a "
                   "4-bit copy once (about a quarter of the size) and runs that")
     return None
