@@ -279,7 +279,7 @@ struct DQ8_0 {
 // streams arrive (one row at a time was latency-bound: ~3 ns a block).
 template <class D, int RW, int R>
 void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, const float* const* dx,
-           const float* const* sx, float* out) {
+           const float* const* sx, float* out, int64_t ahead) {
   using A = std::conditional_t<D::kMin, BQ8_1, BQ8_0>;
   using B = typename D::B;
   const A* const* q8 = (const A* const*)act;
@@ -296,8 +296,9 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
     __m256i y[R];
     for (int r = 0; r < R; ++r) y[r] = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
     for (int c = 0; c < RW; ++c) {
-      // RW interleaved row streams confuse the hardware prefetcher: fetch each row ~1 KB ahead ourselves
-      if constexpr (RW > 1) _mm_prefetch((const char*)(w[c] + i) + 1024, _MM_HINT_T0);
+      // RW interleaved row streams confuse the hardware prefetcher: fetch the next group's rows (`ahead`
+      // bytes on) at the pace this group is read
+      if constexpr (RW > 1) _mm_prefetch((const char*)(w[c] + i) + ahead, _MM_HINT_T0);
       const __m256i q = D::v(w[c][i]);
       const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);  // unsigned bytes for maddubs
       const float dw = h2f(w[c][i].d);
@@ -340,7 +341,7 @@ void dequant32(const uint8_t* src, float* y, int64_t k) {
 // RW weight rows at once, as dot32.
 template <int RW, int R>
 void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, const float* const*, const float* const*,
-              float* out) {
+              float* out, int64_t) {
   const BQ4_K* w[RW];
   for (int c = 0; c < RW; ++c) w[c] = (const BQ4_K*)wr[c];
 #ifdef MC_AVX2
@@ -438,7 +439,7 @@ void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
 // Q6_K: x = d * sc[g] * (q - 32), q six bits (4 in ql, 2 in qh), 16 groups of 16 with int8 scales.
 template <int RW, int R>
 void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, const float* const*, const float* const*,
-              float* out) {
+              float* out, int64_t) {
   const BQ6_K* w[RW];
   for (int c = 0; c < RW; ++c) w[c] = (const BQ6_K*)wr[c];
 #ifdef MC_AVX2
@@ -593,15 +594,15 @@ void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k) {
 // out[c * R + r] = <weight row w[c], activation row r> for c < RW, r < R
 template <int RW, int R>
 void dot_rows(int64_t type, int64_t nb, const uint8_t* const* w, const uint8_t* const* q8, const float* const* dx,
-              const float* const* sx, float* out) {
+              const float* const* sx, float* out, int64_t ahead) {
   switch (type) {
-    case Q4_0: dot32<DQ4_0, RW, R>(nb, w, q8, dx, sx, out); break;
-    case Q4_1: dot32<DQ4_1, RW, R>(nb, w, q8, dx, sx, out); break;
-    case Q5_0: dot32<DQ5_0, RW, R>(nb, w, q8, dx, sx, out); break;
-    case Q5_1: dot32<DQ5_1, RW, R>(nb, w, q8, dx, sx, out); break;
-    case Q8_0: dot32<DQ8_0, RW, R>(nb, w, q8, dx, sx, out); break;
-    case Q4_K: dot_q4_k<RW, R>(nb, w, (const BQ8_K* const*)q8, dx, sx, out); break;
-    case Q6_K: dot_q6_k<RW, R>(nb, w, (const BQ8_K* const*)q8, dx, sx, out); break;
+    case Q4_0: dot32<DQ4_0, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q4_1: dot32<DQ4_1, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q5_0: dot32<DQ5_0, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q5_1: dot32<DQ5_1, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q8_0: dot32<DQ8_0, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q4_K: dot_q4_k<RW, R>(nb, w, (const BQ8_K* const*)q8, dx, sx, out, ahead); break;
+    case Q6_K: dot_q6_k<RW, R>(nb, w, (const BQ8_K* const*)q8, dx, sx, out, ahead); break;
   }
 }
 
@@ -615,13 +616,13 @@ void dot_tile(int64_t type, int64_t nb, int64_t j, int64_t je, const uint8_t* wp
   float res[RW * R];
   for (; j + RW <= je; j += RW) {
     for (int c = 0; c < RW; ++c) wr[c] = wp + (src ? src[j + c] : j + c) * ws;
-    dot_rows<RW, R>(type, nb, wr, q8, dx, sx, res);
+    dot_rows<RW, R>(type, nb, wr, q8, dx, sx, res, src ? 0 : RW * ws);
     for (int c = 0; c < RW; ++c)
       for (int r = 0; r < R; ++r) op[r * n + (dst ? dst[j + c] : j + c)] = res[c * R + r];
   }
   for (; j < je; ++j) {
     wr[0] = wp + (src ? src[j] : j) * ws;
-    dot_rows<1, R>(type, nb, wr, q8, dx, sx, res);
+    dot_rows<1, R>(type, nb, wr, q8, dx, sx, res, 0);
     for (int r = 0; r < R; ++r) op[r * n + (dst ? dst[j] : j)] = res[r];
   }
 }
