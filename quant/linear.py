@@ -265,6 +265,36 @@ class BlockLinear(nn.Module):
         return (yt if self.rows is None else yt.index_select(0, self.rows)).t().contiguous()
 
 
+class BlockLinearCat(nn.Module):
+    """Several BlockLinears of one input width (q/k/v, gate/up) as one: y = cat([p(x) for p in parts], -1).
+
+    Decode and small batches make one kernel call for all of them (the activations quantized once per
+    format, one parallel region over every part's rows); larger batches run each part's dense path.
+    The parts keep their own types and row orders (a Q4_K_M layer mixes Q4_K and Q6_K)."""
+
+    def __init__(self, parts: list[BlockLinear]):
+        super().__init__()
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("fused parts must share their input width")
+        if len({p.bias is None for p in parts}) != 1:
+            raise ValueError("fused parts must all have a bias or none")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.types = [p.ggml_type for p in parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] >= BLOCK_DENSE_ROWS:
+            return torch.cat([p(x) for p in self.parts], -1)
+        y = torch.ops.mamba_cli.ggml_mm_cat(x2, [p.blocks for p in self.parts], self.types, self.in_features,
+                                            [p.rows for p in self.parts])
+        if self.parts[0].bias is not None:
+            y = y + torch.cat([p.bias for p in self.parts])
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
 class BlockEmbedding(nn.Module):
     """Embedding lookup over GGUF blocks in place: gathers the rows asked for, then dequantizes only them."""
 

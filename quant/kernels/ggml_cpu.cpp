@@ -27,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -636,94 +637,157 @@ void check_weights(const at::Tensor& w, int64_t type, int64_t k, const TypeInfo&
   TORCH_CHECK(w.stride(1) == 1, "mamba_cli: weight rows must be contiguous");
 }
 
-at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t k,
-                   const c10::optional<at::Tensor>& rows_in) {
-  const TypeInfo ti = type_info(type);
-  check_weights(w, type, k, ti);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+// One weight matrix of a product: its blocks, and how its rows map to output columns.
+struct Part {
+  const uint8_t* wp;
+  int64_t ws, type, n, col0;  // row stride in bytes, type, output columns, first output column
+  TypeInfo ti;
+  at::Tensor rows;            // kept alive for src
+  const int64_t* src;         // column j reads stored row src[j] (null: row j)
+  std::vector<int64_t> inv;   // a full permutation walked in stored order: stored row s -> column inv[s]
+  int act;                    // activation format: 0 Q8_0, 1 Q8_1, 2 Q8_K
+};
+
+Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional<at::Tensor>& rows_in) {
+  Part p;
+  p.ti = type_info(type);
+  check_weights(w, type, k, p.ti);
+  p.wp = w.data_ptr<uint8_t>();
+  p.ws = w.stride(0);
+  p.type = type;
+  p.src = nullptr;
+  p.n = w.size(0);
+  p.act = p.ti.block == QK_K ? 2 : p.ti.act_bytes == (int64_t)sizeof(BQ8_1) ? 1 : 0;
   // rows: output column j is weight row rows[j] (a row permutation read in place, e.g. llama.cpp's q/k).
   // A permutation of every row is walked in stored order, writing column inv[s] for stored row s: the
   // weight stream stays sequential for the hardware prefetcher. Any other index reads rows[j] for column j.
-  at::Tensor rows;
-  std::vector<int64_t> inv;
   if (rows_in.has_value()) {
-    rows = rows_in->to(at::kLong).contiguous();
-    TORCH_CHECK(rows.dim() == 1, "mamba_cli: rows must be 1-D");
-    const int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t j = 0; j < rows.numel(); ++j)
+    p.rows = rows_in->to(at::kLong).contiguous();
+    TORCH_CHECK(p.rows.dim() == 1, "mamba_cli: rows must be 1-D");
+    const int64_t* r = p.rows.data_ptr<int64_t>();
+    for (int64_t j = 0; j < p.rows.numel(); ++j)
       TORCH_CHECK(r[j] >= 0 && r[j] < w.size(0), "mamba_cli: a row index is out of range");
-    if (rows.numel() == w.size(0)) {
-      inv.assign((size_t)w.size(0), -1);
+    if (p.rows.numel() == w.size(0)) {
+      p.inv.assign((size_t)w.size(0), -1);
       bool perm = true;
-      for (int64_t j = 0; j < rows.numel() && perm; ++j) {
-        perm = inv[(size_t)r[j]] < 0;
-        inv[(size_t)r[j]] = j;
+      for (int64_t j = 0; j < p.rows.numel() && perm; ++j) {
+        perm = p.inv[(size_t)r[j]] < 0;
+        p.inv[(size_t)r[j]] = j;
       }
-      if (!perm) inv.clear();
+      if (!perm) p.inv.clear();
     }
+    if (p.inv.empty()) p.src = r, p.n = p.rows.numel();
   }
-  const int64_t* src = rows.defined() && inv.empty() ? rows.data_ptr<int64_t>() : nullptr;
-  const int64_t* dst = inv.empty() ? nullptr : inv.data();
-  const int64_t m = x.size(0), n = src ? rows.numel() : w.size(0), nb = k / ti.block, row_bytes = nb * ti.act_bytes;
-  at::Tensor out = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return out;
-  std::vector<uint8_t> q8((size_t)(m * row_bytes));
-  std::vector<float> scales((size_t)(2 * m * nb));  // per activation block: d and s (Q8_1) as float
+  return p;
+}
+
+// x (M, K) times every part's rows, the parts' outputs side by side in one (M, sum of N) tensor. The
+// activations are quantized once per format, and all the parts' rows share one parallel region.
+at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  int64_t ntot = 0;
+  for (Part& p : parts) p.col0 = ntot, ntot += p.n;
+  const int64_t m = x.size(0);
+  at::Tensor out = at::empty({m, ntot}, x.options());
+  if (m == 0 || ntot == 0) return out;
+  // quantized activations per format (Q8_0 / Q8_1 / Q8_K), with each 32-block's d and s as float
+  std::vector<uint8_t> q8[3];
+  std::vector<float> scales[3];
+  int64_t row_bytes[3] = {0, 0, 0}, nbk[3] = {0, 0, 0};
   const float* xp = x.data_ptr<float>();
-  const bool small = ti.block == QK;
-  at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      uint8_t* q = q8.data() + r * row_bytes;
-      quantize_row(type, xp + r * k, q, k);
-      for (int64_t i = 0; small && i < nb; ++i) {
-        const fp16* h = (const fp16*)(q + i * ti.act_bytes);  // d, then s for Q8_1
-        scales[(2 * r) * nb + i] = h2f(h[0]);
-        scales[(2 * r + 1) * nb + i] = ti.act_bytes == sizeof(BQ8_1) ? h2f(h[1]) : 0.f;
+  for (const Part& p : parts) {
+    const int f = p.act;
+    if (row_bytes[f]) continue;
+    nbk[f] = k / p.ti.block;
+    row_bytes[f] = nbk[f] * p.ti.act_bytes;
+    q8[f].resize((size_t)(m * row_bytes[f]));
+    scales[f].resize((size_t)(2 * m * nbk[f]));
+    const int64_t nb = nbk[f], rb = row_bytes[f], type = p.type, ab = p.ti.act_bytes;
+    uint8_t* qd = q8[f].data();
+    float* sd = scales[f].data();
+    at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        uint8_t* q = qd + r * rb;
+        quantize_row(type, xp + r * k, q, k);
+        for (int64_t i = 0; f < 2 && i < nb; ++i) {
+          const fp16* h = (const fp16*)(q + i * ab);  // d, then s for Q8_1
+          sd[(2 * r) * nb + i] = h2f(h[0]);
+          sd[(2 * r + 1) * nb + i] = f == 1 ? h2f(h[1]) : 0.f;
+        }
       }
-    }
-  });
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t ws = w.stride(0);
+    });
+  }
+  // Work items: runs of at most `grain` rows of one part (a multiple of 4 rows: the 32-block kernels
+  // take 4 weight rows at a time), split between the threads.
+  std::vector<std::array<int64_t, 3>> items;  // part, first row, end row (iteration order)
+  int64_t grain = std::max<int64_t>(4, std::min<int64_t>(64, ntot / (4 * at::get_num_threads())) & ~int64_t(3));
+  for (int64_t pi = 0; pi < (int64_t)parts.size(); ++pi)
+    for (int64_t j = 0; j < parts[pi].n; j += grain) items.push_back({pi, j, std::min(parts[pi].n, j + grain)});
   float* op = out.data_ptr<float>();
-  // Each task takes a range of weight rows. Rows go in groups of JB (a few KB each, kept in L1/L2) and
-  // each group meets the activations 4 rows at a time: the activations stream from L2 once per group
-  // instead of once per weight row, and every weight block is unpacked once per 4 activation rows.
+  // Rows go in groups of JB (a few KB each, kept in L1/L2) and each group meets the activations 4 rows at
+  // a time: the activations stream from L2 once per group instead of once per weight row, and every
+  // weight block is unpacked once per 4 activation rows.
   constexpr int64_t JB = 16;
-  const int64_t grain = std::max<int64_t>(4, std::min<int64_t>(64, n / (4 * at::get_num_threads())) & ~int64_t(3));
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
     const uint8_t* act[4];
     const float *dx[4], *sx[4];
-    for (int64_t jb = b; jb < e; jb += JB) {
-      const int64_t je = std::min(e, jb + JB);
-      for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const int64_t cnt = std::min<int64_t>(4, m - r0);
-        for (int64_t r = 0; r < cnt; ++r) {
-          act[r] = q8.data() + (r0 + r) * row_bytes;
-          dx[r] = scales.data() + 2 * (r0 + r) * nb;
-          sx[r] = dx[r] + nb;
-        }
-        float* o = op + r0 * n;
-        // RW x R accumulators (and the K types' per-row scales) stay within the 16 vector registers
-        if (ti.block == QK) {
-          switch (cnt) {
-            case 1: dot_tile<4, 1>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
-            case 2: dot_tile<4, 2>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
-            case 3: dot_tile<2, 3>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
-            default: dot_tile<2, 4>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
+    for (int64_t it = b; it < e; ++it) {
+      const Part& p = parts[(size_t)items[(size_t)it][0]];
+      const int f = p.act;
+      const int64_t nb = nbk[f], type = p.type;
+      const int64_t* dst = p.inv.empty() ? nullptr : p.inv.data();
+      for (int64_t jb = items[(size_t)it][1]; jb < items[(size_t)it][2]; jb += JB) {
+        const int64_t je = std::min(items[(size_t)it][2], jb + JB);
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+          const int64_t cnt = std::min<int64_t>(4, m - r0);
+          for (int64_t r = 0; r < cnt; ++r) {
+            act[r] = q8[f].data() + (r0 + r) * row_bytes[f];
+            dx[r] = scales[f].data() + 2 * (r0 + r) * nb;
+            sx[r] = dx[r] + nb;
           }
-        } else {  // the K types: one weight row at a time measured fastest (their per-row scales fill registers)
-          switch (cnt) {
-            case 1: dot_tile<1, 1>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
-            case 2: dot_tile<1, 2>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
-            case 3: dot_tile<1, 3>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
-            default: dot_tile<1, 4>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, n); break;
+          float* o = op + r0 * ntot + p.col0;
+          const uint8_t* wp = p.wp;
+          const int64_t ws = p.ws;
+          const int64_t* src = p.src;
+          // RW x R accumulators (and the K types' per-row scales) stay within the 16 vector registers
+          if (p.ti.block == QK) {
+            switch (cnt) {
+              case 1: dot_tile<4, 1>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 2: dot_tile<4, 2>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 3: dot_tile<2, 3>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              default: dot_tile<2, 4>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+            }
+          } else {  // the K types: one weight row at a time measured fastest (their per-row scales fill registers)
+            switch (cnt) {
+              case 1: dot_tile<1, 1>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 2: dot_tile<1, 2>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 3: dot_tile<1, 3>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              default: dot_tile<1, 4>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+            }
           }
         }
       }
     }
   });
   return out;
+}
+
+at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k,
+                   const c10::optional<at::Tensor>& rows) {
+  std::vector<Part> parts;
+  parts.push_back(make_part(w, type, k, rows));
+  return mm_parts(x, parts, k);
+}
+
+// Several weight matrices of the same input width (q/k/v, gate/up) in one call: one (M, sum of N) output.
+at::Tensor ggml_mm_cat(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types, int64_t k,
+                       const c10::List<c10::optional<at::Tensor>>& rows) {
+  TORCH_CHECK(!ws.empty() && ws.size() == types.size() && ws.size() == rows.size(),
+              "mamba_cli: ggml_mm_cat needs one type and one rows entry per weight");
+  std::vector<Part> parts;
+  for (size_t i = 0; i < ws.size(); ++i) parts.push_back(make_part(ws[i], types[i], k, rows.get(i)));
+  return mm_parts(x, parts, k);
 }
 
 at::Tensor ggml_dequant(const at::Tensor& w, int64_t type, int64_t k) {
@@ -753,11 +817,13 @@ std::string simd() {
 
 TORCH_LIBRARY(mamba_cli, m) {
   m.def("ggml_mm(Tensor x, Tensor w, int type, int k, Tensor? rows=None) -> Tensor");
+  m.def("ggml_mm_cat(Tensor x, Tensor[] ws, int[] types, int k, Tensor?[] rows) -> Tensor");
   m.def("ggml_dequant(Tensor w, int type, int k) -> Tensor");
   m.def("simd() -> str", [] { return simd(); });
 }
 
 TORCH_LIBRARY_IMPL(mamba_cli, CPU, m) {
   m.impl("ggml_mm", &ggml_mm);
+  m.impl("ggml_mm_cat", &ggml_mm_cat);
   m.impl("ggml_dequant", &ggml_dequant);
 }
