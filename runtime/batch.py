@@ -158,6 +158,11 @@ class Rows:
                 mine.move(src, dst)
 
 
+def rewinds(c) -> bool:
+    """Whether a layer's single-sequence cache can forget its last positions (KVCache.trim)."""
+    return c is None or c.kind == "kv" or (c.kind == "rolling_kv" and c.offset <= c.window)
+
+
 def reusable(session: Session, prompt: list[int]) -> int:
     """How many of prompt's tokens a pooled session's cache would spare prefilling (an estimate that
     Session.prepare makes exact)."""
@@ -167,7 +172,7 @@ def reusable(session: Session, prompt: list[int]) -> int:
             break
         common += 1
     common = min(common, len(prompt) - 1)
-    if common == len(session.tokens) or all(getattr(c, "kind", None) in (None, "kv") for c in session.cache):
+    if common == len(session.tokens) or all(rewinds(c) for c in session.cache):
         return common
     if session.checkpoint is not None and session.checkpoint[0] <= common:
         return session.checkpoint[0]
@@ -223,19 +228,17 @@ class Batcher:
         self.thread.start()
         return self
 
-    def close(self, reason: str = "the server is shutting down") -> None:
-        """End every sequence (an error event saying `reason`) and stop the worker."""
+    def close(self, reason: str = "the server is shutting down", wait: bool = True) -> None:
+        """End every sequence (an error event saying `reason`) and stop the worker; without `wait` it only
+        tells the worker, which ends them after its current step (safe from a signal handler)."""
         with self.cond:
-            self.closed = reason
+            if not self.closed:
+                self.closed = reason
             self.cond.notify()
-        if self.thread is not None:
+        if self.thread is None:
+            self._end_all()
+        elif wait:
             self.thread.join()
-        for seq in [*self.waiting, *self.joining, *self.active]:
-            if not seq.finished and not seq.cancelled:
-                seq.emit(Event(error=reason))
-        self.waiting.clear()
-        self.joining.clear()
-        self.active.clear()
 
     # ---- the worker thread
 
@@ -246,11 +249,23 @@ class Batcher:
                     while not self.closed and not (self.waiting or self.joining or self.active):
                         self.cond.wait()
                     if self.closed:
-                        return
+                        break
                 try:
                     self.step()
                 except Exception as e:  # a failed forward ends what was in flight; the server goes on
                     self._fail(f"{type(e).__name__}: {e}")
+        self._end_all()
+
+    def _end_all(self) -> None:
+        with self.cond:
+            seqs = [*self.waiting, *self.joining, *self.active]
+            self.waiting.clear()
+            self.joining.clear()
+            self.active.clear()
+        for seq in seqs:
+            if not seq.finished and not seq.cancelled:
+                seq.finished = True
+                seq.emit(Event(error=self.closed))
 
     def step(self) -> None:
         """One loop of the scheduler: admit, prefill one chunk of the first joiner, decode one step."""

@@ -13,10 +13,9 @@ from runtime.generate import generate, stream_text
 from tests.configs import ALL
 from tests.fixtures import build_tiny
 
-# attention (a window shorter than the prompts; MoE with a window; GQA 4 with RoPE theta 1e6), Mamba-1,
-# Falcon-Mamba, Mamba-2 with groups, Jamba (attention + Mamba + MoE)
-CONFIGS = ["mistral-window", "mixtral-4x-window", "llama-gqa4-tied", "mamba-k4", "falcon-k3", "mamba2-g2",
-           "jamba-p2-x4-top2-gqa2"]
+# attention (a window shorter than the prompts; MoE with a window), Mamba-1, Mamba-2 with groups, Jamba
+# (attention + Mamba + MoE); tests/test_serve.py adds plain RoPE attention over HTTP
+CONFIGS = ["mistral-window", "mixtral-4x-window", "mamba-k4", "mamba2-g2", "jamba-p2-x4-top2-gqa2"]
 
 
 def model(name: str):
@@ -25,7 +24,7 @@ def model(name: str):
 
 def prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(n)
-    return [torch.randint(5, 320, (3 + 7 * i,), generator=g).tolist() for i in range(n)]
+    return [torch.randint(5, 320, (3 + 5 * i,), generator=g).tolist() for i in range(n)]
 
 
 def run(b: Batcher, reqs: list[Request], join_every: int = 2) -> list:
@@ -48,7 +47,7 @@ def run(b: Batcher, reqs: list[Request], join_every: int = 2) -> list:
 def test_each_row_equals_the_sequence_alone(name):
     m = model(name)
     ps = prompts(5)
-    budgets = [9, 17, 5, 13, 11]  # leave at different steps: rows move
+    budgets = [6, 11, 3, 9, 7]  # leave at different steps: rows move
     alone = [list(generate(m, p, max_new_tokens=k, stop_ids=[])) for p, k in zip(ps, budgets, strict=True)]
     texts = ["".join(stream_text(m, p, max_new_tokens=k, stop_ids=[])) for p, k in zip(ps, budgets, strict=True)]
     b = Batcher(m, max_seqs=4, max_queue=8)
