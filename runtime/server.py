@@ -17,6 +17,7 @@ the same as absent. Errors are OpenAI's shape, {"error": {"message", "type", "pa
     413  a body larger than the limit
     422  a required field missing, or a field of the wrong type or out of range
     429  every row decoding and the queue full (Retry-After: 1)
+    500  a decode step failed (every sequence in it ends with the error; the server goes on)
     503  the server is shutting down
 
 Each request's text is rendered and tokenized in a worker thread; its sequence's events cross from the
@@ -353,7 +354,9 @@ class Server:
             return Response(status_code=499)  # the client is gone: nobody reads this
         if isinstance(finish, tuple):
             return JSONResponse(reply.whole(text, finish[0], finish[1]))
-        return APIError(503, finish.error, code="server_error", kind="server_error").response()
+        if self.batcher.closed:
+            return APIError(503, finish.error, code="shutting_down", kind="server_error").response()
+        return APIError(500, finish.error, code="server_error", kind="server_error").response()
 
     async def stream(self, reply: Reply, events: asyncio.Queue[Event], seq) -> AsyncIterator[str]:
         """SSE chunks; cancelled (by Starlette) when the client disconnects, which cancels the sequence."""
