@@ -344,8 +344,7 @@ class Server:
             raise APIError(503, str(e), code="shutting_down", kind="server_error") from None
         reply = Reply(self.name, kind, fields)
         if fields.get("stream"):
-            return StreamingResponse(self.stream(reply, events, seq), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(self.stream(reply, events), lambda: self.batcher.cancel(seq))
         try:
             text, finish = await until_disconnected(request, collect(events))
         finally:
@@ -358,24 +357,38 @@ class Server:
             return APIError(503, finish.error, code="shutting_down", kind="server_error").response()
         return APIError(500, finish.error, code="server_error", kind="server_error").response()
 
-    async def stream(self, reply: Reply, events: asyncio.Queue[Event], seq) -> AsyncIterator[str]:
-        """SSE chunks; cancelled (by Starlette) when the client disconnects, which cancels the sequence."""
+    async def stream(self, reply: Reply, events: asyncio.Queue[Event]) -> AsyncIterator[str]:
+        """The SSE chunks of a reply, as its events arrive."""
+        yield sse(reply.chunk(role=True))
+        while True:
+            ev = await events.get()
+            if ev.error:
+                code = "shutting_down" if self.batcher.closed else "server_error"
+                yield sse(error_body(ev.error, "server_error", code=code))
+                break
+            if ev.text:
+                yield sse(reply.chunk(text=ev.text))
+            if ev.finish:
+                for chunk in reply.last(ev.finish, ev.usage):
+                    yield sse(chunk)
+                break
+        yield "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream that runs `on_close` however it ends: done, or cancelled by Starlette
+    when the client disconnects (even before the first chunk), or failed on a closed connection."""
+
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            yield sse(reply.chunk(role=True))
-            while True:
-                ev = await events.get()
-                if ev.error:
-                    yield sse(error_body(ev.error, "server_error", code="server_error"))
-                    break
-                if ev.text:
-                    yield sse(reply.chunk(text=ev.text))
-                if ev.finish:
-                    for chunk in reply.last(ev.finish, ev.usage):
-                        yield sse(chunk)
-                    break
-            yield "data: [DONE]\n\n"
+            await super().__call__(scope, receive, send)
         finally:
-            self.batcher.cancel(seq)
+            self.on_close()
 
 
 def sse(obj: dict) -> str:
