@@ -5,6 +5,8 @@ A model's cache is a plain list with one entry per layer (None where a layer kee
     KVCache         attention keys/values, grown in steps (static shapes within a step)
     RollingKVCache  sliding-window attention: a ring of `window` slots, memory stops at the window
     SSMState        Mamba conv + SSM state, fp32, constant size whatever the context
+    BatchKVCache    attention keys/values of several sequences of different lengths decoded together, one
+                    row per sequence (runtime/batch.py); a row's own length masks the others' padding
 
 Legend: B batch, H kv heads, S cached positions, T new positions, D head dim.
 
@@ -224,6 +226,102 @@ class SSMState:
         return c
 
 
+class BatchKVCache:
+    """Keys/values of up to `rows` sequences, one row each, decoded one token per row per step.
+
+    Row b holds positions [0, lens[b]) in columns [0, lens[b]) or, with a window, position p in column
+    p % window (RollingKVCache's layout, so a prefilled cache copies in column for column). A step over
+    the first n rows writes each row's new key at its own column and attends over the columns every row
+    has filled, masking each row's columns past its own length. Rows are filled and emptied by
+    runtime/batch.py (load / store / move); prefill happens in a single sequence's cache, never here.
+    """
+
+    kind = "batch_kv"
+
+    def __init__(self, rows: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 window: int | None = None):
+        self.window = window
+        self.k = torch.zeros(rows, n_kv, 0, head_dim, dtype=dtype, device=device)  # [R, H, S, D]
+        self.v = torch.zeros_like(self.k)
+        self.lens = torch.zeros(rows, dtype=torch.long, device=device)  # positions each row holds
+        self.host_lens = [0] * rows  # the same on the host: shapes are decided without a device sync
+
+    def reserve(self, n: int) -> None:
+        """Room for n columns (in steps of STEP, at most `window`) in every row."""
+        size = ((n + STEP - 1) // STEP) * STEP
+        if self.window is not None:
+            size = min(size, self.window)
+        have = self.k.shape[2]
+        if size <= have:
+            return
+        r, h, _, d = self.k.shape
+        grow = torch.zeros(r, h, size - have, d, dtype=self.k.dtype, device=self.k.device)
+        self.k, self.v = torch.cat([self.k, grow], dim=2), torch.cat([self.v, grow], dim=2)
+
+    def columns(self, length: int) -> int:
+        """Columns a row of `length` positions fills."""
+        return length if self.window is None else min(length, self.window)
+
+    def positions(self, n: int) -> torch.Tensor:
+        """The position of the next token of each of the first n rows: (n,)."""
+        return self.lens[:n]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append one position to each of the first n rows: k, v [n, H, 1, D]; return their keys and
+        values [n, H, S, D] and the [n, 1, 1, S] mask of the columns each row holds."""
+        n, t = k.shape[0], k.shape[2]
+        if t != 1:
+            raise ValueError("a batch cache takes one token per row and step (prefill a row's own cache)")
+        lens = self.lens[:n]
+        self.reserve(max(self.host_lens[:n]) + 1)
+        col = lens % self.window if self.window is not None else lens
+        rows = torch.arange(n, device=k.device)
+        self.k[rows, :, col] = k[:, :, 0]
+        self.v[rows, :, col] = v[:, :, 0]
+        lens += 1
+        self.host_lens[:n] = [x + 1 for x in self.host_lens[:n]]
+        width = self.columns(max(self.host_lens[:n]))
+        held = torch.arange(width, device=k.device)[None, :] < lens[:, None]
+        if self.window is not None:
+            held |= (lens >= self.window)[:, None]
+        return self.k[:n, :, :width], self.v[:n, :, :width], held[:, None, None, :]
+
+    def load(self, row: int, c: KVCache | RollingKVCache) -> None:
+        """Copy a single sequence's prefilled cache into `row`."""
+        n = self.columns(c.offset)
+        self.reserve(n)
+        self.k[row, :, :n] = c.k[0, :, :n]
+        self.v[row, :, :n] = c.v[0, :, :n]
+        self.lens[row] = self.host_lens[row] = c.offset
+
+    def store(self, row: int, c: KVCache | RollingKVCache) -> None:
+        """Copy `row` into a fresh single-sequence cache `c` (of the matching kind), which then continues it."""
+        length = self.host_lens[row]
+        n = self.columns(length)
+        if isinstance(c, RollingKVCache):
+            c._reserve(length)
+            n = min(n, c.k.shape[2])
+            col = torch.arange(c.k.shape[2], device=c.pos.device)
+            c.pos = torch.where(col < min(length, self.window), col + (length - 1 - col) // self.window * self.window,
+                                -1)
+        else:
+            c.reserve(length)
+        c.k[0, :, :n] = self.k[row, :, :n]
+        c.v[0, :, :n] = self.v[row, :, :n]
+        c.offset = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's sequence into row dst (dst's is dropped)."""
+        n = self.columns(self.host_lens[src])
+        self.k[dst, :, :n] = self.k[src, :, :n]
+        self.v[dst, :, :n] = self.v[src, :, :n]
+        self.lens[dst] = self.host_lens[dst] = self.host_lens[src]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
 KINDS = {c.kind: c for c in (KVCache, RollingKVCache, SSMState)}
 
 
@@ -233,6 +331,15 @@ def cache_nbytes(cache: list) -> int:
 
 def cache_offset(cache: list) -> int:
     return next((c.offset for c in cache if c is not None), 0)
+
+
+def cache_positions(cache: list | None, batch: int, t: int, device: torch.device) -> torch.Tensor:
+    """Positions of t new tokens: (T,) when the batch shares one length, (B, T) for a BatchKVCache's rows."""
+    first = next((c for c in cache if c is not None), None) if cache is not None else None
+    new = torch.arange(t, device=device)
+    if isinstance(first, BatchKVCache):
+        return first.positions(batch).to(device)[:, None] + new
+    return new + (first.offset if first is not None else 0)
 
 
 def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@
     sample()      repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
     generate()    yields token ids (the stop token itself is not yielded)
     Detokenizer   ids -> text pieces that never split a multi-byte character
-    stream_text() generate() + Detokenizer + stop strings, the form run/chat print
+    StopText      Detokenizer + stop strings (held back until they cannot be one, then cut)
+    stream_text() generate() + StopText, the form run/chat print
 """
 
 from __future__ import annotations
@@ -283,27 +284,49 @@ class Detokenizer:
         return after[len(before) :]
 
 
+class StopText:
+    """Token ids -> printable text pieces, with `stop` strings held back and cut: what stream_text and
+    the server's batched sequences (runtime/batch.py) emit. `stopped` turns true at a stop string."""
+
+    def __init__(self, tokenizer, context: list[int] | None = None, stop: list[str] | None = None):
+        self.detok = Detokenizer(tokenizer, context)
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=0) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The text that is certain after `token` (empty while a stop string may still be forming)."""
+        self.pending += self.detok.add(token)
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out
+        hits = [self.pending.find(s) for s in self.stop if s in self.pending]
+        if hits:
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+            return out
+        if len(self.pending) > self.hold:
+            cut = len(self.pending) - self.hold
+            out, self.pending = self.pending[:cut], self.pending[cut:]
+            return out
+        return ""
+
+    def flush(self) -> str:
+        """The rest, at the end of a reply that no stop string ended."""
+        out, self.pending = self.pending + self.detok.flush(), ""
+        return out
+
+
 def stream_text(model, prompt_ids: list[int], stop: list[str] | None = None, stats: Stats | None = None,
                 **kw) -> Iterator[str]:
     """generate() as printable text; `stop` strings end the reply and are not printed."""
     stats = stats if stats is not None else Stats()
-    detok = Detokenizer(model.tokenizer, prompt_ids)
-    stop = [s for s in (stop or []) if s]
-    hold = max((len(s) for s in stop), default=0) - 1
-    pending = ""
+    text = StopText(model.tokenizer, prompt_ids, stop)
     for tok in generate(model, prompt_ids, stats=stats, **kw):
-        pending += detok.add(tok)
-        if stop:
-            hits = [pending.find(s) for s in stop if s in pending]
-            if hits:
-                yield pending[: min(hits)]
-                stats.stop_reason = "stop"
-                return
-            if len(pending) > hold:
-                cut = len(pending) - hold
-                yield pending[:cut]
-                pending = pending[cut:]
-        else:
-            yield pending
-            pending = ""
-    yield pending + detok.flush()
+        piece = text.add(tok)
+        if piece or not text.stop:
+            yield piece
+        if text.stopped:
+            stats.stop_reason = "stop"
+            return
+    yield text.flush()

@@ -83,11 +83,13 @@ class RoPE(nn.Module):
             self.inv_freq, self.mscale = rope_inv_freq(head_dim, theta, scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions : (T,)  ->  cos, sin : (T, D)
+        # positions : (T,)  ->  cos, sin : (T, D);  per-sequence positions (B, T)  ->  (B, 1, T, D)
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # broadcast over the heads of (B, H, T, D)
         return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
 
 
