@@ -4,6 +4,7 @@
     render(messages, tokenizer)       -> list[int]   the prompt ids of a conversation
     render_text(messages, tokenizer)  -> str         the same prompt as text (for show/verbose)
     chat_format(tokenizer, ...)       -> "template" | "mistral-v3" | "mistral-v1" | "plain"
+    check_messages(messages)          -> plain JSON copies, roles and contents checked (also for /load)
     stop_strings(fmt)                 -> text that ends a reply besides the EOS ids
 
 Which format (docs/chat-templates.md): an explicit template, else the tokenizer's chat_template, else
@@ -90,7 +91,7 @@ def chat_prompt(model, messages: list[dict], system: str | None = None) -> tuple
 def render(messages: list[dict], tokenizer, add_generation_prompt: bool = True, template: str | None = None,
            arch_hint: str | None = None) -> list[int]:
     """The prompt ids for a conversation, ready to prefill."""
-    messages = _check_messages(messages)
+    messages = check_messages(messages)
     fmt = chat_format(tokenizer, template, arch_hint)
     if fmt == "template":
         return _render_template(messages, tokenizer, template or tokenizer.chat_template,
@@ -105,7 +106,7 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = True, 
 def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = True,
                 template: str | None = None, arch_hint: str | None = None) -> str:
     """The prompt as text: the template's output, or the Mistral / plain prompt decoded."""
-    messages = _check_messages(messages)
+    messages = check_messages(messages)
     fmt = chat_format(tokenizer, template, arch_hint)
     if fmt == "template":
         return _render_template(messages, tokenizer, template or tokenizer.chat_template,
@@ -115,7 +116,7 @@ def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = T
     return tokenizer.decode(render(messages, tokenizer, add_generation_prompt, template, arch_hint))
 
 
-def _check_messages(messages: list[dict]) -> list[dict]:
+def check_messages(messages: list[dict]) -> list[dict]:
     """Plain copies of the messages (templates see only JSON types), checked for role and content."""
     if not isinstance(messages, list):
         raise MambaCliError("chat messages must be a list of {'role': ..., 'content': ...} objects")
