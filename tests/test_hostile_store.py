@@ -163,3 +163,126 @@ def test_listing_size_must_be_a_count(env, server):  # noqa: F811
                     listed={"config.json": {"size": -5}}))
     with pytest.raises(MambaCliError, match="config.json the size -5"):
         hub.pull("evil/size")
+
+
+# --------------------------------------------------------------------------- hostile store entries
+
+
+def _snapshot(repo: str, commit: str, files: dict[str, bytes]) -> Path:
+    """A snapshot written straight into the store (regular files, as a copy-mode cache holds them)."""
+    snap = hub.repo_dir(repo) / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+    (hub.repo_dir(repo) / "refs").mkdir(exist_ok=True)
+    (hub.repo_dir(repo) / "refs" / "main").write_text(commit)
+    return snap
+
+
+def _gguf_head(*kvs: bytes, n_kv: int | None = None) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs) if n_kv is None else n_kv) + b"".join(kvs)
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype) + payload
+
+
+def _hostile_entries(victim: Path) -> dict[str, str]:
+    """Seed the store with one bad entry per case; returns repo -> what its reason must mention."""
+    import json
+    import struct
+
+    llama = {"config.json": b'{"model_type": "llama", "hidden_size": 64}'}
+    st_huge = struct.pack("<Q", 2**62) + b"{}"
+    no_shape = json.dumps({"w": {"dtype": "F32", "data_offsets": [0, 4]}}).encode()
+    st_no_shape = struct.pack("<Q", len(no_shape)) + no_shape + b"\0" * 4
+    st_ok = struct.pack("<Q", 2) + b"{}"
+    cases = {
+        # a 49-byte GGUF: a uint8 array claiming 2^62 items (gguf-py's reader ran for minutes on it)
+        "bad/array-GGUF": ({"m-Q4_K_M.gguf": _gguf_head(_kv("a", 9, struct.pack("<IQ", 0, 2**62)))},
+                           "claims 4611686018427387904 elements"),
+        "bad/truncated-GGUF": ({"m-Q4_K_M.gguf": _gguf_head(_kv("general.architecture", 8,
+                                                                struct.pack("<Q", 100) + b"lla"))}, "needs 100 bytes"),
+        "bad/huge-header": ({**llama, "model.safetensors": st_huge}, "does not fit the file"),
+        "bad/no-shape": ({**llama, "model.safetensors": st_no_shape}, "malformed header entry"),
+        "bad/tokenizer-config": ({**llama, "model.safetensors": st_ok, "tokenizer_config.json": b"{not json"},
+                                 "not valid JSON"),
+    }
+    reasons = {}
+    for i, (repo, (files, why)) in enumerate(cases.items()):
+        _snapshot(repo, f"{i:040x}", files)
+        reasons[repo] = why
+    dangling = hub.repo_dir("bad/dangling") / "snapshots"
+    dangling.mkdir(parents=True)
+    (dangling / ("d" * 40)).symlink_to(victim / "no-such-folder", target_is_directory=True)
+    reasons["bad/dangling"] = "dangling or broken snapshot link"
+    linked = hub.repo_dir("bad/linked") / "snapshots"
+    linked.mkdir(parents=True)
+    (linked / ("e" * 40)).symlink_to(victim, target_is_directory=True)
+    reasons["bad/linked"] = "links outside the store"
+    return reasons
+
+
+def test_list_and_show_survive_hostile_entries(env, server, victim, tmp_path):  # noqa: F811
+    import tracemalloc
+
+    hub.pull("tiny/model-GGUF")
+    reasons = _hostile_entries(victim)
+    before = outside_store(tmp_path)
+    tracemalloc.start()
+    try:
+        entries = hub.store_entries()
+        for e in entries:
+            try:
+                hub.describe(e)
+            except MambaCliError as err:
+                assert "\n" not in str(err)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 2**20
+
+    p = run_cli(env, "list")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    rows = {line.split()[0]: line for line in p.stdout.splitlines()[1:] if line.startswith(("tiny/", "bad/"))}
+    assert "unreadable" not in rows["tiny/model-GGUF:Q4_K_M"]
+    for repo in reasons:
+        name = next(n for n in rows if n.split(":")[0] == repo)
+        assert "unreadable" in rows[name], (repo, p.stdout)
+    assert f"{len(reasons)} unreadable (run `mamba-cli list -v`" in p.stdout
+    p = run_cli(env, "list", "-v")
+    for repo, why in reasons.items():
+        assert any(line.startswith(repo) and why in line for line in p.stdout.splitlines()), (repo, p.stdout)
+
+    for repo, why in [("bad/array-GGUF", "claims"), ("bad/huge-header", "does not fit the file"),
+                      ("bad/linked", "links outside the store")]:
+        line = one_line_error(run_cli(env, "show", repo))
+        assert why in line, line
+    assert outside_store(tmp_path) == before
+
+
+def test_rm_never_deletes_through_a_link_and_reports_what_it_freed(env, server, victim, tmp_path):  # noqa: F811
+    _hostile_entries(victim)
+    before = outside_store(tmp_path)
+    p = run_cli(env, "rm", "bad/linked", "-y")
+    assert p.returncode == 0, p.stderr
+    assert "freed 0 B" in p.stdout and outside_store(tmp_path) == before
+    assert not hub.repo_dir("bad/linked").exists()
+    # a snapshot file that links out of the store: only the link goes, the file behind it stays
+    snap = hub.pull("tiny/codestral")
+    (snap / "README.md").symlink_to(victim / "important")
+    size = sum(len(server.repos["tiny/codestral"].files[n]) for n in ("params.json", "consolidated.safetensors",
+                                                                     "tokenizer.model.v3"))
+    p = run_cli(env, "rm", "tiny/codestral", "-y")
+    assert p.returncode == 0, p.stderr
+    assert f"freed {hub.format_size(size)}" in p.stdout, p.stdout
+    assert (victim / "important").read_bytes() == b"keep" and outside_store(tmp_path) == before
+    # an unreadable entry is removed with what it holds inside the store, and the count is exact
+    p = run_cli(env, "rm", "bad/huge-header", "-y")
+    assert p.returncode == 0, p.stderr
+    assert "freed 52 B" in p.stdout, p.stdout  # config.json (42 B) + model.safetensors (10 B), copies
+    assert not hub.repo_dir("bad/huge-header").exists()
