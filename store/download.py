@@ -193,8 +193,8 @@ def pending(plan: Plan) -> list[tuple[RemoteFile, int]]:
 def download(plan: Plan, token: str | None = None, progress: Progress | None = None) -> Path:
     """Fetch what the store lacks, verify it, link the snapshot, record the ref; return plan.target."""
     blobs, root = plan.blobs, repo_dir(plan.ref.repo)
-    for path in [blobs, plan.snapshot, *((plan.snapshot / f.name).parent for f in plan.files)]:
-        inside(root, path)  # a linked blobs/ or snapshots/ folder in the store must not lead writes out
+    for path in [root, blobs, plan.snapshot, *((plan.snapshot / f.name).parent for f in plan.files)]:
+        inside(cache_dir() if path == root else root, path)  # no link in the store may lead writes out
     todo = pending(plan)
     check_disk_space(sum(f.size - have for f, have in todo), blobs)
     blobs.mkdir(parents=True, exist_ok=True)

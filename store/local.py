@@ -286,6 +286,9 @@ def plan_removal(entries: list[StoreEntry]) -> Removal:
     links: set[Path] = set()
     for e in entries:
         folder = repo_dir(e.repo)
+        if folder.is_symlink() or not within(cache_dir(), folder):
+            raise MambaCliError(f"{folder} links outside the store ({os.path.realpath(folder)}); rm never "
+                                "deletes through it: remove that link by hand")
         snap = folder / "snapshots" / e.commit
         if snap.is_symlink() or not within(folder, snap):  # only the link itself is the store's
             links |= {snap} if snap.is_symlink() else set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,10 @@ def test_linked_store_folders_never_lead_writes_out(env, server, victim, tmp_pat
     with pytest.raises(MambaCliError, match="outside the store"):
         hub.pull("tiny/codestral")
     (folder / "refs").unlink()
+    shutil.rmtree(folder)
+    folder.symlink_to(victim, target_is_directory=True)  # the repo's whole folder
+    with pytest.raises(MambaCliError, match="outside the store"):
+        hub.pull("tiny/codestral")
     assert outside_store(tmp_path) == before
 
 
@@ -272,6 +277,14 @@ def test_rm_never_deletes_through_a_link_and_reports_what_it_freed(env, server, 
     assert p.returncode == 0, p.stderr
     assert "freed 0 B" in p.stdout and outside_store(tmp_path) == before
     assert not hub.repo_dir("bad/linked").exists()
+    # a repo folder that links out of the store: refused, nothing deleted behind it
+    (victim / "snapshots" / ("f" * 40)).mkdir(parents=True)
+    (victim / "snapshots" / ("f" * 40) / "m-Q4_K_M.gguf").write_bytes(b"GGUF")
+    before = outside_store(tmp_path)
+    hub.repo_dir("bad/repo-link").symlink_to(victim, target_is_directory=True)
+    assert "rm never deletes through it" in one_line_error(run_cli(env, "rm", "bad/repo-link", "-y"))
+    hub.repo_dir("bad/repo-link").unlink()
+    assert outside_store(tmp_path) == before
     # a snapshot file that links out of the store: only the link goes, the file behind it stays
     snap = hub.pull("tiny/codestral")
     (snap / "README.md").symlink_to(victim / "important")
