@@ -12,7 +12,9 @@ Legend: B batch, H kv heads, S cached positions, T new positions, D head dim.
 
 Every cache counts the tokens it has seen in `offset`, exposes `nbytes`, and turns itself into
 tensors + JSON meta (`to_state` / `from_state`) so `save_cache`/`load_cache` can snapshot a whole
-conversation to one safetensors file.
+conversation to one safetensors file. A state file is untrusted input: `check_state` compares its
+header (layer kinds, offsets vs token count, every tensor's shape and dtype) with the model's fresh
+cache before a single tensor is read from it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from runtime.errors import MambaCliError
 from runtime.fileio import atomic_path
 
 STEP = 256
@@ -365,25 +369,116 @@ def save_cache(path: str | os.PathLike, cache: list, meta: dict[str, Any]) -> No
             raise OSError(int(code[1]), str(e)) from None
 
 
-def load_cache(path: str | os.PathLike, devices: list[torch.device], dtypes: list[torch.dtype]
-               ) -> tuple[list, dict[str, Any]]:
-    """Read a snapshot written by save_cache; devices/dtypes give each layer's placement."""
+class StateFileError(MambaCliError):
+    """A state file (chat /load, --resume) is malformed or belongs to another model."""
+
+
+def _expected_state(fresh, offset: int) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+    """The tensors a layer's saved state must hold given the model's fresh cache entry and the saved
+    offset: name -> (shape, None where only the rank is fixed; dtype)."""
+    if isinstance(fresh, KVCache):
+        b, h, d = fresh.shape
+        return {"k": ((b, h, offset, d), fresh.dtype), "v": ((b, h, offset, d), fresh.dtype)}
+    if isinstance(fresh, RollingKVCache):  # the ring's slots: at least min(offset, window), at most window
+        b, h, _, d = fresh.k.shape
+        return {"k": ((b, h, None, d), fresh.k.dtype), "v": ((b, h, None, d), fresh.k.dtype),
+                "pos": ((None,), torch.long)}
+    return {"conv": (tuple(fresh.conv.shape), fresh.conv.dtype), "ssm": (tuple(fresh.ssm.shape), fresh.ssm.dtype)}
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_state_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, list[int]]], dict[str, Any]]:
+    """The tensor table and the mamba-cli metadata of a state file, from its checked header alone."""
+    from runtime.weights import read_safetensors_header
+
     try:
+        table = read_safetensors_header(Path(path))
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {}).get("mamba_cli_cache", "null"))
-            if not isinstance(info, dict):
-                raise ValueError(f"{path}: not a mamba-cli state file")
-            layers = info["layers"]
-            if len(layers) != len(devices):
-                raise ValueError(f"{path}: state has {len(layers)} layers, the model has {len(devices)}")
-            cache = []
+    except (MambaCliError, SafetensorError, OSError, ValueError, RecursionError) as e:
+        raise StateFileError(f"{path}: not a readable state file ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("layers"), list) or not isinstance(info.get("meta"),
+                                                                                               dict):
+        raise StateFileError(f"{path}: not a mamba-cli state file (no layers and meta in its header)")
+    return table, info
+
+
+def check_state(path, table: dict[str, tuple[str, list[int]]], layers: list, fresh: list, n_tokens: int) -> None:
+    """Every layer of a saved state against the model's fresh cache, from the header only: kind, offset (the
+    token count), each tensor's shape and dtype, and no tensor besides those."""
+    if len(layers) != len(fresh):
+        raise StateFileError(f"{path}: the state has {len(layers)} layers, the model has {len(fresh)}")
+    wanted: dict[str, tuple[tuple[int | None, ...], torch.dtype]] = {}
+    slots: dict[int, tuple[int, int]] = {}  # rolling layers: (fewest, most) slots
+    for i, (m, c) in enumerate(zip(layers, fresh, strict=True)):
+        if c is None or m is None:
+            if (c is None) != (m is None):
+                raise StateFileError(f"{path}: layer {i} {'keeps no state' if c is None else 'has a state'} in "
+                                     "the model but not in the file")
+            continue
+        if not isinstance(m, dict) or m.get("kind") != c.kind:
+            kind = m.get("kind") if isinstance(m, dict) else m
+            raise StateFileError(f"{path}: layer {i} is {kind!r} in the file, {c.kind!r} in the model")
+        offset = m.get("offset")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset != n_tokens:
+            raise StateFileError(f"{path}: layer {i} holds {offset!r} positions but the file lists {n_tokens} "
+                                 "tokens")
+        if c.kind == "rolling_kv":
+            if m.get("window") != c.window:
+                raise StateFileError(f"{path}: layer {i} has window {m.get('window')!r}, the model {c.window}")
+            slots[i] = (min(offset, c.window), c.window)
+        wanted.update({f"{i}.{k}": v for k, v in _expected_state(c, offset).items()})
+    extra = sorted(set(table) - set(wanted))
+    if extra:
+        raise StateFileError(f"{path}: unexpected tensor {extra[0]} in the state file")
+    for name, (shape, dtype) in wanted.items():
+        if name not in table:
+            raise StateFileError(f"{path}: tensor {name} is missing from the state file")
+        got_dtype, got_shape = table[name]
+        layer = int(name.split(".")[0])
+        if layer in slots:  # the ring's slot count, read from k: v and pos must match it
+            k_shape = table.get(f"{layer}.k", ("", []))[1]
+            ring = k_shape[2] if len(k_shape) == 4 else -1
+            low, high = slots[layer]
+            if not low <= ring <= high:
+                raise StateFileError(f"{path}: layer {layer} has {ring} ring slots; the model needs {low}..{high}")
+            shape = tuple(ring if s is None else s for s in shape)
+        if tuple(got_shape) != shape or _ST_DTYPES.get(got_dtype) != dtype:
+            raise StateFileError(f"{path}: tensor {name} is {got_dtype} {list(got_shape)}, the model needs "
+                                 f"{str(dtype).removeprefix('torch.')} {list(shape)}")
+
+
+def load_cache(path: str | os.PathLike, devices: list[torch.device], fresh: list) -> tuple[list, dict[str, Any]]:
+    """Read a snapshot written by save_cache, checked against `fresh` (the model's make_cache(1)) before any
+    tensor is read; devices give each layer's placement. Returns (cache, caller meta)."""
+    table, info = read_state_header(path)
+    tokens = info["meta"].get("tokens")
+    n = len(tokens) if isinstance(tokens, list) else 0
+    check_state(path, table, info["layers"], fresh, n)
+    return read_state_tensors(path, devices, fresh, n, info["layers"]), info["meta"]
+
+
+def read_state_tensors(path: str | os.PathLike, devices: list[torch.device], fresh: list, n_tokens: int,
+                       layers: list) -> list:
+    """Read the tensors of a state file whose header check_state accepted, onto each layer's device."""
+    cache = []
+    try:
+        with safe_open(str(path), "pt") as f:
             for i, m in enumerate(layers):
                 if m is None:
                     cache.append(None)
                     continue
                 cls = KINDS[m["kind"]]
                 ts = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.split(".", 1)[0] == str(i)}
-                cache.append(cls.from_state(ts, m, devices[i], dtypes[i]))
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable state file ({e})") from None
-    return cache, info["meta"]
+                dtype = fresh[i].k.dtype if hasattr(fresh[i], "k") else fresh[i].conv.dtype
+                cache.append(cls.from_state(ts, m, devices[i], dtype))
+    except (SafetensorError, OSError) as e:
+        raise StateFileError(f"{path}: unreadable state file ({e})") from None
+    for i, c in enumerate(cache):
+        if isinstance(c, RollingKVCache) and not bool(((c.pos >= -1) & (c.pos < n_tokens)).all()):
+            raise StateFileError(f"{path}: layer {i} holds positions outside 0..{n_tokens - 1}")
+    return cache

@@ -5,6 +5,7 @@
     local_path(source, resolve)                     source as a local path; other names go to the resolver
     set_resolver(fn)                                who maps names to local paths (the store, once imported);
                                                     the runtime never talks to the network itself
+    check_config(args, shapes, where)               config values against the tensors, before anything is built
     build_module(arch_mod, args, weights, ...)      instantiate on the meta device, assign checked tensors
     LoadedModel                                     the module plus config, tokenizer, generation defaults
 
@@ -15,9 +16,11 @@ its names map onto ours through the architecture's GGUF_NAMES table (runtime/ggu
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +38,7 @@ from runtime.errors import MambaCliError, ModelFormatError
 from runtime.layers import MoE, fuse_projections
 from runtime.models.base import hooks
 from runtime.tokenizer import Tokenizer
-from runtime.weights import iter_safetensors, read_gguf, read_json, safetensors_files
+from runtime.weights import iter_safetensors, read_gguf, read_json, read_safetensors_header, safetensors_files
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -160,6 +163,54 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | tor
 
 # ---------------------------------------------------------------------------------------------- building
 
+# Config fields that count or size something: each must be at least 1 and at most MAX_CONFIG_VALUE (no
+# real model comes near: the widest vocabularies have ~262k entries); contexts may be longer.
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "state_size", "time_step_rank", "conv_kernel", "num_heads",
+                   "n_groups", "chunk_size", "attn_layer_period", "expert_layer_period", "num_experts",
+                   "num_experts_per_tok", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank")
+MAX_CONFIG_VALUE = 1 << 22
+MAX_CONTEXT = 1 << 30
+LAYER_RE = re.compile(r"(?:^|\.)(?:blk|layers)\.(\d+)\.")
+EMBEDDING_NAMES = ("token_embd.weight", "model.embed_tokens.weight", "backbone.embeddings.weight",
+                   "backbone.embedding.weight", "embed_tokens.weight", "tok_embeddings.weight")
+
+
+def check_config(args, shapes: dict[str, tuple[int, ...]], where: str, gguf: bool = False) -> None:
+    """Config values checked against each other and the tensors (name -> shape, PyTorch order; GGUF order
+    when `gguf`) before any module is built: sizes positive and bounded, as many layers as the tensors have
+    blocks, the embedding as wide as hidden_size. ModelFormatError (one line) otherwise."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue
+        low = 1 if f.name in POSITIVE_FIELDS else 0
+        high = MAX_CONTEXT if f.name in ("max_position_embeddings", "sliding_window") else MAX_CONFIG_VALUE
+        if not low <= v <= high:
+            raise ModelFormatError(f"{where}: config value {f.name} = {v} is out of range ({low}..{high})")
+    blocks = {int(m[1]) for n in shapes if (m := LAYER_RE.search(n))}
+    n_blocks = max(blocks) + 1 if blocks else 0
+    if args.num_hidden_layers != n_blocks:
+        raise ModelFormatError(f"{where}: the config says {args.num_hidden_layers} layers but the tensors hold "
+                               f"{n_blocks}")
+    embd = next((shapes[n] for n in EMBEDDING_NAMES if n in shapes), None)
+    if embd is not None and len(embd) == 2:
+        width = embd[0] if gguf else embd[1]
+        if width != args.hidden_size:
+            raise ModelFormatError(f"{where}: the config says hidden size {args.hidden_size} but the embedding "
+                                   f"is {width} wide")
+
+
+def meta_module(arch_mod, args, where: str) -> nn.Module:
+    """The architecture instantiated on the meta device (no memory); config values it cannot build from
+    are a model-format error."""
+    try:
+        with torch.device("meta"):
+            return arch_mod.Model(args)
+    except (RuntimeError, ValueError, ZeroDivisionError, OverflowError, TypeError) as e:
+        raise ModelFormatError(f"{where}: the config values do not describe a buildable model "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
 
 def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.dtype | None,
                  where: str, int4: dict[str, Callable[[], tuple[torch.Tensor, ...] | Blocks]] | None = None
@@ -171,8 +222,7 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
     BlockEmbedding (GGUF blocks read in place by the native kernels) and stay 4-bit. The functions
     run one at a time, so only one matrix is ever held unpacked (1 byte per weight) during a load.
     """
-    with torch.device("meta"):
-        module = arch_mod.Model(args)
+    module = meta_module(arch_mod, args, where)
     for path, parts in (int4 or {}).items():
         swap.swap_int4(module, path, parts(), dtype or torch.float32, where)
     weights = arch_mod.Model.sanitize(weights, args)
@@ -225,11 +275,14 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     try:
         cfg = gguf_config(gf, arch_mod)
         args = arch_mod.Args.from_config(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFormatError(f"{where}: missing or invalid metadata {e}") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        why = f"a count of 0 ({e})" if isinstance(e, ZeroDivisionError) else e
+        raise ModelFormatError(f"{where}: missing or invalid metadata {why}") from None
+    check_config(args, {n: t.shape for n, t in gf.tensors.items()}, where, gguf=True)
     names = arch_mod.GGUF_NAMES
-    with torch.device("meta"):
-        mods = dict(arch_mod.Model(args).named_modules())
+    meta = meta_module(arch_mod, args, where)
+    mods = dict(meta.named_modules())
+    _check_gguf_sizes(gf, names, meta, where)
     linears = {n for n, mod in mods.items() if isinstance(mod, (nn.Linear, nn.Embedding))}
     moes = {n for n, mod in mods.items() if isinstance(mod, MoE)}
     weights: dict[str, torch.Tensor] = {}
@@ -275,9 +328,23 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     return LoadedModel(module, registry.short_name(arch_mod), cfg, tokenizer, str(path))
 
 
+def _check_gguf_sizes(gf, names, meta: nn.Module, where: str) -> None:
+    """Every GGUF tensor the module has a place for holds that place's element count: checked from the
+    header, before any tensor is read (layouts differ, element counts do not)."""
+    expected = {k: v.numel() for k, v in meta.state_dict().items()}
+    for name, info in gf.tensors.items():
+        hf = names.to_ours(name)
+        want = expected.get(hf) if hf else None
+        if want is not None and math.prod(info.shape) != want:
+            raise ModelFormatError(f"{where}: tensor {name} has {math.prod(info.shape)} elements {list(info.shape)}, "
+                                   f"the config implies {want}")
+
+
 def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
     cfg, _, arch_mod, args = registry.arch_for_folder(folder)
     files = safetensors_files(folder)
+    shapes = {n: tuple(shape) for f in files for n, (_, shape) in read_safetensors_header(f).items()}
+    check_config(args, shapes, str(folder))
     size = sum(f.stat().st_size for f in files)
     check_fits(int(size * 1.05) if gpu_layers is None or device == "cpu" else 0, "cpu", f"{folder.name}")
     if dtype is None:

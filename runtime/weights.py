@@ -3,6 +3,7 @@
     read_config(dir)          config.json (HF) or params.json (mistral-inference), validated JSON
     safetensors_files(dir)    model.safetensors | sharded files from the index | consolidated.safetensors
     iter_safetensors(files)   (name, tensor) pairs, one tensor in memory at a time, errors name the file
+    read_safetensors_header(path)  {name: (dtype, shape)} from a bounds-checked header; no data read
     read_gguf(path)           GGUFFile: metadata, tensor table, raw(name), tensor(name, dtype);
                               the header is validated whole before any tensor is mapped
 """
@@ -94,16 +95,25 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelFormatError(f"{path}: malformed safetensors file ({e})") from None
 
 
-def _check_safetensors_header(path: Path) -> None:
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """The tensors a safetensors file holds, {name: (dtype, shape)}, from its checked header alone."""
+    return _check_safetensors_header(Path(path))
+
+
+def _check_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     """Bounds-check the header ourselves so errors are ours, one line, naming the file."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot open ({e.strerror})") from None
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ModelFormatError(f"{path}: truncated safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
-        if n > min(size - 8, 100 * 1024 * 1024):
-            raise ModelFormatError(f"{path}: safetensors header of {n} bytes does not fit the file")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ModelFormatError(f"{path}: safetensors header of {n} bytes does not fit the file (or is over "
+                                   f"the {SAFETENSORS_MAX_HEADER >> 20} MB limit)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -112,11 +122,14 @@ def _check_safetensors_header(path: Path) -> None:
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - n
     spans = []
+    out: dict[str, tuple[str, list[int]]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = (int(x) for x in info["data_offsets"])
+            if len(info["shape"]) > 8:
+                raise ValueError("too many dimensions")
             shape = [int(d) for d in info["shape"]]
             dtype = str(info["dtype"])
         except (KeyError, TypeError, ValueError, OverflowError):  # Overflow: an Infinity from the JSON
@@ -134,12 +147,15 @@ def _check_safetensors_header(path: Path) -> None:
         if count * itemsize != end - begin:
             raise ModelFormatError(f"{path}: tensor {name!r} shape {shape} does not match its byte size")
         spans.append((begin, end, name))
+        out[name] = (dtype, shape)
     spans.sort()
     for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise ModelFormatError(f"{path}: tensors {n1!r} and {n2!r} overlap")
+    return out
 
 
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -156,6 +172,16 @@ GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64  # ggml keeps a tensor name in char[64], the terminating NUL included
 INT64_MAX = 2**63 - 1
 _MAX_ARRAY_DEPTH = 4  # GGUF allows arrays of arrays; llama.cpp reads none, real files use none
+# Limits beyond llama.cpp's, so that parsing costs seconds and megabytes whatever the file claims; each is
+# many times what real files hold (the largest vocabularies have ~262k tokens and ~500k merges, big MoE
+# files a few thousand tensors and ~60 keys; no real token is longer than a few hundred bytes).
+MAX_TENSORS = 65_536
+MAX_KV = 16_384
+MAX_ARRAY_LEN = 1 << 22  # elements in one metadata array
+MAX_ARRAY_TOTAL = 1 << 23  # elements in all metadata arrays together (each costs a Python object)
+MAX_NESTED_ARRAY_LEN = 4_096  # elements in an array of arrays (real files have none)
+MAX_ARRAY_STRING = 1 << 16  # bytes in one string inside an array (a vocabulary token, a merge)
+MAX_KEY = 1 << 16  # bytes in a metadata key
 
 # GGUF metadata value types: id -> (name, little-endian numpy dtype); 8 is string, 9 is array
 _GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
@@ -278,6 +304,7 @@ class _Cursor:
 
     def __init__(self, path: Path, buf: memoryview) -> None:
         self.path, self.buf, self.pos = path, buf, 0
+        self.array_total = 0  # array elements read so far (MAX_ARRAY_TOTAL)
 
     def fail(self, what: str) -> ModelFormatError:
         return ModelFormatError(f"{self.path}: malformed GGUF: {what}")
@@ -310,6 +337,13 @@ class _Cursor:
         n = self.unpack("<Q", f"{what} length")
         if n * _MIN_VALUE_BYTES[vtype] > self.left():
             raise self.fail(f"{what} claims {n} elements, more than the {self.left()} bytes left can hold")
+        limit = MAX_NESTED_ARRAY_LEN if vtype == _GGUF_ARRAY else MAX_ARRAY_LEN
+        if n > limit:
+            raise self.fail(f"{what} has {n} elements, over the limit of {limit}")
+        self.array_total += n
+        if self.array_total > MAX_ARRAY_TOTAL:
+            raise self.fail(f"{what}: the metadata arrays hold over {MAX_ARRAY_TOTAL} elements in all, over "
+                            "the limit")
         return n
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
@@ -344,6 +378,9 @@ class _Cursor:
                 raise self.short(f"{what}[{i}] length", 8, pos)
             (k,) = struct.unpack_from("<Q", buf, pos)
             pos += 8
+            if k > MAX_ARRAY_STRING:
+                self.pos = pos - 8
+                raise self.fail(f"{what}[{i}] is {k} bytes long, over the limit of {MAX_ARRAY_STRING}")
             if k > end - pos:
                 raise self.short(f"{what}[{i}]", k, pos)
             out.append(bytes(buf[pos:pos + k]).decode("utf-8", errors="surrogateescape"))
@@ -372,6 +409,9 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
     if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left():
         raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the "
                        f"{cur.left()} bytes left in the file can hold")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, over the limits of "
+                       f"{MAX_KV} and {MAX_TENSORS}")
 
     metadata: dict[str, Any] = {}
     types: dict[str, int] = {}
@@ -379,6 +419,8 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
         key = cur.string(f"metadata key #{i}")
         if not key:
             raise cur.fail(f"metadata key #{i} is empty")
+        if len(key) > MAX_KEY:
+            raise cur.fail(f"metadata key #{i} is {len(key)} bytes long, over the limit of {MAX_KEY}")
         if key in metadata:
             raise cur.fail(f"metadata key {key!r} appears twice")
         vtype = cur.unpack("<I", f"type of {key!r}")
