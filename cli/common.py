@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import store
 from quant import native
-from quant.linear import BlockLinear, QuantLinear
+from quant.linear import BlockLinear, QuantLinear, gpu_path
 from runtime import LoadedModel, load_model
 from runtime.device import peak_cuda_bytes, peak_rss_bytes, set_threads
 from runtime.loader import local_path
@@ -132,6 +132,9 @@ def quant_path(m) -> str:
     if BlockLinear in kinds:
         return f"; 4-bit: {native.describe()}, GGUF blocks read in place"
     if QuantLinear in kinds:
+        cuda = [d for d in m.layer_devices() if d.type == "cuda"]
+        if cuda:
+            return f"; 4-bit: {gpu_path(cuda[0])}"
         why = native.load()
         return f"; 4-bit: torch int4 kernels{f' ({why})' if why else ''}"
     return ""

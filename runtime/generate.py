@@ -128,6 +128,7 @@ class Session:
         fresh = self.model.make_cache(1)
         dtypes = [getattr(c, "k", getattr(c, "conv", None)).dtype if c is not None else None for c in fresh]
         cache, meta = load_cache(path, self.model.layer_devices(), dtypes)
+        cache = self.model.adopt_cache(cache) if hasattr(self.model, "adopt_cache") else cache
         if meta.get("fingerprint") != model_fingerprint(self.model):
             raise MambaCliError(f"{path} was saved with another model ({meta.get('model')}); "
                                 f"load it with that model")

@@ -29,8 +29,9 @@ from torch import nn
 from quant import native, swap
 from quant.formats import INT4_TYPES, to_int4
 from quant.linear import Blocks
-from runtime import compile, registry
-from runtime.device import check_fits, layer_devices, place, resolve_device
+from runtime import compile, graphs, registry
+from runtime.cache import StaticCache, cache_offset, make_static
+from runtime.device import check_fits, layer_devices, module_device, place, resolve_device
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.layers import MoE, fuse_projections
 from runtime.models.base import hooks
@@ -40,6 +41,8 @@ from runtime.weights import iter_safetensors, read_gguf, read_json, safetensors_
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 FLOAT_TYPES = (0, 1, 30)  # ggml F32, F16, BF16
+# Positions a captured decode step's caches hold by default (7B GQA: 1 GiB of bf16 keys and values)
+STATIC_CAPACITY = 8192
 
 Resolver = Callable[[str], Path]
 _resolver: Resolver | None = None
@@ -58,6 +61,7 @@ class LoadedModel:
         self.generation = generation or {}
         self.load_seconds = 0.0
         self.compile_seconds = 0.0  # time the last compile() spent compiling (with warm_up)
+        self.static: tuple[int, type] | None = None  # (capacity, graph kind) while decode steps are captured
         self.eos_ids: set[int] = set(_ids(config.get("eos_token_id")) + _ids(self.generation.get("eos_token_id")))
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_ids)
@@ -68,19 +72,62 @@ class LoadedModel:
 
     @property
     def input_device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        """Where token ids go: the embedding's device (a 4-bit embedding holds only buffers)."""
+        return module_device(self.module.input_embedding())
 
     @property
     def context_length(self) -> int | None:
-        return getattr(self.module.args, "context_length", None)
+        """Positions the model takes; while decode steps are captured, at most the static cache's capacity."""
+        limit = getattr(self.module.args, "context_length", None)
+        if self.static is not None and limit is not None:
+            return min(limit, self.static[0])
+        return limit
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (float32), or [B, 1, V] for the last position only when last_only."""
-        return self.module(tokens.to(self.input_device), cache, last_only=last_only)
+        """Logits [B, T, V] (float32), or [B, 1, V] for the last position only when last_only.
+
+        With a StaticCache (capture_decode), one-token steps replay a captured graph (runtime/graphs.py)."""
+        tokens = tokens.to(self.input_device)
+        if isinstance(cache, StaticCache):
+            if tokens.shape[1] == 1 and self.static is not None:
+                if cache.runner is None:
+                    cache.runner = graphs.DecodeRunner(self.module, cache, self.static[1])
+                return cache.runner.step(tokens)
+            cache.cursor.fill_(cache_offset(cache))
+        return self.module(tokens, cache, last_only=last_only)
 
     def make_cache(self, batch: int = 1) -> list:
-        return self.module.make_cache(batch)
+        """A fresh cache (a StaticCache while decode steps are captured)."""
+        return self.adopt_cache(self.module.make_cache(batch))
+
+    def adopt_cache(self, cache: list) -> list:
+        """`cache` in the form this model's steps take (a StaticCache while decode steps are captured)."""
+        if self.static is None or isinstance(cache, StaticCache):
+            return cache
+        return make_static(cache, self.static[0])
+
+    def capture_decode(self, on: bool = True, capacity: int | None = None, graph: type | None = None
+                       ) -> str | None:
+        """Replay one-token steps as captured CUDA graphs over preallocated caches (runtime/graphs.py);
+        caches made from now on are StaticCaches of `capacity` positions (default: the context, at most
+        STATIC_CAPACITY). graph=graphs.EagerGraph runs the same bookkeeping eagerly (CPU dry runs).
+        Returns why decode steps are not captured (None when they are)."""
+        self.static = None
+        if not on:
+            return "turned off"
+        devices = {*self.layer_devices(), self.input_device}
+        if graph is None:
+            if os.environ.get("MAMBA_CLI_NO_CUDA_GRAPHS"):
+                return "MAMBA_CLI_NO_CUDA_GRAPHS is set"
+            if len(devices) != 1 or next(iter(devices)).type != "cuda":
+                return "CUDA graphs need the whole model on one GPU"
+            graph = graphs.CudaGraph
+        elif len(devices) != 1:
+            return "a static cache needs the whole model on one device"
+        limit = getattr(self.module.args, "context_length", None)
+        self.static = (capacity or min(limit or STATIC_CAPACITY, STATIC_CAPACITY), graph)
+        return None
 
     def compile(self, on: bool = True, warm_up: bool = True) -> str | None:
         """Run one-token decode steps of the CPU layers through compiled graphs (runtime/compile.py).
