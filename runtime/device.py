@@ -31,6 +31,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def default_dtype(device: str) -> torch.dtype | None:
+    """The weights' dtype when none is asked for: bf16 on a GPU that supports it, else the checkpoint's (None)."""
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))

@@ -31,7 +31,7 @@ from quant.formats import INT4_TYPES, to_int4
 from quant.linear import Blocks
 from runtime import compile, graphs, registry
 from runtime.cache import StaticCache, cache_offset, make_static
-from runtime.device import check_fits, layer_devices, module_device, place, resolve_device
+from runtime.device import check_fits, default_dtype, destination, layer_devices, module_device, place, resolve_device
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.layers import MoE, fuse_projections
 from runtime.models.base import hooks
@@ -195,6 +195,8 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | tor
             raise MambaCliError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         else:
             dtype = DTYPES[dtype]
+    if dtype is None:
+        dtype = default_dtype(device)
     if path.is_file() and path.suffix == ".gguf":
         m = _load_gguf(path, device, dtype, gpu_layers)
     elif path.is_dir():
@@ -237,8 +239,9 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             weights[k] = t.to(dtype)
     module.load_state_dict(weights, assign=True, strict=True)
+    del weights
     module.eval()
-    fuse_projections(module, swap.fuse_linears)
+    fuse_projections(module, swap.fuse_linears)  # on the weights' devices: fused where they will run
     return module
 
 
@@ -266,7 +269,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     """A GGUF file: llama.cpp names and layouts -> our modules; Q4_0/Q4_1/Q4_K linears stay 4-bit."""
     gf = read_gguf(path)
     where = str(path)
-    check_fits(int(path.stat().st_size * 1.25), "cpu", path.name)
+    check_fits(int(path.stat().st_size * 1.25), "cpu", path.name)  # the model is assembled in host memory
     arch_mod = registry.arch_for_gguf(gf.architecture, where)
     h = hooks(arch_mod)
     try:
@@ -316,24 +319,64 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     module = build_module(arch_mod, args, weights, dtype, where, int4)
     del weights, int4
     swap.narrow_modules(module)
+    on_gpu = {d: n for d, n in bytes_by_device(module, destination(module, device, gpu_layers)).items()
+              if d.type != "cpu"}
+    check_placement(on_gpu, path.name)
     place(module, device, gpu_layers)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)
     release_free_memory()
     return LoadedModel(module, registry.short_name(arch_mod), cfg, tokenizer, str(path))
 
 
+def stream_weights(files: list[Path], dtype: torch.dtype | None, where: Callable[[str], torch.device]
+                   ) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, read one at a time, cast to dtype and moved at once to where(name): host
+    memory holds about one tensor at a time, whatever the destination (a GPU: the model never sits
+    whole in host memory; "meta": nothing is kept, which is how tests measure the stream)."""
+    weights = {}
+    for name, t in iter_safetensors(files):
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        weights[name] = t.to(where(name))
+        del t
+    return weights
+
+
+def bytes_by_device(module: nn.Module, where: Callable[[str], torch.device], itemsize: float | None = None
+                    ) -> dict[torch.device, int]:
+    """The bytes `module`'s parameters and buffers take on each device where(name) sends them; itemsize
+    overrides the element size (a module built on the meta device in float32 for a bf16 checkpoint)."""
+    out: dict[torch.device, int] = {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        dev = where(name)
+        out[dev] = out.get(dev, 0) + int(t.numel() * (itemsize or t.element_size()))
+    return out
+
+
+def check_placement(need: dict[torch.device, int], what: str, host_overhead: float = 1.05) -> None:
+    """check_fits for every device: GPU memory for the GPU layers, host memory for the rest."""
+    for dev, n in need.items():
+        if dev.type == "cpu":
+            check_fits(int(n * host_overhead), "cpu", what)
+        elif dev.type == "cuda":
+            check_fits(n, str(dev), what)
+
+
 def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layers: int | None) -> LoadedModel:
+    """A safetensors folder, streamed tensor by tensor to where each tensor will live (destination())."""
     cfg, _, arch_mod, args = registry.arch_for_folder(folder)
     files = safetensors_files(folder)
     size = sum(f.stat().st_size for f in files)
-    check_fits(int(size * 1.05) if gpu_layers is None or device == "cpu" else 0, "cpu", f"{folder.name}")
     if dtype is None:
         dtype = DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or ""), None)
-    weights = dict(iter_safetensors(files))
-    module = build_module(arch_mod, args, weights, dtype, str(folder))
-    del weights
-    if device != "cpu":
-        check_fits(size if gpu_layers is None else 0, device, folder.name)
+    with torch.device("meta"):
+        skeleton = arch_mod.Model(args)
+    where = destination(skeleton, device, gpu_layers)
+    numel = sum(p.numel() for p in skeleton.parameters())
+    itemsize = dtype.itemsize if dtype is not None else size / max(1, numel)
+    check_placement(bytes_by_device(skeleton, where, itemsize), folder.name)
+    del skeleton
+    module = build_module(arch_mod, args, stream_weights(files, dtype, where), dtype, str(folder))
     place(module, device, gpu_layers)
     gen_path = folder / "generation_config.json"
     generation = read_json(gen_path) if gen_path.is_file() else {}
