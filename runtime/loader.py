@@ -116,14 +116,13 @@ class LoadedModel:
         self.static = None
         if not on:
             return "turned off"
-        devices = {*self.layer_devices(), self.input_device}
         if graph is None:
             if os.environ.get("MAMBA_CLI_NO_CUDA_GRAPHS"):
                 return "MAMBA_CLI_NO_CUDA_GRAPHS is set"
-            if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            if not self.on_one_gpu():
                 return "CUDA graphs need the whole model on one GPU"
             graph = graphs.CudaGraph
-        elif len(devices) != 1:
+        elif len({*self.layer_devices(), self.input_device}) != 1:
             return "a static cache needs the whole model on one device"
         limit = getattr(self.module.args, "context_length", None)
         self.static = (capacity or min(limit or STATIC_CAPACITY, STATIC_CAPACITY), graph)
@@ -133,10 +132,20 @@ class LoadedModel:
         """Run one-token decode steps of the CPU layers through compiled graphs (runtime/compile.py).
 
         With warm_up, compiles now (a decode step on a scratch cache) rather than at the first token.
+        A model wholly on one GPU captures its decode steps as CUDA graphs instead (capture_decode: caches
+        made from now on are static; each graph is captured at its first step, in milliseconds).
         Returns why compilation is off or failed (None when compiled code runs).
         """
+        if self.on_one_gpu():
+            self.compile_seconds = 0.0
+            return self.capture_decode(on)
         why, self.compile_seconds = compile.compile_model(self, on, warm_up)
         return why
+
+    def on_one_gpu(self) -> bool:
+        """Whether every layer and the embedding sit on the same CUDA device."""
+        devices = {*self.layer_devices(), self.input_device}
+        return len(devices) == 1 and next(iter(devices)).type == "cuda"
 
     def layer_devices(self) -> list[torch.device]:
         return layer_devices(self.module)
