@@ -278,7 +278,8 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     """A GGUF file: llama.cpp names and layouts -> our modules; Q4_0/Q4_1/Q4_K linears stay 4-bit."""
     gf = read_gguf(path)
     where = str(path)
-    check_fits(int(path.stat().st_size * 1.25), "cpu", path.name)  # the model is assembled in host memory
+    if device == "cpu":
+        check_fits(int(path.stat().st_size * 1.25), "cpu", path.name)
     arch_mod = registry.arch_for_gguf(gf.architecture, where)
     h = hooks(arch_mod)
     try:
@@ -288,21 +289,41 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         raise ModelFormatError(f"{where}: missing or invalid metadata {e}") from None
     names = arch_mod.GGUF_NAMES
     with torch.device("meta"):
-        mods = dict(arch_mod.Model(args).named_modules())
+        skeleton = arch_mod.Model(args)
+    mods = dict(skeleton.named_modules())
+    dest = destination(skeleton, device, gpu_layers)  # where each tensor will live: it goes there at once
+    need: dict[torch.device, int] = {}  # bytes each device will hold
     linears = {n for n, mod in mods.items() if isinstance(mod, (nn.Linear, nn.Embedding))}
     moes = {n for n, mod in mods.items() if isinstance(mod, MoE)}
     weights: dict[str, torch.Tensor] = {}
     int4: dict[str, Callable[[], tuple[torch.Tensor, ...] | Blocks]] = {}
     # On the CPU the native kernels read every block type they know in place from the mapped file.
     in_place = device == "cpu" and native.load() is None
-    for name, info in gf.tensors.items():
+
+    def classify(name: str, info) -> tuple[str, str, bool, bool]:
+        """(our name, its module's name, a 2-D matrix of a linear, stacked experts)."""
         hf = names.to_ours(name)
         if hf is None:
             raise ModelFormatError(f"{where}: unexpected tensor {name} for architecture {gf.architecture}")
-        rows = h.gguf_row_transform(hf, args)
         owner = hf.rsplit(".", 1)[0]
         matrix = hf.endswith(".weight") and owner in linears and len(info.shape) == 2
         experts = owner in moes and hf.rsplit(".", 1)[1] in MoE.EXPERT_WEIGHTS and len(info.shape) == 3
+        return hf, owner, matrix, experts
+
+    if device != "cpu":  # what each device will hold, checked before any tensor moves (they do not come back)
+        for name, info in gf.tensors.items():
+            hf, owner, matrix, experts = classify(name, info)
+            numel, d = math.prod(info.shape), dest(hf)
+            if info.ggml_type in INT4_TYPES and (matrix or experts):
+                nbytes = numel // 2 + numel // 32 * 8  # nibbles, float32 scales and zeros
+            else:
+                narrow = dtype is None and owner in linears and info.ggml_type not in FLOAT_TYPES
+                nbytes = numel * (dtype.itemsize if dtype else 2 if narrow else 4)
+            need[d] = need.get(d, 0) + nbytes
+        check_placement(need, path.name)
+    for name, info in gf.tensors.items():
+        hf, owner, matrix, experts = classify(name, info)
+        rows = h.gguf_row_transform(hf, args)
         if in_place and info.ggml_type in native.KERNEL_TYPES and (matrix or experts):
             data = gf.mapped(name).view(math.prod(info.shape[1:]), -1)  # the file's pages, in place
             order = rows(torch.arange(data.shape[0])) if rows else None
@@ -321,20 +342,25 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         # their own quantization error is larger than bf16's rounding, and it halves their memory.
         narrow = dtype is None and owner in linears and info.ggml_type not in FLOAT_TYPES
         t = gf.tensor(name, torch.bfloat16 if narrow else torch.float32)
-        weights[hf] = h.gguf_tensor_transform(hf, rows(t) if rows else t, args)
+        weights[hf] = h.gguf_tensor_transform(hf, rows(t) if rows else t, args).to(dest(hf))
     embeds = [k for k in int4 if isinstance(mods.get(k), nn.Embedding)]
     if args.tie_word_embeddings and embeds and "lm_head" in linears:  # the head reads the embedding's blocks
         int4["lm_head"] = int4[embeds[0]]
+    if device != "cpu":
+        int4 = {k: _moved(f, dest(k + ".weight" if k in linears else k)) for k, f in int4.items()}
     module = build_module(arch_mod, args, weights, dtype, where, int4)
     del weights, int4
     swap.narrow_modules(module)
-    on_gpu = {d: n for d, n in bytes_by_device(module, destination(module, device, gpu_layers)).items()
-              if d.type != "cpu"}
-    check_placement(on_gpu, path.name)
     place(module, device, gpu_layers)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)
     release_free_memory()
     return LoadedModel(module, registry.short_name(arch_mod), cfg, tokenizer, str(path))
+
+
+def _moved(parts: Callable[[], tuple[torch.Tensor, ...]], device: torch.device
+           ) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """parts, its (q, scales, zeros) moved to device as soon as they are unpacked (one matrix at a time)."""
+    return lambda: tuple(t.to(device) for t in parts())
 
 
 def stream_weights(files: list[Path], dtype: torch.dtype | None, where: Callable[[str], torch.device]
