@@ -89,15 +89,11 @@ class DecodeRunner:
     def __init__(self, module: torch.nn.Module, cache: StaticCache, graph: type = CudaGraph):
         self.module, self.cache, self.graph_type = module, cache, graph
         first = next(c for c in cache if c is not None)
-        device = first.k.device if hasattr(first, "k") else first.conv.device
-        self.tokens = torch.zeros(len(self.batch_rows(first)), 1, dtype=torch.long, device=device)
+        held = first.k if hasattr(first, "k") else first.conv  # (B, ...): the batch and the device
+        self.tokens = torch.zeros(held.shape[0], 1, dtype=torch.long, device=held.device)  # the step's input
         self.graphs: dict[int, EagerGraph | CudaGraph] = {}  # span (0: no attention layers) -> graph
         self.attends = any(hasattr(c, "span") for c in cache)
         self.pool = None
-
-    @staticmethod
-    def batch_rows(c) -> torch.Tensor:
-        return c.k if hasattr(c, "k") else c.conv
 
     def _offsets(self) -> list[int]:
         return [c.offset if c is not None else 0 for c in self.cache]
