@@ -167,25 +167,21 @@ def test_folder_streams_tensor_by_tensor(tmp_path):
     assert meta < max(3 * largest, size // 4), mib
 
 
-@pytest.mark.parametrize("gpu_layers", [None, 1])
-def test_gguf_streams_to_its_destination(tmp_path, gpu_layers):
+def test_gguf_streams_to_its_destination(tmp_path):
     """A 4-bit GGUF's tensors go straight to where they will live ("meta" standing in for the GPU): 4-bit
-    matrices (MoE experts, a tied head) and float ones alike; with a split, the rest on the CPU."""
+    matrices (MoE experts, the embedding) and float ones alike; split at 1 layer, the rest on the CPU."""
     from quant.gguf_out import plan_from_source, write_gguf
     from tests.configs import LLAMA as TINY
     from tests.fixtures import build_tiny
 
     out = tmp_path / "m.gguf"
     write_gguf(plan_from_source(build_tiny(*TINY["mixtral-8x-gqa4"])), out, "q4_0")
-    m = loader._load_gguf(out, "meta", None, gpu_layers)
+    m = loader._load_gguf(out, "meta", None, 1)
     devices = {name: t.device.type for name, t in [*m.module.named_parameters(), *m.module.named_buffers()]}
-    if gpu_layers is None:
-        assert set(devices.values()) == {"meta"}
-    else:
-        assert {d for n, d in devices.items() if n.startswith("model.layers.0.")} == {"meta"}
-        assert {d for n, d in devices.items() if n.startswith("model.layers.1.")} == {"cpu"}
-        assert {d for n, d in devices.items() if n.startswith("model.embed_tokens.")} == {"meta"}
-        assert devices["model.norm.weight"] == "cpu"
+    assert {d for n, d in devices.items() if n.startswith("model.layers.0.")} == {"meta"}
+    assert {d for n, d in devices.items() if n.startswith("model.layers.1.")} == {"cpu"}
+    assert {d for n, d in devices.items() if n.startswith("model.embed_tokens.")} == {"meta"}
+    assert devices["model.norm.weight"] == "cpu"
     assert any(isinstance(mod, QuantLinear) for mod in m.module.model.layers[0].modules())
 
 
