@@ -23,6 +23,7 @@ from cli.common import (
     THREADS_OPT,
     Sampling,
     cpu_threads,
+    decode_path,
     err,
     load,
     quant_path,
@@ -216,7 +217,7 @@ def chat(
     if resume:
         c.load(resume)
     err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}"
-              + (quant_path(m) if verbose else "") + ", "
+              + (quant_path(m) + decode_path(m) if verbose else "") + ", "
               f"loaded in {m.load_seconds:.1f} s"
               + (f" (+{m.compile_seconds:.1f} s compiling)" if m.compile_seconds else "") + ". "
               "/help for commands, /exit or Ctrl-D to quit.[/]")

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import store
 from quant import native
-from quant.linear import BlockLinear, QuantLinear
+from quant.linear import BlockLinear, QuantLinear, gpu_path
 from runtime import LoadedModel, load_model
 from runtime.device import peak_cuda_bytes, peak_rss_bytes, set_threads
 from runtime.loader import local_path
@@ -26,7 +26,8 @@ DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cp
 DTYPE_OPT = typer.Option(None, "--dtype", help="Weights dtype: float32, bfloat16, float16 (default: checkpoint's).")
 GPU_LAYERS_OPT = typer.Option(None, "--gpu-layers", help="Put the first N layers on the GPU, the rest on the CPU.")
 THREADS_OPT = typer.Option(None, "--threads", help="CPU threads (default: the physical cores).")
-COMPILE_HELP = ("Compile the CPU decode step with torch.compile: faster tokens after a few seconds of start-up "
+COMPILE_HELP = ("Compile the CPU decode step with torch.compile (on a GPU: capture it as CUDA graphs): faster "
+                "tokens after a few seconds of start-up "
                 "(the first time for a model shape up to ~15 s, then cached).")
 
 
@@ -98,8 +99,10 @@ def resolve(model: str) -> Path:
     return local_path(model, resolve=pull_with_bars)
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool | None = False,
          threads: int | None = None) -> LoadedModel:
+    """Load with a status line; compile (None: only on a GPU, where capturing the decode steps costs
+    milliseconds) compiles the CPU decode step or captures the GPU's (LoadedModel.compile)."""
     set_threads(threads)
     path = resolve(model)
     # a GGUF on the CPU runs the native kernels; their one-time build is announced (float models skip it)
@@ -111,7 +114,13 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
             err.print(f"[dim]{why}; 4-bit layers use torch's int4 kernels[/]")
     with err.status(f"loading {model}…", spinner="dots"):
         m = load_model(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
-    if compile:
+    if compile is None:
+        compile = m.on_one_gpu()
+    if compile and m.on_one_gpu():
+        why = m.compile()
+        if why and "MAMBA_CLI" not in why:
+            err.print(f"[dim]decode steps not captured ({why}); running eagerly[/]")
+    elif compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
                         spinner="dots"):
             why = m.compile()
@@ -132,9 +141,17 @@ def quant_path(m) -> str:
     if BlockLinear in kinds:
         return f"; 4-bit: {native.describe()}, GGUF blocks read in place"
     if QuantLinear in kinds:
+        cuda = [d for d in m.layer_devices() if d.type == "cuda"]
+        if cuda:
+            return f"; 4-bit: {gpu_path(cuda[0])}"
         why = native.load()
         return f"; 4-bit: torch int4 kernels{f' ({why})' if why else ''}"
     return ""
+
+
+def decode_path(m) -> str:
+    """'; decode: CUDA graphs' when the decode steps replay captured graphs, for -v."""
+    return "; decode: captured CUDA graphs" if m.static is not None else ""
 
 
 def peak_memory() -> str:

@@ -8,6 +8,10 @@ A model's cache is a plain list with one entry per layer (None where a layer kee
     BatchKVCache    attention keys/values of several sequences of different lengths decoded together, one
                     row per sequence (runtime/batch.py); a row's own length masks the others' padding
 
+and, for captured decode steps (runtime/graphs.py), a StaticCache: the same list whose attention caches
+are preallocated whole (StaticKVCache, StaticRollingKVCache) and whose one-token updates read the
+position from a device tensor (`cursor`), so one captured step replays at every position.
+
 Legend: B batch, H kv heads, S cached positions, T new positions, D head dim.
 
 Every cache counts the tokens it has seen in `offset`, exposes `nbytes`, and turns itself into
@@ -19,6 +23,7 @@ cache before a single tensor is read from it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -326,6 +331,100 @@ class BatchKVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+class StaticKVCache(KVCache):
+    """A KVCache allocated whole (capacity `max_len`, never reallocated) whose one-token update writes at
+    the device position `cursor` and attends over the first `span` slots through a mask, so a decode
+    step captured once (a CUDA graph per span) is right at every position below the span."""
+
+    def __init__(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 max_len: int, cursor: torch.Tensor):
+        super().__init__(batch, n_kv, head_dim, dtype, device, max_len)
+        self.cursor = cursor  # (1,) long: the position being decoded, shared by every layer
+        self.span = max_len  # slots a one-token step attends over (runtime/graphs.py sets it per graph)
+
+    def reserve(self, n: int) -> None:
+        if n > self.capacity:
+            raise ValueError(f"the static cache holds {self.capacity} positions; {n} were asked for")
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if k.shape[2] != 1:
+            return super().update(k, v)
+        self.k.index_copy_(2, self.cursor, k)
+        self.v.index_copy_(2, self.cursor, v)
+        self.offset += 1
+        mask = (torch.arange(self.span, device=self.k.device) <= self.cursor)[None]  # (1, S)
+        return self.k[:, :, : self.span], self.v[:, :, : self.span], mask
+
+
+class StaticRollingKVCache(RollingKVCache):
+    """A RollingKVCache allocated at its full window, with StaticKVCache's device-position one-token update:
+    slot cursor % window takes the new key; the mask admits the slots written so far."""
+
+    def __init__(self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype,
+                 device: torch.device | str, cursor: torch.Tensor):
+        super().__init__(batch, n_kv, head_dim, window, dtype, device)
+        self._reserve(window)
+        self.cursor = cursor
+        self.span = window
+
+    @property
+    def capacity(self) -> int:
+        return self.window
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if k.shape[2] != 1:
+            return super().update(k, v)
+        slot = self.cursor % self.window
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.pos.index_copy_(0, slot, self.cursor)
+        self.offset += 1
+        # every written slot holds a position in (cursor - window, cursor]: the ring overwrote older ones
+        mask = (self.pos[: self.span] >= 0)[None]  # (1, S)
+        return self.k[:, :, : self.span], self.v[:, :, : self.span], mask
+
+
+class StaticCache(list):
+    """A model's cache for captured decode steps: one entry per layer, as a plain cache list, plus the
+    device position `cursor` its attention caches share and `capacity`, the positions they hold."""
+
+    def __init__(self, layers: list, cursor: torch.Tensor, capacity: int):
+        super().__init__(layers)
+        self.cursor, self.capacity = cursor, capacity
+        self.runner = None  # runtime/graphs.py: the captured steps over this cache's tensors
+
+    def __deepcopy__(self, memo) -> StaticCache:
+        cursor = copy.deepcopy(self.cursor, memo)  # first: the layers' copies then share the copied cursor
+        return StaticCache(copy.deepcopy(list(self), memo), cursor, self.capacity)
+
+
+def make_static(cache: list, capacity: int) -> StaticCache:
+    """A StaticCache holding what `cache` (a plain per-layer cache list, all on one device) holds."""
+    devices = {c.k.device if hasattr(c, "k") else c.conv.device for c in cache if c is not None}
+    if len(devices) > 1:
+        raise ValueError(f"a static cache lives on one device, not {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    cursor = torch.zeros(1, dtype=torch.long, device=device)
+    out = []
+    for c in cache:
+        if isinstance(c, RollingKVCache):
+            b, h, _, d = c.k.shape
+            s = StaticRollingKVCache(b, h, d, c.window, c.k.dtype, device, cursor)
+            held = c.k.shape[2]
+            s.k[:, :, :held], s.v[:, :, :held], s.pos[:held] = c.k, c.v, c.pos
+        elif isinstance(c, KVCache):
+            if c.offset > capacity:
+                raise ValueError(f"the cache holds {c.offset} positions, more than the static capacity {capacity}")
+            s = StaticKVCache(*c.shape, c.dtype, device, capacity, cursor)
+            s.k[:, :, : c.offset], s.v[:, :, : c.offset] = c.k[:, :, : c.offset], c.v[:, :, : c.offset]
+        else:
+            out.append(c)
+            continue
+        s.offset = c.offset
+        out.append(s)
+    return StaticCache(out, cursor, capacity)
+
+
 KINDS = {c.kind: c for c in (KVCache, RollingKVCache, SSMState)}
 
 
@@ -338,7 +437,10 @@ def cache_offset(cache: list) -> int:
 
 
 def cache_positions(cache: list | None, batch: int, t: int, device: torch.device) -> torch.Tensor:
-    """Positions of t new tokens: (T,) when the batch shares one length, (B, T) for a BatchKVCache's rows."""
+    """Positions of t new tokens: (T,) when the batch shares one length, (B, T) for a BatchKVCache's rows;
+    a StaticCache's one-token step reads its device cursor (so a captured step reads it at replay)."""
+    if t == 1 and isinstance(cache, StaticCache):
+        return cache.cursor
     first = next((c for c in cache if c is not None), None) if cache is not None else None
     new = torch.arange(t, device=device)
     if isinstance(first, BatchKVCache):

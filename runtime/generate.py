@@ -152,6 +152,7 @@ class Session:
         if check_meta is not None:
             check_meta(meta)
         cache = read_state_tensors(path, m.layer_devices(), fresh, len(tokens), info["layers"])
+        cache = m.adopt_cache(cache) if hasattr(m, "adopt_cache") else cache  # a captured model's static cache
         self.cache, self.tokens = cache, list(tokens)
         self.last_logits = None
         self.checkpoint = None  # the previous conversation's: never rewind into it

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
 from runtime.errors import ModelFormatError
@@ -80,28 +79,47 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor of the files; a malformed file raises ModelFormatError naming it."""
+    """Yield every tensor of the files (by name within a file); a malformed file raises ModelFormatError
+    naming it.
+
+    Each tensor is read into its own anonymous mapping with a plain read, not through a map of the file:
+    a file map keeps every page it touched resident in this process until it closes, and a heap block,
+    once freed, stays resident (the small allocations made in between fragment the heap), so a load
+    streaming tensors to a GPU (runtime/loader.py) would hold about the whole file either way. A mapping
+    of its own is unmapped as soon as the last tensor over it goes: the stream holds one tensor.
+    """
     seen: set[str] = set()
     for path in files:
-        _check_safetensors_header(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name in seen:
-                        raise ModelFormatError(f"{path}: tensor {name} appears in more than one shard")
-                    seen.add(name)
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ModelFormatError(f"{path}: malformed safetensors file ({e})") from None
+        header, start = _check_safetensors_header(path)
+        with open(path, "rb") as f:
+            for name in sorted(header):
+                if name in seen:
+                    raise ModelFormatError(f"{path}: tensor {name} appears in more than one shard")
+                seen.add(name)
+                dtype, shape, begin, end = header[name]
+                buf = _own_mapping(end - begin)
+                f.seek(start + begin)
+                if f.readinto(buf.numpy()) != end - begin:
+                    raise ModelFormatError(f"{path}: tensor {name!r} could not be read whole (truncated file?)")
+                yield name, buf.view(_ST_DTYPES[dtype]).reshape(shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     """The tensors a safetensors file holds, {name: (dtype, shape)}, from its checked header alone."""
-    return _check_safetensors_header(Path(path))
+    tensors, _ = _check_safetensors_header(Path(path))
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in tensors.items()}
 
 
-def _check_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Bounds-check the header ourselves so errors are ours, one line, naming the file."""
+def _own_mapping(n: int) -> torch.Tensor:
+    """n bytes (uint8) in an anonymous mapping of their own, unmapped when the last tensor over them goes."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8)
+
+
+def _check_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int], int, int]], int]:
+    """Bounds-check the header ourselves so errors are ours, one line, naming the file. Returns each
+    tensor's (dtype, shape, begin, end) by name, offsets within the data, and where the data starts."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -122,7 +140,7 @@ def _check_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - n
     spans = []
-    out: dict[str, tuple[str, list[int]]] = {}
+    tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -147,17 +165,20 @@ def _check_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
         if count * itemsize != end - begin:
             raise ModelFormatError(f"{path}: tensor {name!r} shape {shape} does not match its byte size")
         spans.append((begin, end, name))
-        out[name] = (dtype, shape)
+        tensors[name] = (dtype, shape, begin, end)
     spans.sort()
     for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise ModelFormatError(f"{path}: tensors {n1!r} and {n2!r} overlap")
-    return out
+    return tensors, 8 + n
 
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+_ST_SIZES = {name: dt.itemsize for name, dt in _ST_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------
