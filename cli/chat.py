@@ -24,12 +24,13 @@ from cli.common import (
     THREADS_OPT,
     Sampling,
     cpu_threads,
+    decode_path,
     err,
     load,
     quant_path,
     stats_line,
 )
-from runtime.chat import chat_prompt
+from runtime.chat import chat_prompt, check_messages
 from runtime.errors import MambaCliError
 from runtime.generate import Session, Stats, stream_text
 from runtime.loader import LoadedModel
@@ -112,7 +113,15 @@ class Chat:
                            f"({saved} tokens, {size / 2**20:.1f} MiB) to {path}[/]")
 
     def load(self, path: str) -> None:
-        meta = self.session.load(path)
+        def check(meta: dict) -> None:  # before the session changes: a bad file leaves the chat as it was
+            if not isinstance(meta.get("system"), (str, type(None))):
+                raise MambaCliError(f"{path}: its system prompt is not text")
+            try:
+                check_messages(meta.get("messages"))
+            except MambaCliError as e:
+                raise MambaCliError(f"{path}: {e}") from None
+
+        meta = self.session.load(path, check)
         self.messages, self.system = list(meta["messages"]), meta.get("system")
         self.console.print(f"[dim]resumed {len(self.messages)} messages ({len(self.session.tokens)} tokens "
                            "in the model state, nothing re-read)[/]")
@@ -210,7 +219,7 @@ def chat(
     if resume:
         c.load(resume)
     err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}"
-              + (quant_path(m) if verbose else "") + ", "
+              + (quant_path(m) + decode_path(m) if verbose else "") + ", "
               f"loaded in {m.load_seconds:.1f} s"
               + (f" (+{m.compile_seconds:.1f} s compiling)" if m.compile_seconds else "") + ". "
               "/help for commands, /exit or Ctrl-D to quit.[/]")

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import store
 from quant import native
-from quant.linear import BlockLinear, QuantLinear
+from quant.linear import BlockLinear, QuantLinear, gpu_path
 from runtime import LoadedModel, load_model
 from runtime.device import (
     available_ram,
@@ -42,7 +42,8 @@ THREADS_OPT = typer.Option(None, "--threads", help="CPU threads (default: the ph
 QUANTIZE_OPT = typer.Option(None, "--quantize", "-q", help="Run a float model from a 4-bit copy of this type "
                             "(q4_k_m, q4_0, ...; auto: choose), made once and kept beside the model (the store "
                             "lists it as MODEL:TYPE).")
-COMPILE_HELP = ("Compile the CPU decode step with torch.compile: faster tokens after a few seconds of start-up "
+COMPILE_HELP = ("Compile the CPU decode step with torch.compile (on a GPU: capture it as CUDA graphs): faster "
+                "tokens after a few seconds of start-up "
                 "(the first time for a model shape up to ~15 s, then cached).")
 
 
@@ -309,8 +310,10 @@ def stored_quantized(path: Path, qtype: str) -> Path:
     return dest
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool = False,
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool | None = False,
          threads: int | None = None, quantize: str | None = None) -> LoadedModel:
+    """Load with a status line; compile (None: only on a GPU, where capturing the decode steps costs
+    milliseconds) compiles the CPU decode step or captures the GPU's (LoadedModel.compile)."""
     set_threads(threads)
     path = resolve(model)
     qtype = choose_quant(path, device, dtype, quantize.lower() if quantize else None)
@@ -326,7 +329,13 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
     big = weights_bytes(path) >= BIG_MODEL_BYTES
     with Heartbeat(err, f"loading {model}") if big else err.status(f"loading {model}…", spinner="dots"):
         m = load_model(path, device=device, dtype=dtype, gpu_layers=gpu_layers)
-    if compile:
+    if compile is None:
+        compile = m.on_one_gpu()
+    if compile and m.on_one_gpu():
+        why = m.compile()
+        if why and "MAMBA_CLI" not in why:
+            err.print(f"[dim]decode steps not captured ({why}); running eagerly[/]")
+    elif compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
                         spinner="dots"):
             why = m.compile()
@@ -347,9 +356,17 @@ def quant_path(m) -> str:
     if BlockLinear in kinds:
         return f"; 4-bit: {native.describe()}, GGUF blocks read in place"
     if QuantLinear in kinds:
+        cuda = [d for d in m.layer_devices() if d.type == "cuda"]
+        if cuda:
+            return f"; 4-bit: {gpu_path(cuda[0])}"
         why = native.load()
         return f"; 4-bit: torch int4 kernels{f' ({why})' if why else ''}"
     return ""
+
+
+def decode_path(m) -> str:
+    """'; decode: CUDA graphs' when the decode steps replay captured graphs, for -v."""
+    return "; decode: captured CUDA graphs" if m.static is not None else ""
 
 
 def peak_memory() -> str:

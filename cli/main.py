@@ -12,7 +12,7 @@ import click
 import typer
 from rich.console import Console
 
-from cli import bench, chat, models, perplexity, pull, quantize, run
+from cli import bench, chat, models, perplexity, pull, quantize, run, serve
 from runtime.errors import MambaCliError
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def _register() -> None:
     app.command("quantize")(quantize.quantize)
     app.command("perplexity")(perplexity.perplexity_cmd)
     app.command("bench")(bench.bench)
+    app.command("serve")(serve.serve_cmd)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 import store
-from runtime.errors import MambaCliError, ModelFormatError
+from runtime.errors import MambaCliError
 
 
 def _console() -> Console:
@@ -27,7 +27,8 @@ def _params(n: int) -> str:
     return str(n)
 
 
-def list_models() -> None:
+def list_models(verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why an entry is unreadable.")
+                ) -> None:
     """List pulled models: name, architecture, parameters, format/quant, size on disk."""
     out = _console()
     entries = store.store_entries()
@@ -38,15 +39,26 @@ def list_models() -> None:
     table = Table(box=None, pad_edge=False)
     for col in ("NAME", "ALIAS", "ARCH", "PARAMS", "FORMAT", "SIZE", "REVISION"):
         table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
+    unreadable = []
     for e in entries:
         try:
             d = store.describe(e)
             arch, params, fmt = str(d["architecture"]), _params(d["parameters"]), d["format"]
-        except ModelFormatError:
+        except MambaCliError as why:  # describe raises nothing else: one bad entry never stops the list
             arch, params, fmt = "unreadable", "?", e.kind
+            unreadable.append((e.name, str(why)))
         rev = ",".join(e.refs) + f"@{e.commit[:8]}" if e.refs else e.commit[:12]
-        table.add_row(e.name, e.alias or "", arch, params, fmt, store.format_size(e.size()), rev)
+        try:
+            size = store.format_size(e.size())
+        except OSError:
+            size = "?"
+        table.add_row(e.name, e.alias or "", arch, params, fmt, size, rev)
     out.print(table)
+    if unreadable and verbose:
+        for name, why in unreadable:
+            out.print(f"{name}: {why}", soft_wrap=True)
+    elif unreadable:
+        out.print(f"{len(unreadable)} unreadable (run `mamba-cli list -v` for why)")
 
 
 def show(model: str = typer.Argument(..., help="Alias, owner/repo or owner/repo:QUANT of a pulled model."),

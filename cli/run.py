@@ -16,6 +16,7 @@ from cli.common import (
     THREADS_OPT,
     Sampling,
     cpu_threads,
+    decode_path,
     err,
     load,
     quant_path,
@@ -45,7 +46,8 @@ def run(
     gpu_layers: int = GPU_LAYERS_OPT,
     threads: int = THREADS_OPT,
     quantize: str = QUANTIZE_OPT,
-    compile: bool = typer.Option(False, "--compile/--no-compile", help=COMPILE_HELP + " Off for one-shot runs."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", show_default=False,
+                                 help=COMPILE_HELP + " Default: off for one-shot runs on the CPU, on on a GPU."),
 ) -> None:
     """Generate a reply to PROMPT and stream it to stdout."""
     if prompt is None or prompt == "-":
@@ -62,7 +64,7 @@ def run(
     stats = Stats()
     if verbose:
         err.print(f"[dim]loaded {m.source} ({m.arch}) in {m.load_seconds:.2f} s on "
-                  f"{m.input_device}{cpu_threads(m)}{quant_path(m)}[/]")
+                  f"{m.input_device}{cpu_threads(m)}{quant_path(m)}{decode_path(m)}[/]")
     try:
         extra = {"stop_ids": []} if ignore_eos else {}
         for piece in stream_text(m, ids, stop=stop, stats=stats, **extra, **sampling.kwargs()):

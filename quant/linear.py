@@ -9,7 +9,8 @@ which is the convention of torch's int4 kernels (`aten._weight_int4pack_mm_for_c
 The kernel's packed layout depends on the device, so packing happens once the module is on the
 device it ended up on (runtime.device.place calls prepare()); until then the weights are kept as
 plain nibble pairs (uint8 [N, K/2]). Where the kernel is unavailable (shapes it does not take, other
-devices), a dequantize-then-matmul fallback gives the same result in float.
+devices), a dequantize-then-matmul fallback gives the same result in float. On a GPU below compute
+capability 8.0 (no int4 kernel there), prepare() dequantizes the weights to bf16 once (cuda_int4_kernel).
 """
 
 from __future__ import annotations
@@ -92,6 +93,26 @@ def dequantize_cpu_int4(packed: torch.Tensor, sz: torch.Tensor, n: int, k: int, 
     return out.view(n, k)
 
 
+def cuda_int4_kernel(device: torch.device) -> bool:
+    """Whether torch's CUDA int4 kernel may run on `device`: compute capability 8.0 (Ampere) or newer.
+
+    Below that its packing kernel fails without reporting a launch error (so no try/except can catch
+    it); those GPUs get the weights dequantized to bf16 once (DENSE_GPU_DTYPE) instead."""
+    if os.environ.get("MAMBA_CLI_FAKE_CUDA_CAPABILITY"):  # tests: "7.5" / "8.0"
+        return tuple(int(v) for v in os.environ["MAMBA_CLI_FAKE_CUDA_CAPABILITY"].split(".")) >= (8, 0)
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+DENSE_GPU_DTYPE = torch.bfloat16
+
+
+def gpu_path(device: torch.device) -> str:
+    """Which 4-bit path QuantLinear takes on a GPU, for -v."""
+    if cuda_int4_kernel(device):
+        return "torch int4 CUDA kernel"
+    return "dequantized to bf16 (the int4 CUDA kernel needs compute capability 8.0)"
+
+
 class QuantLinear(nn.Module):
     """y = x @ w.T (+ bias) with w held as int4; in_features must be a multiple of 32.
 
@@ -114,6 +135,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", zeros, persistent=False)  # (N, K/32) float32
         self.register_buffer("packed", None, persistent=False)  # the kernel's layout for its device
         self.register_buffer("sz", None, persistent=False)  # (K/32, N, 2) bf16 scales and zeros
+        self.register_buffer("dense", None, persistent=False)  # (N, K) bf16: GPUs without the int4 kernel
 
     @classmethod
     def concat(cls, mods: list[QuantLinear]) -> QuantLinear | None:
@@ -130,9 +152,13 @@ class QuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """Pack for the int4 kernel of the device the weights are on; keep the plain copy if it cannot."""
-        if self.packed is not None or os.environ.get("MAMBA_CLI_NO_INT4_KERNEL"):
+        if self.packed is not None or self.dense is not None or os.environ.get("MAMBA_CLI_NO_INT4_KERNEL"):
             return
         device = self.nibbles.device
+        if device.type == "cuda" and not cuda_int4_kernel(device):
+            self.dense = dequantize_int4(self.nibbles, self.scales, self.zeros, DENSE_GPU_DTYPE)
+            self.nibbles = self.scales = self.zeros = None
+            return
         pad = -self.out_features % 16  # the kernels take N in multiples of 16: pad with zero rows
         nib, sc, ze = self.nibbles, self.scales, self.zeros
         if pad:
@@ -155,6 +181,8 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (float32), while the plain copy is kept (before prepare())."""
+        if self.dense is not None:
+            return self.dense.float()
         if self.nibbles is None:
             raise RuntimeError("the int4 weights were packed for the kernel; the plain copy is gone")
         return dequantize_int4(self.nibbles, self.scales, self.zeros, torch.float32)
@@ -172,7 +200,9 @@ class QuantLinear(nn.Module):
         # x : (..., K)  ->  (..., N)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.packed is not None and x2.shape[0] >= DENSE_ROWS and (w := self.dense_weight()) is not None:
+        if self.dense is not None:
+            y = F.linear(x2.to(self.dense.dtype), self.dense).to(x.dtype)
+        elif self.packed is not None and x2.shape[0] >= DENSE_ROWS and (w := self.dense_weight()) is not None:
             y = F.linear(x2.float(), w)[:, : self.out_features].to(x.dtype)  # prefill: an fp32 GEMM
         elif self.packed is not None:
             xb = x2.to(torch.bfloat16).contiguous()  # the kernel refuses strided input (Mamba's x_proj)
@@ -263,6 +293,36 @@ class BlockLinear(nn.Module):
             torch.mm(w, x.t(), out=yt[n0:n0 + step])
         # contiguous (M, N): a transposed view would push later ops (SDPA's flash kernel) to slow paths
         return (yt if self.rows is None else yt.index_select(0, self.rows)).t().contiguous()
+
+
+class BlockLinearCat(nn.Module):
+    """Several BlockLinears of one input width (q/k/v, gate/up) as one: y = cat([p(x) for p in parts], -1).
+
+    Decode and small batches make one kernel call for all of them (the activations quantized once per
+    format, one parallel region over every part's rows); larger batches run each part's dense path.
+    The parts keep their own types and row orders (a Q4_K_M layer mixes Q4_K and Q6_K)."""
+
+    def __init__(self, parts: list[BlockLinear]):
+        super().__init__()
+        if len({p.in_features for p in parts}) != 1:
+            raise ValueError("fused parts must share their input width")
+        if len({p.bias is None for p in parts}) != 1:
+            raise ValueError("fused parts must all have a bias or none")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.types = [p.ggml_type for p in parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] >= BLOCK_DENSE_ROWS:
+            return torch.cat([p(x) for p in self.parts], -1)
+        y = torch.ops.mamba_cli.ggml_mm_cat(x2, [p.blocks for p in self.parts], self.types, self.in_features,
+                                            [p.rows for p in self.parts])
+        if self.parts[0].bias is not None:
+            y = y + torch.cat([p.bias for p in self.parts])
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
 class BlockEmbedding(nn.Module):

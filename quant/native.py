@@ -81,6 +81,11 @@ def _register_fakes() -> None:
     def _(x, w, type, k, rows=None):
         return x.new_empty(x.shape[0], w.shape[0] if rows is None else rows.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("mamba_cli::ggml_mm_cat")
+    def _(x, ws, types, k, rows):
+        n = sum(w.shape[0] if r is None else r.shape[0] for w, r in zip(ws, rows, strict=True))
+        return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
     @torch.library.register_fake("mamba_cli::ggml_dequant")
     def _(w, type, k):
         return w.new_empty(w.shape[0], k, dtype=torch.float32)

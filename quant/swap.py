@@ -4,7 +4,7 @@ nn.Embedding, bf16 casts for narrowed float weights, and fusing of 4-bit project
 
     swap_int4(module, path, parts, dtype, where)   one layer (or stacked experts): (q, scales, zeros) or Blocks
     narrow_modules(module)                         bf16 Linear/Embedding -> CastLinear/CastEmbedding
-    fuse_linears(mods)                             layers.fuse_linears, plus QuantLinear.concat
+    fuse_linears(mods)                             layers.fuse_linears, plus QuantLinear.concat and BlockLinearCat
 
 runtime/loader.py calls these while it builds a model from a GGUF file; the runtime's layers know
 nothing of QuantLinear.
@@ -18,6 +18,7 @@ from torch import nn
 from quant.linear import (
     BlockEmbedding,
     BlockLinear,
+    BlockLinearCat,
     Blocks,
     CastEmbedding,
     CastLinear,
@@ -79,4 +80,7 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     QuantLinear.concat, float ones through layers.fuse_linears; None when they cannot be fused."""
     if all(isinstance(m, QuantLinear) for m in mods):
         return QuantLinear.concat(mods)
+    if all(isinstance(m, BlockLinear) for m in mods) and len({m.in_features for m in mods}) == 1 and \
+            len({m.bias is None for m in mods}) == 1:
+        return BlockLinearCat(mods)
     return layers.fuse_linears(mods)

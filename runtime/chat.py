@@ -4,6 +4,7 @@
     render(messages, tokenizer)       -> list[int]   the prompt ids of a conversation
     render_text(messages, tokenizer)  -> str         the same prompt as text (for show/verbose)
     chat_format(tokenizer, ...)       -> "template" | "mistral-v3" | "mistral-v1" | "plain"
+    check_messages(messages)          -> plain JSON copies, roles and contents checked (also for /load)
     stop_strings(fmt)                 -> text that ends a reply besides the EOS ids
 
 Which format (docs/chat-templates.md): an explicit template, else the tokenizer's chat_template, else
@@ -12,7 +13,11 @@ Mistral / Mamba-2 model with a <s> </s> SentencePiece vocabulary), else a plain 
 transcript.
 
 Templates are untrusted code from the Hub: they run in jinja2's ImmutableSandboxedEnvironment with
-transformers' globals, under a time cap (TEMPLATE_SECONDS) and an output cap (TEMPLATE_MAX_CHARS).
+transformers' globals, under a time cap (TEMPLATE_SECONDS) and a size cap (TEMPLATE_MAX_CHARS) on the
+output and on every value built. The size cap is checked *before* an operation allocates: the result
+size of `*`, `**`, `+`, `%`, `~`, and of join / replace / indent / format / expandtabs is computed from
+the operands first (a value's size counts the characters and items of everything it holds), because
+work inside C (a 2 GB string repeat) cannot be interrupted by the alarm.
 Message text never becomes a control token: the template is rendered with every message content
 replaced by a unique placeholder, the output is split at the placeholders, and only the template's
 own text may spell control tokens (Tokenizer.encode_parts).
@@ -36,6 +41,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.compiler
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
@@ -85,7 +91,7 @@ def chat_prompt(model, messages: list[dict], system: str | None = None) -> tuple
 def render(messages: list[dict], tokenizer, add_generation_prompt: bool = True, template: str | None = None,
            arch_hint: str | None = None) -> list[int]:
     """The prompt ids for a conversation, ready to prefill."""
-    messages = _check_messages(messages)
+    messages = check_messages(messages)
     fmt = chat_format(tokenizer, template, arch_hint)
     if fmt == "template":
         return _render_template(messages, tokenizer, template or tokenizer.chat_template,
@@ -100,7 +106,7 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = True, 
 def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = True,
                 template: str | None = None, arch_hint: str | None = None) -> str:
     """The prompt as text: the template's output, or the Mistral / plain prompt decoded."""
-    messages = _check_messages(messages)
+    messages = check_messages(messages)
     fmt = chat_format(tokenizer, template, arch_hint)
     if fmt == "template":
         return _render_template(messages, tokenizer, template or tokenizer.chat_template,
@@ -110,7 +116,7 @@ def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = T
     return tokenizer.decode(render(messages, tokenizer, add_generation_prompt, template, arch_hint))
 
 
-def _check_messages(messages: list[dict]) -> list[dict]:
+def check_messages(messages: list[dict]) -> list[dict]:
     """Plain copies of the messages (templates see only JSON types), checked for role and content."""
     if not isinstance(messages, list):
         raise MambaCliError("chat messages must be a list of {'role': ..., 'content': ...} objects")
@@ -137,37 +143,169 @@ def _text(m: dict) -> str:
 
 
 class _Budget:
-    """Wall-clock and size limits for one render; checked from the sandbox's hooks."""
+    """Wall-clock and size limits for one render; checked from the sandbox's hooks, sizes before the
+    operation that would build them."""
 
     def __init__(self, seconds: float, max_chars: int):
         self.deadline = time.monotonic() + seconds
         self.seconds, self.max_chars = seconds, max_chars
+        self.max_int_bits = 1 << 16  # integers past 2^65536 are refused (their arithmetic is slow C work)
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
             raise ChatTemplateError(f"chat template stopped: still rendering after {self.seconds:g} s")
 
+    def over(self, what: str) -> ChatTemplateError:
+        return ChatTemplateError(f"chat template stopped: {what} would be over the size cap of "
+                                 f"{self.max_chars} characters or items")
+
+    def weight(self, value: Any, limit: int | None = None, depth: int = 0) -> int:
+        """Characters and items held by value, nested containers included; counting stops past `limit`."""
+        limit = self.max_chars if limit is None else limit
+        if isinstance(value, (str, bytes)):
+            return len(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value.bit_length() // 3 + 1  # about its decimal digits
+        if not isinstance(value, (list, tuple, dict)):
+            return 1
+        if depth > 64:
+            raise ChatTemplateError("chat template stopped: values nested over 64 deep")
+        total = len(value)
+        items = value.items() if isinstance(value, dict) else ((v, None) for v in value)
+        for a, b in items:
+            total += self.weight(a, limit, depth + 1) + (self.weight(b, limit, depth + 1) if b is not None else 0)
+            if total > limit:
+                break
+        return total
+
     def size(self, value: Any) -> Any:
-        if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > self.max_chars:
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > self.max_int_bits:
+            raise ChatTemplateError("chat template stopped: it built an integer over 2^65536")
+        if isinstance(value, (str, bytes, list, tuple, dict)) and self.weight(value) > self.max_chars:
             raise ChatTemplateError(f"chat template stopped: it built a value over {self.max_chars} items")
         return value
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.max_chars:
+            raise self.over(what)
 
     def args(self, args: tuple, kwargs: dict) -> None:
         for a in (*args, *kwargs.values()):
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.max_chars:
                 raise ChatTemplateError(f"chat template stopped: argument {a} is over the size cap")
 
+    def binop(self, op: str, left: Any, right: Any) -> None:
+        """Refuse `left op right` when its result would pass the caps, before computing it."""
+        seq = (str, bytes, list, tuple)
+        num = (int, float)
+        if op == "*":
+            for a, b in ((left, right), (right, left)):
+                if isinstance(a, seq) and isinstance(b, int):
+                    self.need(self.weight(a) * max(b, 0), "a repeated value")
+            if isinstance(left, int) and isinstance(right, int) and (
+                    left.bit_length() + right.bit_length() > self.max_int_bits):
+                raise ChatTemplateError("chat template stopped: an integer product over 2^65536")
+        elif op == "+" and isinstance(left, seq) and isinstance(right, seq):
+            self.need(self.weight(left) + self.weight(right), "a concatenation")
+        elif op == "**" and isinstance(left, num) and isinstance(right, num):
+            if abs(right) > 64:
+                raise ChatTemplateError(f"chat template stopped: exponent {right} is over the cap")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > self.max_int_bits:
+                raise ChatTemplateError("chat template stopped: a power over 2^65536")
+        elif op == "%" and isinstance(left, str):
+            self.percent(left, right)
+
+    def percent(self, fmt: str, values: Any) -> None:
+        """`fmt % values`: every width and precision counted, `*` widths refused."""
+        total = len(fmt) + self.weight(values)
+        for m in _PERCENT_SPEC.finditer(fmt):
+            if "*" in m.group(0):
+                raise ChatTemplateError("chat template refused: a '*' width in a % format")
+            total += sum(int(g) for g in m.groups() if g)
+        self.need(total, "a % format")
+
+    def braces(self, fmt: str, args: tuple, kwargs: dict) -> None:
+        """`fmt.format(...)`: every number in a replacement field's spec counted as a width."""
+        total = len(fmt) + self.weight(list(args)) + self.weight(kwargs)
+        for field in _BRACE_FIELD.findall(fmt):
+            spec = field.partition(":")[2]
+            total += sum(int(d) for d in re.findall(r"\d+", spec))
+        self.need(total, "a str.format")
+
+    def concat(self, parts: tuple) -> None:
+        self.need(sum(self.weight(p) for p in parts), "a ~ concatenation")
+
+    def method(self, obj: Any, args: tuple, kwargs: dict) -> None:
+        """The str methods whose result can outgrow their operands and the size-capped arguments."""
+        owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", "")
+        if not isinstance(owner, str):
+            return
+        if name == "replace" and len(args) >= 2:
+            self.replaced(owner, *args[:3])
+        elif name == "join" and args:
+            self.need(self.weight(args[0]) + len(owner) * self.weight(args[0]), "a join")
+        elif name == "expandtabs":
+            width = args[0] if args else kwargs.get("tabsize", 8)
+            if isinstance(width, int):
+                self.need(len(owner) + owner.count("\t") * width, "expandtabs")
+
+    def replaced(self, s: Any, old: Any, new: Any, count: Any = None) -> None:
+        if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+            hits = s.count(old) if old else len(s) + 1
+            if isinstance(count, int) and count >= 0:
+                hits = min(hits, count)
+            self.need(len(s) + hits * len(new), "a replace")
+
+    def filtered(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Pre-checks for the filters whose output can outgrow their input."""
+        if not args:
+            return
+        value, rest = args[0], args[1:]
+        if name == "join":
+            sep = rest[0] if rest else kwargs.get("d", "")
+            n = len(value) if isinstance(value, (list, tuple, dict, str)) else 0
+            self.need(self.weight(value) + n * len(str(sep)), "a join")
+        elif name == "replace" and len(rest) >= 2:
+            self.replaced(value, *rest[:3])
+        elif name == "indent" and isinstance(value, str):
+            width = rest[0] if rest else kwargs.get("width", 4)
+            pad = width if isinstance(width, int) else len(str(width))
+            self.need(len(value) + (value.count("\n") + 1) * pad, "an indent")
+        elif name == "format" and isinstance(value, str):
+            self.percent(value, (list(rest), kwargs))
+        elif name in ("center", "wordwrap", "truncate", "string", "tojson", "pprint"):
+            self.need(self.weight(value), f"the {name} filter's input")
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?[a-zA-Z%]")
+_BRACE_FIELD = re.compile(r"\{([^{}]*)\}")
+
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with every call, attribute access, operator and filter on a budget."""
+    """The immutable sandbox, with every call, attribute access, operator, filter and `~` on a budget."""
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
     budget: _Budget
 
     def call(self, context, obj, /, *args, **kwargs):  # type: ignore[override]
         self.budget.tick()
         self.budget.args(args, kwargs)
+        self.budget.method(obj, args, kwargs)
         return self.budget.size(super().call(context, obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        """str.format / format_map, sandboxed by jinja2 when looked up: sized before they run."""
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        fmt, budget = value.__self__, self.budget
+
+        @functools.wraps(wrapper)
+        def sized(*args, **kwargs):
+            budget.braces(fmt, args, kwargs)
+            return wrapper(*args, **kwargs)
+
+        return sized
 
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a "
@@ -183,11 +321,28 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         self.budget.tick()
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise ChatTemplateError(f"chat template stopped: exponent {right} is over the cap")
-        if operator == "*":
-            self.budget.args((left, right), {})
+        self.budget.binop(operator, left, right)
         return self.budget.size(super().call_binop(context, operator, left, right))
+
+    def concat(self, parts: tuple) -> str:
+        """`a ~ b ~ ...` (the code generator below sends it here): sized before it is joined."""
+        self.budget.tick()
+        self.budget.concat(parts)
+        return "".join(map(str, parts))  # what jinja2's str_join does (templates render without autoescape)
+
+
+class _CodeGenerator(jinja2.compiler.CodeGenerator):
+    """jinja2's code generator, but `~` calls the sandbox's concat() instead of a bare str.join."""
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame) -> None:
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+_Sandbox.code_generator_class = _CodeGenerator
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -222,11 +377,15 @@ class _Range:
         return x in self.r
 
 
-def _guard_filter(f: Callable, budget: _Budget) -> Callable:
+def _guard_filter(name: str, f: Callable, budget: _Budget) -> Callable:
+    passed = getattr(f, "jinja_pass_arg", None)  # filters that take the eval context / environment first
+
     @functools.wraps(f)
     def guarded(*args, **kwargs):
         budget.tick()
-        budget.args(args[1:], kwargs)
+        values = args[1:] if passed is not None else args
+        budget.args(values[1:], kwargs)
+        budget.filtered(name, values, kwargs)
         return budget.size(f(*args, **kwargs))
 
     return guarded
@@ -252,7 +411,8 @@ def _environment(budget: _Budget) -> _Sandbox:
             super().__setitem__(name, budget.size(value))
 
     env.filters["tojson"] = tojson
-    env.filters = {k: _guard_filter(f, budget) for k, f in env.filters.items()}
+    env.filters = {k: _guard_filter(k, f, budget) for k, f in env.filters.items()}
+    env.globals.pop("lipsum", None)  # lipsum(n) builds n paragraphs: no template needs it
     env.globals.update(raise_exception=raise_exception, namespace=Namespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        range=lambda *a: _Range(budget, *a))

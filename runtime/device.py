@@ -1,9 +1,18 @@
-"""Device choice, memory checks, and the --gpu-layers split (first N layers on CUDA, the rest on CPU)."""
+"""Device choice, memory checks, and the --gpu-layers split (first N layers on CUDA, the rest on CPU).
+
+    resolve_device / default_dtype       'auto' -> cuda or cpu; bf16 on GPUs that have it
+    check_fits                           refuse a load that cannot fit, per device
+    place / split / split_plan           put a model on one device, or split it by layers
+    destination                          where place() will put each state_dict tensor (the loader
+                                         streams every tensor straight there)
+    to_device                            the copies between split layers (a copy to the CPU is blocking)
+"""
 
 from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,6 +29,13 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise MambaCliError(f"unknown device {device!r}; use auto, cpu or cuda")
     return device
+
+
+def default_dtype(device: str) -> torch.dtype | None:
+    """The weights' dtype when none is asked for: bf16 on a GPU that supports it, else the checkpoint's (None)."""
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def physical_cores() -> int:
@@ -82,7 +98,17 @@ def check_fits(nbytes: int, device: str, what: str) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far."""
+    """This process's peak resident memory so far: VmHWM, the high-water mark of its own memory map.
+
+    getrusage's ru_maxrss is only the fallback: Linux carries it across exec, so a process started by a
+    big one (a test runner) reports its parent's peak until it exceeds it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -95,21 +121,33 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _to_device(x, dev: torch.device):
+def to_device(x, dev: torch.device):
+    """x (a tensor, or a tuple of them and other things) on `dev`, ready to read when this returns.
+
+    A copy to the CPU is blocking: PyTorch returns from a non_blocking GPU -> CPU copy before the bytes
+    have arrived, and the CPU layers or head would read stale memory. Copies to a GPU may be
+    non_blocking: they are ordered on that GPU's stream before the kernels that read them.
+    """
     if isinstance(x, torch.Tensor):
-        return x.to(dev, non_blocking=True)
+        if x.device == dev:
+            return x
+        return x.to(dev, non_blocking=dev.type != "cpu")
     if isinstance(x, tuple):
-        return tuple(_to_device(v, dev) for v in x)
+        return tuple(to_device(v, dev) for v in x)
     return x
 
 
 def place(model: nn.Module, device: str, gpu_layers: int | None) -> None:
-    """Move `model` to `device`, or split it: layers [0, N) on CUDA, the rest, embeddings and head on CPU.
+    """Move `model` to `device`, or split it (--gpu-layers N): layers [0, N) on `device`, the rest on the CPU;
+    the embedding goes with the first layer, the final norm and head with the last (split_plan).
 
     Activations follow through forward pre-hooks that move a block's inputs to its device, so the
     architecture files stay device-agnostic.
     """
-    _place(model, device, gpu_layers)
+    if gpu_layers is None or device == "cpu":
+        model.to(device)
+    else:
+        split(model, device, gpu_layers)
     for mod in model.modules():
         if hasattr(mod, "prepare"):
             mod.prepare()
@@ -136,26 +174,82 @@ def gemv_layout(model: nn.Module) -> int:
     return done
 
 
-def _place(model: nn.Module, device: str, gpu_layers: int | None) -> None:
-    layers = model.layers
+def holds_tensors(mod: nn.Module) -> bool:
+    """Whether a module has parameters or buffers of its own (a 4-bit embedding has only buffers)."""
+    return any(True for _ in mod.parameters(recurse=False)) or any(b is not None for b in mod._buffers.values())
+
+
+def layers_prefix(model: nn.Module) -> str:
+    """The path of model.layers among the module names ("model.layers", "backbone.layers")."""
+    return next(name for name, mod in model.named_modules() if mod is model.layers)
+
+
+def split_plan(model: nn.Module, device: str | torch.device, gpu_layers: int,
+               host: str | torch.device = "cpu") -> tuple[list[torch.device], dict[str, torch.device]]:
+    """Where --gpu-layers puts things: (the device of each layer, the device of each module outside the
+    layers that holds tensors, by name). Layers [0, N) go to `device`, the rest to `host`; the input
+    embedding goes with the first layer, every other outer module (final norm, head) with the last one,
+    as llama.cpp offloads its output layer with the last layer. An embedding whose weight the head shares
+    (tied) goes with the head. Works on a model built on the meta device (nothing is moved)."""
+    device, host = torch.device(device), torch.device(host)
+    n = max(0, min(gpu_layers, len(model.layers)))
+    devices = [device if i < n else host for i in range(len(model.layers))]
+    prefix = layers_prefix(model) + "."
+    emb = model.input_embedding()
+    outer = {name: mod for name, mod in model.named_modules()
+             if name and not name.startswith(prefix) and holds_tensors(mod)}
+    plan = {name: devices[0] if mod is emb else devices[-1] for name, mod in outer.items()}
+    emb_params = {id(p) for p in emb.parameters(recurse=False)}
+    tied = any(id(p) in emb_params for mod in outer.values() if mod is not emb for p in mod.parameters(recurse=False))
+    if tied:
+        plan = {name: devices[-1] for name in plan}
+    return devices, plan
+
+
+def destination(model: nn.Module, device: str, gpu_layers: int | None) -> Callable[[str], torch.device]:
+    """A function from a state_dict name of `model` to the device `place` will put that tensor on."""
     if gpu_layers is None or device == "cpu":
-        model.to(device)
-        return
-    n = max(0, min(gpu_layers, len(layers)))
-    model.to("cpu")
-    for i, layer in enumerate(layers):
-        dev = torch.device(device if i < n else "cpu")
+        dev = torch.device(device)
+        return lambda name: dev
+    devices, plan = split_plan(model, device, gpu_layers)
+    prefix = layers_prefix(model) + "."
+    owners = sorted(plan, key=len, reverse=True)
+
+    def where(name: str) -> torch.device:
+        if name.startswith(prefix):
+            return devices[int(name[len(prefix):].split(".", 1)[0])]
+        owner = next((o for o in owners if name.startswith(o + ".")), None)
+        return plan[owner] if owner is not None else torch.device("cpu")
+
+    return where
+
+
+def split(model: nn.Module, device: str | torch.device, gpu_layers: int, host: str | torch.device = "cpu") -> None:
+    """Place `model` as split_plan says and hook every placed module to move its inputs to its device.
+
+    `device` may be the CPU itself (tests run the split with the CPU standing in for the GPU).
+    """
+    devices, plan = split_plan(model, device, gpu_layers, host)
+    for layer, dev in zip(model.layers, devices, strict=True):
         layer.to(dev)
-        layer.register_forward_pre_hook(lambda _m, args, dev=dev: _to_device(args, dev))
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    cpu = torch.device("cpu")
-    for m in model.modules():
-        if id(m) not in inside and any(True for _ in m.parameters(recurse=False)):
-            m.register_forward_pre_hook(lambda _m, args: _to_device(args, cpu))
+        layer.register_forward_pre_hook(lambda _m, args, dev=dev: to_device(args, dev))
+    for name, dev in plan.items():
+        mod = model.get_submodule(name)
+        mod._apply(lambda t, dev=dev: t.to(dev), recurse=False)
+        mod.register_forward_pre_hook(lambda _m, args, dev=dev: to_device(args, dev))
+
+
+def module_device(mod: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU when it holds none)."""
+    for t in mod.parameters():
+        return t.device
+    for t in mod.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def layer_devices(model: nn.Module) -> list[torch.device]:
-    return [next(layer.parameters()).device for layer in model.layers]
+    return [module_device(layer) for layer in model.layers]
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -5,7 +5,8 @@
     sample()      repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
     generate()    yields token ids (the stop token itself is not yielded)
     Detokenizer   ids -> text pieces that never split a multi-byte character
-    stream_text() generate() + Detokenizer + stop strings, the form run/chat print
+    StopText      Detokenizer + stop strings (held back until they cannot be one, then cut)
+    stream_text() generate() + StopText, the form run/chat print
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from runtime.cache import load_cache, save_cache
+from runtime.cache import StateFileError, check_state, read_state_header, read_state_tensors, save_cache
 from runtime.errors import MambaCliError
 
 PREFILL_CHUNK = 512
@@ -121,17 +122,38 @@ class Session:
                                  "fingerprint": model_fingerprint(m), "tokens": self.tokens[:n], **(meta or {})})
         return n
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Restore a state written by save() with the same weights; returns the saved meta."""
+    def load(self, path: str | os.PathLike, check_meta: Callable[[dict[str, Any]], None] | None = None
+             ) -> dict[str, Any]:
+        """Restore a state written by save() with the same weights; returns the saved meta.
+
+        The file is checked field by field against this model (format, architecture, weights fingerprint,
+        tokens, every layer's kind, shapes and dtypes, positions vs tokens) from its header before any
+        tensor is read, and `check_meta` (the caller's own fields) runs before anything changes: a bad
+        file raises StateFileError and leaves the conversation as it was."""
         if not Path(path).is_file():
             raise MambaCliError(f"{path}: no such file")
-        fresh = self.model.make_cache(1)
-        dtypes = [getattr(c, "k", getattr(c, "conv", None)).dtype if c is not None else None for c in fresh]
-        cache, meta = load_cache(path, self.model.layer_devices(), dtypes)
-        if meta.get("fingerprint") != model_fingerprint(self.model):
-            raise MambaCliError(f"{path} was saved with another model ({meta.get('model')}); "
-                                f"load it with that model")
-        self.cache, self.tokens = cache, list(meta["tokens"])
+        table, info = read_state_header(path)
+        meta = info["meta"]
+        m = self.model
+        if meta.get("format") != STATE_FORMAT:
+            raise StateFileError(f"{path}: not a {STATE_FORMAT} state file (format {meta.get('format')!r})")
+        if meta.get("arch") != m.arch or meta.get("fingerprint") != model_fingerprint(m):
+            raise StateFileError(f"{path} was saved with another model ({meta.get('model')!r}, "
+                                 f"{meta.get('arch')!r}); load it with that model")
+        tokens = meta.get("tokens")
+        vocab = m.args.vocab_size
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+            raise StateFileError(f"{path}: its token list is not a list of ids below the vocabulary size {vocab}")
+        limit = getattr(m, "context_length", None)
+        if limit and len(tokens) > limit:
+            raise StateFileError(f"{path}: holds {len(tokens)} tokens, more than the model's context of {limit}")
+        fresh = m.make_cache(1)
+        check_state(path, table, info["layers"], fresh, len(tokens))
+        if check_meta is not None:
+            check_meta(meta)
+        cache = read_state_tensors(path, m.layer_devices(), fresh, len(tokens), info["layers"])
+        cache = m.adopt_cache(cache) if hasattr(m, "adopt_cache") else cache  # a captured model's static cache
+        self.cache, self.tokens = cache, list(tokens)
         self.last_logits = None
         self.checkpoint = None  # the previous conversation's: never rewind into it
         return meta
@@ -166,10 +188,13 @@ class Session:
 
 
 def model_fingerprint(m) -> str:
-    """Identifies the weights a saved state belongs to: config + every tensor's name and shape."""
+    """Identifies the weights a saved state belongs to: config, every tensor's name, shape and dtype, and
+    the values of the small 1-D tensors (norms, biases, SSM A and D: a few MB even for a 7B model)."""
     h = hashlib.sha256(json.dumps(m.config, sort_keys=True, default=str).encode())
     for name, t in m.module.state_dict().items():
-        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        if t.dim() == 1 and t.is_floating_point() and t.numel() <= 1 << 16 and t.device.type != "meta":
+            h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -283,27 +308,49 @@ class Detokenizer:
         return after[len(before) :]
 
 
+class StopText:
+    """Token ids -> printable text pieces, with `stop` strings held back and cut: what stream_text and
+    the server's batched sequences (runtime/batch.py) emit. `stopped` turns true at a stop string."""
+
+    def __init__(self, tokenizer, context: list[int] | None = None, stop: list[str] | None = None):
+        self.detok = Detokenizer(tokenizer, context)
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=0) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The text that is certain after `token` (empty while a stop string may still be forming)."""
+        self.pending += self.detok.add(token)
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out
+        hits = [self.pending.find(s) for s in self.stop if s in self.pending]
+        if hits:
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+            return out
+        if len(self.pending) > self.hold:
+            cut = len(self.pending) - self.hold
+            out, self.pending = self.pending[:cut], self.pending[cut:]
+            return out
+        return ""
+
+    def flush(self) -> str:
+        """The rest, at the end of a reply that no stop string ended."""
+        out, self.pending = self.pending + self.detok.flush(), ""
+        return out
+
+
 def stream_text(model, prompt_ids: list[int], stop: list[str] | None = None, stats: Stats | None = None,
                 **kw) -> Iterator[str]:
     """generate() as printable text; `stop` strings end the reply and are not printed."""
     stats = stats if stats is not None else Stats()
-    detok = Detokenizer(model.tokenizer, prompt_ids)
-    stop = [s for s in (stop or []) if s]
-    hold = max((len(s) for s in stop), default=0) - 1
-    pending = ""
+    text = StopText(model.tokenizer, prompt_ids, stop)
     for tok in generate(model, prompt_ids, stats=stats, **kw):
-        pending += detok.add(tok)
-        if stop:
-            hits = [pending.find(s) for s in stop if s in pending]
-            if hits:
-                yield pending[: min(hits)]
-                stats.stop_reason = "stop"
-                return
-            if len(pending) > hold:
-                cut = len(pending) - hold
-                yield pending[:cut]
-                pending = pending[cut:]
-        else:
-            yield pending
-            pending = ""
-    yield pending + detok.flush()
+        piece = text.add(tok)
+        if piece or not text.stop:
+            yield piece
+        if text.stopped:
+            stats.stop_reason = "stop"
+            return
+    yield text.flush()

@@ -83,11 +83,13 @@ class RoPE(nn.Module):
             self.inv_freq, self.mscale = rope_inv_freq(head_dim, theta, scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions : (T,)  ->  cos, sin : (T, D)
+        # positions : (T,)  ->  cos, sin : (T, D);  per-sequence positions (B, T)  ->  (B, 1, T, D)
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # broadcast over the heads of (B, H, T, D)
         return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
 
 
@@ -152,6 +154,12 @@ class Attention(nn.Module):
 
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None
+    b, h, t, d = q.shape
+    hk = k.shape[1]
+    if t == 1 and mask is not None and hk != h:
+        # One query per head (a static cache's decode step): the H/Hk heads sharing a kv head become that
+        # kv head's queries, so any SDPA kernel takes the mask without repeating keys and values.
+        return F.scaled_dot_product_attention(q.reshape(b, hk, h // hk, d), k, v, attn_mask=mask).view(b, h, 1, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -260,6 +268,27 @@ class MoE(nn.Module):
 
         return proj("w2")(F.silu(proj("w1")(x)) * proj("w3")(x))
 
+    device_routing = False  # route decode steps on the device on the CPU too (tests, dry runs)
+
+    def route_on_device(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The decode step's experts chosen without a host sync (a CUDA graph can hold it).
+
+        x : (N, E); weights, idx : (N, K). Stacked float experts are gathered by index (gpt-fast's way:
+        letters n token, k chosen expert, i intermediate, e hidden); 4-bit experts (one module each)
+        all run, the unchosen ones weighted 0.
+        """
+        if hasattr(self, "q1"):
+            dense = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+            dense.scatter_(1, idx, weights)  # (N, X): the routing weights, 0 for unchosen experts
+            out = torch.zeros_like(x)
+            for e in range(self.n_experts):
+                out += dense[:, e, None] * self._expert(e, x)
+            return out
+        w1, w3, w2 = self.w1[idx], self.w3[idx], self.w2[idx]  # (N, K, I, E), (N, K, I, E), (N, K, E, I)
+        h = F.silu(torch.einsum("nkie,ne->nki", w1, x)) * torch.einsum("nkie,ne->nki", w3, x)
+        y = torch.einsum("nkei,nki->nke", w2, h)
+        return torch.einsum("nke,nk->ne", y, weights)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, E)
@@ -268,9 +297,12 @@ class MoE(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
+        if x.shape[0] <= 2 and (x.device.type != "cpu" or self.device_routing):
+            return self.route_on_device(x, weights, idx).view(shape)
         out = torch.zeros_like(x)
         if x.shape[0] <= 2:
-            # Decode: run the K chosen experts on their weight views (no gathered copies).
+            # Decode on the CPU: run the K chosen experts on their weight views (no gathered copies); the
+            # expert ids come to the host (.tolist()), which is free here and a stall on a GPU.
             for n in range(x.shape[0]):
                 for j, e in enumerate(idx[n].tolist()):
                     out[n] += weights[n, j] * self._expert(e, x[n])
@@ -359,7 +391,7 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     ring (RollingKVCache) appends and attends eagerly between two graphs.
     """
     moe = isinstance(ffn, MoE)
-    if isinstance(cache, KVCache):
+    if type(cache) is KVCache:  # exactly: a StaticKVCache updates at its device position (runtime/graphs.py)
         k_all, v_all = cache.append_one()
         torch._dynamo.maybe_mark_dynamic(k_all, 2)
         torch._dynamo.maybe_mark_dynamic(v_all, 2)

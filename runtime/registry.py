@@ -71,8 +71,9 @@ def arch_for_folder(folder: Path) -> tuple[dict, Path, ModuleType, Any]:
     arch_mod = arch_for_config(cfg, str(cfg_path))
     try:
         args = arch_mod.Args.from_config(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFormatError(f"{cfg_path}: missing or invalid field {e}") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        why = f"a count of 0 ({e})" if isinstance(e, ZeroDivisionError) else e
+        raise ModelFormatError(f"{cfg_path}: missing or invalid field {why}") from None
     return cfg, cfg_path, arch_mod, args
 
 

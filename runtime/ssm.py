@@ -377,6 +377,9 @@ class SSMModel(LanguageModel):
     def make_mixer(a) -> nn.Module:
         raise NotImplementedError
 
+    def input_embedding(self) -> nn.Module:
+        return self.backbone.embeddings
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.backbone.layers

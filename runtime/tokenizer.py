@@ -354,9 +354,18 @@ def read_spm_model(path: Path) -> SpmModel:
 def _spm_merges(pieces: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece BPE: a merge ranks by the score of the piece it makes."""
     vocab = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
+    # Only split points where both halves can be pieces: the lengths pieces have (a few dozen in real
+    # vocabularies), so a hostile 300 KB piece costs a few slices, not 300k of them (was quadratic).
+    lengths_set = {len(p) for p in vocab}
+    lengths = sorted(lengths_set)
     found = []
     for piece, i in vocab.items():
-        for k in range(1, len(piece)):
+        n = len(piece)
+        for k in lengths:
+            if k >= n:
+                break
+            if n - k not in lengths_set:
+                continue
             left, right = piece[:k], piece[k:]
             if left in vocab and right in vocab:
                 found.append((-scores[i], i, vocab[left], left, right))

@@ -3,8 +3,9 @@
     read_config(dir)          config.json (HF) or params.json (mistral-inference), validated JSON
     safetensors_files(dir)    model.safetensors | sharded files from the index | consolidated.safetensors
     iter_safetensors(files)   (name, tensor) pairs, one tensor in memory at a time, errors name the file
+    read_safetensors_header(path)  {name: (dtype, shape)} from a bounds-checked header; no data read
     safetensors_entries(files) name -> StEntry (file, dtype, shape, byte span): read() reads that one
-                              tensor into its own memory (no mapping that stays resident), for streaming
+                              tensor into memory of its own, for streaming one tensor at a time
     read_gguf(path)           GGUFFile: metadata, tensor table, raw(name), tensor(name, dtype);
                               the header is validated whole before any tensor is mapped
 """
@@ -21,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from quant.formats import DEQUANTIZABLE, GGML_BLOCKS, GGMLType, dequantize
 from runtime.errors import ModelFormatError
@@ -81,24 +81,40 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor of the files; a malformed file raises ModelFormatError naming it."""
+    """Yield every tensor of the files (by name within a file); a malformed file raises ModelFormatError
+    naming it.
+
+    Each tensor is read into its own anonymous mapping with a plain read, not through a map of the file:
+    a file map keeps every page it touched resident in this process until it closes, and a heap block,
+    once freed, stays resident (the small allocations made in between fragment the heap), so a load
+    streaming tensors to a GPU (runtime/loader.py) would hold about the whole file either way. A mapping
+    of its own is unmapped as soon as the last tensor over it goes: the stream holds one tensor.
+    """
     seen: set[str] = set()
     for path in files:
-        _check_safetensors_header(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name in seen:
-                        raise ModelFormatError(f"{path}: tensor {name} appears in more than one shard")
-                    seen.add(name)
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ModelFormatError(f"{path}: malformed safetensors file ({e})") from None
+        header, start = _check_safetensors_header(path)
+        with open(path, "rb") as f:
+            for name in sorted(header):
+                if name in seen:
+                    raise ModelFormatError(f"{path}: tensor {name} appears in more than one shard")
+                seen.add(name)
+                dtype, shape, begin, end = header[name]
+                buf = _own_mapping(end - begin)
+                f.seek(start + begin)
+                if f.readinto(buf.numpy()) != end - begin:
+                    raise ModelFormatError(f"{path}: tensor {name!r} could not be read whole (truncated file?)")
+                yield name, buf.view(_ST_DTYPES[dtype]).reshape(shape)
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """The tensors a safetensors file holds, {name: (dtype, shape)}, from its checked header alone."""
+    tensors, _ = _check_safetensors_header(Path(path))
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in tensors.items()}
 
 
 @dataclass(frozen=True)
 class StEntry:
-    """One tensor of a safetensors file, located by the validated header."""
+    """One tensor of a safetensors file, located by the checked header."""
 
     path: Path
     dtype: torch.dtype
@@ -107,55 +123,49 @@ class StEntry:
     end: int
 
     def read(self) -> torch.Tensor:
-        """The tensor, read (not mapped) into memory of its own: freed when dropped."""
-        buf = bytearray(self.end - self.begin)
-        with open(self.path, "rb", buffering=0) as f:
+        """The tensor, read (not mapped) into a mapping of its own: freed when dropped."""
+        buf = _own_mapping(self.end - self.begin)
+        with open(self.path, "rb") as f:
             f.seek(self.begin)
-            view, done = memoryview(buf), 0
-            while done < len(buf):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise ModelFormatError(f"{self.path}: truncated while reading a tensor")
-                done += n
-        if not buf:
-            return torch.empty(self.shape, dtype=self.dtype)
-        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+            if self.end > self.begin and f.readinto(buf.numpy()) != self.end - self.begin:
+                raise ModelFormatError(f"{self.path}: a tensor could not be read whole (truncated file?)")
+        return buf.view(self.dtype).reshape(self.shape)
 
 
 def safetensors_entries(files: list[Path]) -> dict[str, StEntry]:
-    """Every tensor of the files, located (headers validated as iter_safetensors does), none read."""
+    """Every tensor of the files, located (headers checked as iter_safetensors does), none read."""
     out: dict[str, StEntry] = {}
     for path in files:
         header, start = _check_safetensors_header(path)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        for name, (dtype, shape, begin, end) in header.items():
             if name in out:
                 raise ModelFormatError(f"{path}: tensor {name} appears in more than one shard")
-            dtype = _ST_DTYPES.get(str(info["dtype"]))
-            if dtype is None:
-                raise ModelFormatError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which is not read")
-            begin, end = (int(x) for x in info["data_offsets"])
-            out[name] = StEntry(path, dtype, tuple(int(d) for d in info["shape"]), start + begin, start + end)
+            out[name] = StEntry(path, _ST_DTYPES[dtype], tuple(shape), start + begin, start + end)
     return out
 
 
-def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Bounds-check the header ourselves so errors are ours, one line, naming the file. Returns the
-    header and the offset of the data that its offsets count from."""
-    size = path.stat().st_size
+def _own_mapping(n: int) -> torch.Tensor:
+    """n bytes (uint8) in an anonymous mapping of their own, unmapped when the last tensor over them goes."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8)
+
+
+def _check_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int], int, int]], int]:
+    """Bounds-check the header ourselves so errors are ours, one line, naming the file. Returns each
+    tensor's (dtype, shape, begin, end) by name, offsets within the data, and where the data starts."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot open ({e.strerror})") from None
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ModelFormatError(f"{path}: truncated safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
-        if n > min(size - 8, 100 * 1024 * 1024):
-            raise ModelFormatError(f"{path}: safetensors header of {n} bytes does not fit the file")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ModelFormatError(f"{path}: safetensors header of {n} bytes does not fit the file (or is over "
+                                   f"the {SAFETENSORS_MAX_HEADER >> 20} MB limit)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -164,11 +174,14 @@ def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - n
     spans = []
+    tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = (int(x) for x in info["data_offsets"])
+            if len(info["shape"]) > 8:
+                raise ValueError("too many dimensions")
             shape = [int(d) for d in info["shape"]]
             dtype = str(info["dtype"])
         except (KeyError, TypeError, ValueError, OverflowError):  # Overflow: an Infinity from the JSON
@@ -186,15 +199,20 @@ def _check_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         if count * itemsize != end - begin:
             raise ModelFormatError(f"{path}: tensor {name!r} shape {shape} does not match its byte size")
         spans.append((begin, end, name))
+        tensors[name] = (dtype, shape, begin, end)
     spans.sort()
     for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise ModelFormatError(f"{path}: tensors {n1!r} and {n2!r} overlap")
-    return header, 8 + n
+    return tensors, 8 + n
 
 
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+              "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+_ST_SIZES = {name: dt.itemsize for name, dt in _ST_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +227,16 @@ GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64  # ggml keeps a tensor name in char[64], the terminating NUL included
 INT64_MAX = 2**63 - 1
 _MAX_ARRAY_DEPTH = 4  # GGUF allows arrays of arrays; llama.cpp reads none, real files use none
+# Limits beyond llama.cpp's, so that parsing costs seconds and megabytes whatever the file claims; each is
+# many times what real files hold (the largest vocabularies have ~262k tokens and ~500k merges, big MoE
+# files a few thousand tensors and ~60 keys; no real token is longer than a few hundred bytes).
+MAX_TENSORS = 65_536
+MAX_KV = 16_384
+MAX_ARRAY_LEN = 1 << 22  # elements in one metadata array
+MAX_ARRAY_TOTAL = 1 << 23  # elements in all metadata arrays together (each costs a Python object)
+MAX_NESTED_ARRAY_LEN = 4_096  # elements in an array of arrays (real files have none)
+MAX_ARRAY_STRING = 1 << 16  # bytes in one string inside an array (a vocabulary token, a merge)
+MAX_KEY = 1 << 16  # bytes in a metadata key
 
 # GGUF metadata value types: id -> (name, little-endian numpy dtype); 8 is string, 9 is array
 _GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
@@ -346,6 +374,7 @@ class _Cursor:
 
     def __init__(self, path: Path, buf: memoryview) -> None:
         self.path, self.buf, self.pos = path, buf, 0
+        self.array_total = 0  # array elements read so far (MAX_ARRAY_TOTAL)
 
     def fail(self, what: str) -> ModelFormatError:
         return ModelFormatError(f"{self.path}: malformed GGUF: {what}")
@@ -378,6 +407,13 @@ class _Cursor:
         n = self.unpack("<Q", f"{what} length")
         if n * _MIN_VALUE_BYTES[vtype] > self.left():
             raise self.fail(f"{what} claims {n} elements, more than the {self.left()} bytes left can hold")
+        limit = MAX_NESTED_ARRAY_LEN if vtype == _GGUF_ARRAY else MAX_ARRAY_LEN
+        if n > limit:
+            raise self.fail(f"{what} has {n} elements, over the limit of {limit}")
+        self.array_total += n
+        if self.array_total > MAX_ARRAY_TOTAL:
+            raise self.fail(f"{what}: the metadata arrays hold over {MAX_ARRAY_TOTAL} elements in all, over "
+                            "the limit")
         return n
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
@@ -412,6 +448,9 @@ class _Cursor:
                 raise self.short(f"{what}[{i}] length", 8, pos)
             (k,) = struct.unpack_from("<Q", buf, pos)
             pos += 8
+            if k > MAX_ARRAY_STRING:
+                self.pos = pos - 8
+                raise self.fail(f"{what}[{i}] is {k} bytes long, over the limit of {MAX_ARRAY_STRING}")
             if k > end - pos:
                 raise self.short(f"{what}[{i}]", k, pos)
             out.append(bytes(buf[pos:pos + k]).decode("utf-8", errors="surrogateescape"))
@@ -440,6 +479,9 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
     if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left():
         raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the "
                        f"{cur.left()} bytes left in the file can hold")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, over the limits of "
+                       f"{MAX_KV} and {MAX_TENSORS}")
 
     metadata: dict[str, Any] = {}
     types: dict[str, int] = {}
@@ -447,6 +489,8 @@ def _parse_gguf(path: Path, buf: memoryview, size: int) -> GGUFFile:
         key = cur.string(f"metadata key #{i}")
         if not key:
             raise cur.fail(f"metadata key #{i} is empty")
+        if len(key) > MAX_KEY:
+            raise cur.fail(f"metadata key #{i} is {len(key)} bytes long, over the limit of {MAX_KEY}")
         if key in metadata:
             raise cur.fail(f"metadata key {key!r} appears twice")
         vtype = cur.unpack("<I", f"type of {key!r}")

@@ -2,6 +2,7 @@
 
     refs.py      aliases, `owner/repo[:QUANT]` references, the Hub cache's location (environment)
     select.py    which files of a repo listing a model needs (never pickle, never blind)
+    paths.py     Hub names, commit ids and hashes checked before they become paths; writes kept in the store
     download.py  plan_pull (one listing call) and download: resumable, verified, progress via a callback
     local.py     find_local, list / describe / rm of what the store holds (no network), where a stored
                  4-bit copy of a float model goes

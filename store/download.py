@@ -32,6 +32,7 @@ from pathlib import Path
 
 from runtime.errors import MambaCliError, ResourceError
 from runtime.fileio import atomic_write_text
+from store.paths import check_commit, check_file_name, check_hash, check_repo_id, check_revision, inside
 from store.refs import ModelRef, cache_dir, endpoint, offline, repo_dir
 from store.select import Selection, select_files
 
@@ -126,22 +127,31 @@ def plan_pull(ref: ModelRef, revision: str | None = None, token: str | None = No
 
     if offline():
         raise MambaCliError(f"HF_HUB_OFFLINE=1 is set: cannot list {ref.repo}; unset it to pull")
+    check_repo_id(ref.repo)
+    if revision is not None:
+        check_revision(ref.repo, revision)
     try:
         info = HfApi(endpoint=endpoint(), token=token).model_info(ref.repo, revision=revision,
                                                                  files_metadata=True)
     except Exception as e:
         raise hub_error(e, ref.repo, revision, token) from None
-    siblings = {s.rfilename: s for s in info.siblings or []}
+    # Everything below comes from the listing and becomes a path: checked before any is built.
+    commit = check_commit(ref.repo, info.sha)
+    siblings = {s.rfilename: s for s in info.siblings or [] if isinstance(s.rfilename, str)}
     selection = select_files(list(siblings), ref.quant, ref.repo)
     files = []
     for name in selection.files:
+        check_file_name(ref.repo, name)
         s = siblings[name]
         if s.blob_id is None or s.size is None:
             raise MambaCliError(f"{ref.repo}: the Hub listing gives no size or hash for {name}; cannot "
                                 "verify it")
-        sha = s.lfs.sha256 if s.lfs else None
-        files.append(RemoteFile(name, int(s.lfs.size if s.lfs else s.size), sha or s.blob_id, sha))
-    return Plan(ref, revision or "main", info.sha, selection, files)
+        sha = check_hash(ref.repo, name, s.lfs.sha256, 64) if s.lfs else None
+        size = s.lfs.size if s.lfs else s.size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise MambaCliError(f"{ref.repo}: the Hub listing gives {name} the size {size!r}; cannot verify it")
+        files.append(RemoteFile(name, size, sha or check_hash(ref.repo, name, s.blob_id, 40), sha))
+    return Plan(ref, revision or "main", commit, selection, files)
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -182,10 +192,13 @@ def pending(plan: Plan) -> list[tuple[RemoteFile, int]]:
 
 def download(plan: Plan, token: str | None = None, progress: Progress | None = None) -> Path:
     """Fetch what the store lacks, verify it, link the snapshot, record the ref; return plan.target."""
-    blobs = plan.blobs
+    blobs, root = plan.blobs, repo_dir(plan.ref.repo)
+    for path in [root, blobs, plan.snapshot, *((plan.snapshot / f.name).parent for f in plan.files)]:
+        inside(cache_dir() if path == root else root, path)  # no link in the store may lead writes out
     todo = pending(plan)
     check_disk_space(sum(f.size - have for f, have in todo), blobs)
     blobs.mkdir(parents=True, exist_ok=True)
+    inside(root, blobs)
     progress = progress or (lambda _name, _done, _size: None)
     for f, have in todo:
         progress(f.name, have, f.size)
@@ -194,8 +207,44 @@ def download(plan: Plan, token: str | None = None, progress: Progress | None = N
     for f in plan.files:
         _link(plan.snapshot / f.name, blobs / f.etag)
     if plan.revision != plan.commit:
-        atomic_write_text(repo_dir(plan.ref.repo) / "refs" / plan.revision, plan.commit)
+        atomic_write_text(inside(root, root / "refs" / plan.revision), plan.commit)
     return plan.target
+
+
+class _Partial:
+    """The running state of one blob's download: bytes in blobs/{etag}.incomplete and their hash, kept
+    together so that a transfer which restarts from 0 (the server ignored Range) and then fails leaves
+    them consistent for the next attempt."""
+
+    def __init__(self, f: RemoteFile, out) -> None:
+        self.f, self.out = f, out
+        self.done, self.digest = 0, self._fresh()
+
+    def _fresh(self):
+        return hashlib.sha256() if self.f.sha256 else hashlib.sha1(b"blob %d\0" % self.f.size)
+
+    def restart(self) -> None:
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.done, self.digest = 0, self._fresh()
+
+    def append(self, chunk: bytes) -> None:
+        """Write a chunk whole and hash it, or raise with the file cut back to the bytes hashed so far."""
+        try:
+            n = self.out.write(chunk)
+        except OSError as e:
+            self.out.truncate(self.done)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MambaCliError(f"disk full while downloading {self.f.name} into {self.out.name}; "
+                                    f"{format_size(self.done)} kept, free space and run the pull again to "
+                                    "resume") from None
+            raise
+        if n != len(chunk):
+            self.out.truncate(self.done)
+            raise MambaCliError(f"{self.f.name}: short write into {self.out.name} ({n} of {len(chunk)} bytes); "
+                                f"{format_size(self.done)} kept, check the disk and run the pull again to resume")
+        self.digest.update(chunk)
+        self.done += n
 
 
 def _fetch(plan: Plan, f: RemoteFile, blobs: Path, token: str | None, progress: Progress) -> None:
@@ -206,22 +255,24 @@ def _fetch(plan: Plan, f: RemoteFile, blobs: Path, token: str | None, progress: 
     lock.parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(lock):
         blob, part = blobs / f.etag, _partial(blobs, f)
+        for p in (blob, part):  # blobs are never links: one planted there is dropped, never written through
+            if p.is_symlink():
+                p.unlink()
         if blob.is_file():  # another process finished it while we waited
             return
         if part.is_file() and part.stat().st_size > f.size:
             part.unlink()
-        digest = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
-        if part.is_file():
+        with open(part, "ab", buffering=0) as out:
+            state = _Partial(f, out)
             with open(part, "rb") as r:
                 for chunk in iter(lambda: r.read(CHUNK), b""):
-                    digest.update(chunk)
-        with open(part, "ab", buffering=0) as out:
-            done = out.tell()
-            progress(f.name, done, f.size)
+                    state.digest.update(chunk)
+                    state.done += len(chunk)
+            progress(f.name, state.done, f.size)
             attempt = 0
-            while done < f.size:
+            while state.done < f.size:
                 try:
-                    done, digest = _transfer(plan, f, out, done, digest, token, progress)
+                    _transfer(plan, f, state, token, progress)
                 except Exception as e:
                     if not _is_transport(e):
                         err = hub_error(e, plan.ref.repo, plan.commit, token)
@@ -231,13 +282,12 @@ def _fetch(plan: Plan, f: RemoteFile, blobs: Path, token: str | None, progress: 
                     attempt += 1
                     if attempt >= RETRIES:
                         raise MambaCliError(f"{f.name}: download failed {RETRIES} times "
-                                            f"({type(e).__name__}: {e}); {format_size(done)} of "
+                                            f"({type(e).__name__}: {e}); {format_size(state.done)} of "
                                             f"{format_size(f.size)} kept, run the pull again to "
                                             "resume") from None
                     time.sleep(min(0.25 * 2 ** attempt, 4.0))
-                    done = out.tell()
             os.fsync(out.fileno())
-        got = digest.hexdigest()
+            got = state.digest.hexdigest()
         if got != f.etag:
             part.unlink()
             kind = "sha256" if f.sha256 else "git sha1"
@@ -252,8 +302,8 @@ def _is_transport(e: BaseException) -> bool:
     return isinstance(e, httpx2.TransportError)
 
 
-def _transfer(plan: Plan, f: RemoteFile, out, done: int, digest, token: str | None, progress: Progress):
-    """One GET from byte `done` (Range) to the end or until the connection drops; returns (done, digest)."""
+def _transfer(plan: Plan, f: RemoteFile, state: _Partial, token: str | None, progress: Progress) -> None:
+    """One GET from byte state.done (Range) to the end or until the connection drops; advances state."""
     import httpx2
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -261,46 +311,38 @@ def _transfer(plan: Plan, f: RemoteFile, out, done: int, digest, token: str | No
     url = hf_hub_url(plan.ref.repo, f.name, revision=plan.commit, endpoint=endpoint())
     headers = build_hf_headers(token=token)
     headers["Accept-Encoding"] = "identity"
-    if done:
-        headers["Range"] = f"bytes={done}-"
+    if state.done:
+        headers["Range"] = f"bytes={state.done}-"
     timeout = httpx2.Timeout(30.0, read=60.0)
     with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
         if r.status_code >= 400:
             r.read()
             hf_raise_for_status(r)
-        if done and r.status_code != 206:  # the server ignored Range: start over
-            out.truncate(0)
-            done, digest = 0, hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
-            progress(f.name, done, f.size)
-        elif done and not r.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
-            raise MambaCliError(f"{f.name}: the server answered Range bytes={done}- with "
-                                f"{r.headers.get('Content-Range')!r}; delete {out.name} and pull again")
+        if state.done and r.status_code != 206:  # the server ignored Range: start over
+            state.restart()
+            progress(f.name, 0, f.size)
+        elif state.done and not r.headers.get("Content-Range", "").startswith(f"bytes {state.done}-"):
+            raise MambaCliError(f"{f.name}: the server answered Range bytes={state.done}- with "
+                                f"{r.headers.get('Content-Range')!r}; {format_size(state.done)} kept in "
+                                f"{state.out.name}, run the pull again")
         for chunk in r.iter_bytes():
-            if done + len(chunk) > f.size:
-                out.truncate(0)
+            if state.done + len(chunk) > f.size:
+                state.restart()
                 raise MambaCliError(f"{f.name}: the server sent more than the {f.size} bytes listed; "
                                     "partial data deleted, run the pull again")
-            try:
-                out.write(chunk)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise MambaCliError(f"disk full while downloading {f.name} into {out.name}; "
-                                        f"{format_size(done)} kept, free space and run the pull again to "
-                                        "resume") from None
-                raise
-            digest.update(chunk)
-            done += len(chunk)
-            progress(f.name, done, f.size)
-    return done, digest
+            state.append(chunk)
+            progress(f.name, state.done, f.size)
 
 
 def _link(link: Path, blob: Path) -> None:
     """snapshots/{commit}/{name} -> ../../blobs/{etag} (relative), as huggingface_hub lays it out."""
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
-        if link.resolve() == blob.resolve():
+        if link.is_symlink() and os.readlink(link) == os.path.relpath(blob, link.parent):
             return
-        link.unlink()
+        if link.is_dir() and not link.is_symlink():
+            raise MambaCliError(f"{link} is a folder where the snapshot file belongs; remove it and pull again")
+        link.unlink()  # never follows the link: only the store's own entry goes
     try:
         os.symlink(os.path.relpath(blob, link.parent), link)
     except OSError:  # no symlinks (some Windows setups): a copy, as huggingface_hub does

@@ -4,26 +4,41 @@
     store_entries(), find_entries()  every loadable model in the store (or those matching a reference)
     find_entry(source, revision)     the one entry `show` describes
     describe(entry)                  architecture, parameters, format, context, chat template, files;
-                                     read from headers with the runtime's validated readers
+                                     read from headers with the runtime's validated readers only
     plan_removal(), remove_entries() rm: the snapshot links and the blobs no other snapshot uses
     quantized_path(folder, qtype)    where the stored 4-bit copy of a float model lives: a .gguf beside its
                                      weights (in a snapshot, named after the repo), so list/rm/find_local
                                      see it as that repo's `:QTYPE` variant; fresh_copy(folder, path)
+
+The store may hold anything (a hostile download, a hand edit, a half-deleted folder): an entry that
+cannot be read is listed as one `unreadable` entry with the reason, and the rest are still listed; rm
+deletes only the store's own files, never through a link that leads out of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.errors import ModelFormatError
-from runtime.weights import read_config, read_gguf, safetensors_files
-from store.refs import ModelRef, alias_of, cache_dir, parse_ref, read_ref, repo_dir, repo_of_dir
+from runtime.errors import MambaCliError, ModelFormatError
+from runtime.weights import read_config, read_gguf, read_json, read_safetensors_header, safetensors_files
+from store.refs import ModelRef, alias_of, cache_dir, parse_ref, read_ref, read_small, repo_dir, repo_of_dir
 from store.select import default_quant, gguf_variants
+
+# What reading one store entry can raise besides our own errors: a hostile or broken file must make its
+# entry unreadable, never stop the listing.
+ENTRY_ERRORS = (MambaCliError, OSError, ValueError, KeyError, TypeError, IndexError, MemoryError,
+                RecursionError, OverflowError)
+
+
+def within(root: Path, path: Path) -> bool:
+    """Whether `path`, every link in it resolved, lies under `root` (resolved too)."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
 
 def usable_folder(snap: Path) -> bool:
@@ -38,7 +53,11 @@ def usable_folder(snap: Path) -> bool:
 
 
 def snapshot_files(snap: Path) -> list[str]:
-    return sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
+    """The files of a snapshot (links into blobs/), never following a link out of the repo folder."""
+    folder = snap.parent.parent
+    if not within(folder, snap):
+        raise ModelFormatError(f"{snap}: the snapshot links outside the store ({os.path.realpath(snap)})")
+    return sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file() and within(folder, p))
 
 
 def find_local(ref: ModelRef, revision: str | None = None) -> Path | None:
@@ -48,7 +67,7 @@ def find_local(ref: ModelRef, revision: str | None = None) -> Path | None:
     if commit is None:
         return None
     snap = folder / "snapshots" / commit
-    if not snap.is_dir():
+    if not snap.is_dir() or not within(folder, snap):
         return None
     variants = gguf_variants(snapshot_files(snap))
     if ref.quant is None and usable_folder(snap):
@@ -92,6 +111,7 @@ class StoreEntry:
     path: Path  # what load_model opens
     files: list[Path] = field(default_factory=list)
     quant: str | None = None
+    error: str | None = None  # why the entry cannot be read (kind "unreadable")
 
     @property
     def name(self) -> str:
@@ -105,7 +125,7 @@ class StoreEntry:
     def size(self) -> int:
         seen, total = set(), 0
         for p in self.files:
-            real = p.resolve()
+            real = Path(os.path.realpath(p))
             if real not in seen and real.is_file():
                 seen.add(real)
                 total += real.stat().st_size
@@ -115,33 +135,51 @@ class StoreEntry:
 def _refs(folder: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     refs = folder / "refs"
-    for p in sorted(refs.rglob("*")) if refs.is_dir() else []:
-        if p.is_file():
-            out.setdefault(p.read_text().strip(), []).append(p.relative_to(refs).as_posix())
+    for p in sorted(refs.rglob("*")) if refs.is_dir() and within(folder, refs) else []:
+        if p.is_file() and within(folder, p):
+            with contextlib.suppress(OSError):
+                out.setdefault(read_small(p), []).append(p.relative_to(refs).as_posix())
     return out
 
 
 def store_entries(repo: str | None = None) -> list[StoreEntry]:
-    """Every loadable model in the store (optionally of one repo), newest snapshot first within a repo."""
+    """Every loadable model in the store (optionally of one repo), newest snapshot first within a repo;
+    a snapshot that cannot be read is one entry of kind "unreadable" with the reason in `error`."""
     folders = [repo_dir(repo)] if repo else sorted(cache_dir().glob("models--*"))
     entries = []
     for folder in folders:
         snaps = folder / "snapshots"
-        if not snaps.is_dir():
+        if not snaps.is_dir() or not within(folder, snaps):
             continue
         refs = _refs(folder)
-        for snap in sorted(snaps.iterdir(), key=lambda p: -p.stat().st_mtime):
-            names = snapshot_files(snap)
-            variants = gguf_variants(names)
-            gguf_names = {n for parts in variants.values() for n in parts}
-            for quant, parts in sorted(variants.items()):
-                entries.append(StoreEntry(repo_of_dir(folder), snap.name, refs.get(snap.name, []), "gguf",
-                                          snap / parts[0], [snap / p for p in parts], quant))
-            if usable_folder(snap):
-                kind = "hf" if (snap / "config.json").is_file() else "mistral"
-                others = [snap / n for n in names if n not in gguf_names]
-                entries.append(StoreEntry(repo_of_dir(folder), snap.name, refs.get(snap.name, []), kind, snap,
-                                          others))
+        for snap in sorted(snaps.iterdir(), key=lambda p: -p.lstat().st_mtime):
+            try:
+                entries += _snapshot_entries(folder, snap, refs.get(snap.name, []))
+            except ENTRY_ERRORS as e:
+                entries.append(StoreEntry(repo_of_dir(folder), snap.name, refs.get(snap.name, []), "unreadable",
+                                          snap, [], error=_reason(e)))
+    return entries
+
+
+def _reason(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return text if isinstance(e, MambaCliError) else f"{type(e).__name__}: {text}"
+
+
+def _snapshot_entries(folder: Path, snap: Path, refs: list[str]) -> list[StoreEntry]:
+    if not snap.is_dir():
+        raise ModelFormatError(f"{snap}: not a folder (a dangling or broken snapshot link)")
+    names = snapshot_files(snap)
+    variants = gguf_variants(names)
+    gguf_names = {n for parts in variants.values() for n in parts}
+    entries = []
+    for quant, parts in sorted(variants.items()):
+        entries.append(StoreEntry(repo_of_dir(folder), snap.name, refs, "gguf", snap / parts[0],
+                                  [snap / p for p in parts], quant))
+    if usable_folder(snap):
+        kind = "hf" if (snap / "config.json").is_file() else "mistral"
+        others = [snap / n for n in names if n not in gguf_names]
+        entries.append(StoreEntry(repo_of_dir(folder), snap.name, refs, kind, snap, others))
     return entries
 
 
@@ -172,19 +210,27 @@ def _safetensors_params(files: list[Path]) -> tuple[int, str]:
     """(parameter count, dominant dtype) from the safetensors headers alone."""
     count, by_dtype = 0, {}
     for p in files:
-        with open(p, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            n = math.prod(int(d) for d in info["shape"])
+        for dtype, shape in read_safetensors_header(p).values():
+            n = math.prod(shape)
             count += n
-            by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + n
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + n
     return count, max(by_dtype, key=by_dtype.get) if by_dtype else "?"
 
 
 def describe(entry: StoreEntry) -> dict:
-    """What list/show print: architecture, parameters, format, context length, chat template, files."""
+    """What list/show print: architecture, parameters, format, context length, chat template, files.
+    A malformed entry raises MambaCliError (one line, naming the file); nothing else escapes."""
+    if entry.error is not None:
+        raise ModelFormatError(entry.error)
+    try:
+        return _describe(entry)
+    except MambaCliError:
+        raise
+    except ENTRY_ERRORS as e:
+        raise ModelFormatError(f"{entry.path}: unreadable ({_reason(e)})") from None
+
+
+def _describe(entry: StoreEntry) -> dict:
     snap = repo_dir(entry.repo) / "snapshots" / entry.commit
     info: dict = {"name": entry.name, "alias": entry.alias, "path": str(entry.path), "commit": entry.commit,
                   "refs": entry.refs, "size": entry.size(),
@@ -211,7 +257,7 @@ def _describe_folder(entry: StoreEntry) -> dict:
         hidden, layers, vocab = cfg.get("hidden_size"), cfg.get("num_hidden_layers"), cfg.get("vocab_size")
     tok_cfg = entry.path / "tokenizer_config.json"
     template = (entry.path / "chat_template.jinja").is_file() or (
-        tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text(encoding="utf-8")).get("chat_template")))
+        tok_cfg.is_file() and bool(read_json(tok_cfg).get("chat_template")))
     return {"architecture": arch, "parameters": params, "format": f"safetensors {dtype}", "quant": None,
             "context_length": ctx, "hidden_size": hidden, "layers": layers, "vocab_size": vocab,
             "chat_template": template, "window": cfg.get("sliding_window")}
@@ -236,56 +282,90 @@ def _describe_gguf(entry: StoreEntry) -> dict:
 
 @dataclass
 class Removal:
-    links: list[Path]
+    links: list[Path]  # the store's own entries to delete: snapshot files, or a snapshot link itself
     blobs: list[Path]  # blobs no remaining snapshot file uses
+    shared: int = 0  # blobs the links point at that stay: other snapshots use them
 
     @property
     def freed(self) -> int:
-        """The freed blobs, and the files that are no link (stored 4-bit copies)."""
-        own = [p for p in self.links if p.is_file() and not p.is_symlink()]
-        return sum(p.stat().st_size for p in [*self.blobs, *own] if p.is_file())
+        """Bytes remove_entries will free: the blobs, and snapshot files that are copies, not links."""
+        return sum(_own_size(p) for p in self.blobs + self.links)
 
-    @property
-    def shared(self) -> int:
-        """Blobs the links point at that stay: other snapshots use them."""
-        return len({p.resolve() for p in self.links if p.is_symlink()}) - len(self.blobs)
+
+def _own_size(p: Path) -> int:
+    """The size of the store's own file at p: a link frees nothing, a regular file its size."""
+    try:
+        st = p.lstat()
+    except OSError:
+        return 0
+    return st.st_size if p.is_file() and not p.is_symlink() else 0
 
 
 def plan_removal(entries: list[StoreEntry]) -> Removal:
-    """The snapshot files of `entries` and the blobs only they use (other snapshots keep theirs)."""
-    links = {p for e in entries for p in e.files}
+    """The snapshot files of `entries` and the blobs only they use (other snapshots keep theirs). A snapshot
+    that links out of the store is removed as the link it is: nothing behind it is touched."""
+    links: set[Path] = set()
+    for e in entries:
+        folder = repo_dir(e.repo)
+        if folder.is_symlink() or not within(cache_dir(), folder):
+            raise MambaCliError(f"{folder} links outside the store ({os.path.realpath(folder)}); rm never "
+                                "deletes through it: remove that link by hand")
+        snap = folder / "snapshots" / e.commit
+        if snap.is_symlink() or not within(folder, snap):  # only the link itself is the store's
+            links |= {snap} if snap.is_symlink() else set()
+            continue
+        files = e.files if e.kind != "unreadable" else [p for p in snap.rglob("*") if p.is_symlink() or not p.is_dir()]
+        links |= {p for p in files if within(folder, p.parent) and (p.is_symlink() or p.is_file())}
     blobs: set[Path] = set()
+    pointed: set[Path] = set()
     for folder in {repo_dir(e.repo) for e in entries}:
         kept: set[Path] = set()
-        for p in (folder / "snapshots").rglob("*"):
+        snaps = folder / "snapshots"
+        for p in snaps.rglob("*") if within(folder, snaps) else []:
             if (p.is_file() or p.is_symlink()) and p not in links:
-                kept.add(p.resolve())
-        own = (folder / "blobs").resolve()
-        blobs |= {p.resolve() for p in links
-                  if p.is_symlink() and p.resolve().parent == own and p.resolve() not in kept}
-    return Removal(sorted(links), sorted(blobs))
+                kept.add(Path(os.path.realpath(p)))
+        own = Path(os.path.realpath(folder / "blobs"))
+        mine = {Path(os.path.realpath(p)) for p in links if p.is_symlink()}
+        mine = {b for b in mine if b.parent == own and b.is_file()}
+        pointed |= mine
+        blobs |= mine - kept
+    return Removal(sorted(links), sorted(blobs), len(pointed) - len(blobs))
 
 
 def remove_entries(removal: Removal) -> int:
-    """Delete the links and freed blobs, then empty snapshots, dangling refs and empty repo folders."""
-    freed = removal.freed
+    """Delete the links and freed blobs, then empty snapshots, dangling refs and empty repo folders;
+    returns the bytes actually freed. Links are unlinked, never followed."""
+    freed = 0
     folders = set()
-    for b in removal.blobs:
-        b.unlink(missing_ok=True)
+    for p in removal.blobs + removal.links:
+        size = _own_size(p)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
     for p in removal.links:
         folders.add(next(q for q in p.parents if q.name.startswith("models--")))
-        p.unlink(missing_ok=True)
     for folder in folders:
         snaps = folder / "snapshots"
-        for d in sorted((d for d in snaps.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        remaining = {d.name for d in snaps.iterdir()} if snaps.is_dir() else set()
+        if snaps.is_dir() and within(folder, snaps):
+            for d in sorted((d for d in snaps.rglob("*") if d.is_dir() and not d.is_symlink()),
+                            key=lambda d: -len(d.parts)):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        remaining = {d.name for d in snaps.iterdir()} if snaps.is_dir() and within(folder, snaps) else set()
         refs = folder / "refs"
-        for r in list(refs.rglob("*")) if refs.is_dir() else []:
-            if r.is_file() and r.read_text().strip() not in remaining:
+        for r in list(refs.rglob("*")) if refs.is_dir() and within(folder, refs) else []:
+            if (r.is_file() or r.is_symlink()) and _ref_target(r) not in remaining:
                 r.unlink()
         if not remaining:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # rmtree unlinks links, never descends into them
             shutil.rmtree(cache_dir() / ".locks" / folder.name, ignore_errors=True)
     return freed
+
+
+def _ref_target(r: Path) -> str | None:
+    try:
+        return read_small(r)
+    except OSError:
+        return None

@@ -113,10 +113,19 @@ def repo_of_dir(folder: Path) -> str:
     return folder.name.removeprefix("models--").replace("--", "/", 1)
 
 
+def read_small(path: Path, limit: int = 256) -> str:
+    """The stripped text of a small store file (a ref); a longer one (or /dev/zero behind a link) is cut."""
+    with open(path, "rb") as f:
+        return f.read(limit).decode("utf-8", "replace").strip()
+
+
 def read_ref(folder: Path, revision: str) -> str | None:
     """The commit a repo folder's branch or tag points at (a commit names itself), or None."""
     if (folder / "snapshots" / revision).is_dir():
         return revision
     ref = folder / "refs" / revision
-    return ref.read_text().strip() if ref.is_file() else None
+    try:
+        return read_small(ref) if ref.is_file() else None
+    except OSError:
+        return None
 

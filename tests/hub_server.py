@@ -14,9 +14,14 @@ that carries an Authorization header, as S3's signed URLs do, so a client must n
 
 Every request is logged (method, path, Range header, status, bytes of body sent) in `HubServer.log`.
 Knobs for tests: `throttle` (bytes per chunk, seconds between chunks), `drop_after` (close the connection
-after N body bytes, once per sha256), `hold_after` (after N body bytes, once per sha256, set `held` and
-wait for `release`: a transfer stopped mid-file for as long as a test needs), `corrupt` (sha256s whose
-served bytes get one byte flipped).
+after N body bytes, once per sha256; a list: one count per request in turn), `ignore_range` (sha256 -> how
+many Range requests to answer 200 with the whole file, as a server that ignores Range), `hold_after` (after
+N body bytes, once per sha256, set `held` and wait for `release`: a transfer stopped mid-file for as long as
+a test needs), `corrupt` (sha256s whose served bytes get one byte flipped).
+
+Hostile mode: a Repo's `listed` overrides fields of a file's listing entry (rfilename, blobId, lfs.sha256:
+names and hashes an attacker controls) and `listed_commit` the commit id the listing gives;
+`hostile_repos()` builds the repos the traversal tests pull.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Repo:
     gated: bool = False
     listed_sizes: dict[str, int] = field(default_factory=dict)  # lie about a file's size in the listing
     commit: str = ""
+    listed: dict[str, dict] = field(default_factory=dict)  # file name -> listing fields a hostile Hub sends
+    listed_commit: str | None = None  # the commit id a hostile Hub lists
 
     def __post_init__(self) -> None:
         h = hashlib.sha1(self.repo_id.encode())
@@ -66,6 +73,11 @@ class Repo:
         entry = {"rfilename": name, "size": size, "blobId": git_blob_sha1(data)}
         if self.is_lfs(name):
             entry["lfs"] = {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+        for k, v in self.listed.get(name, {}).items():
+            if k == "sha256":
+                entry["lfs"] = {**entry.get("lfs", {"size": size, "pointerSize": 134}), "sha256": v}
+            else:
+                entry[k] = v
         return entry
 
 
@@ -80,7 +92,8 @@ class HubServer:
             self.add(r)
         self.log: list[dict] = []
         self.throttle: tuple[int, float] | None = None
-        self.drop_after: dict[str, int] = {}
+        self.drop_after: dict[str, int | list[int]] = {}
+        self.ignore_range: dict[str, int] = {}
         self.hold_after: dict[str, int] = {}
         self.held, self.release = threading.Event(), threading.Event()
         self.corrupt: set[str] = set()
@@ -191,8 +204,8 @@ def _handler(server: HubServer, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 if commit:
                     blobs = parse_qs(url.query).get("blobs", ["false"])[0].lower() == "true"
                     info = {"_id": repo.commit[:24], "id": repo.repo_id, "modelId": repo.repo_id,
-                            "sha": commit, "private": False, "gated": "manual" if repo.gated else False,
-                            "disabled": False,
+                            "sha": repo.listed_commit or commit, "private": False,
+                            "gated": "manual" if repo.gated else False, "disabled": False,
                             "tags": [], "siblings": [repo.sibling(n, blobs) for n in sorted(repo.files)]}
                     self._reply(200, {"Content-Type": "application/json"}, json.dumps(info).encode(), head)
                 return
@@ -243,6 +256,9 @@ def _handler(server: HubServer, cdn: bool) -> type[BaseHTTPRequestHandler]:
             start, end = 0, len(data) - 1
             status, headers = 200, {"Accept-Ranges": "bytes", "ETag": f'"{sha}"'}
             rng = self.headers.get("Range")
+            if rng and server.ignore_range.get(sha, 0) > 0:
+                server.ignore_range[sha] -= 1
+                rng = None
             if rng:
                 r = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
                 if not r or int(r.group(1)) >= len(data):
@@ -265,6 +281,10 @@ def _handler(server: HubServer, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if head:
                 return
             drop = server.drop_after.pop(sha, None)
+            if isinstance(drop, list):
+                if drop[1:]:
+                    server.drop_after[sha] = drop[1:]
+                drop = drop[0] if drop else None
             hold = server.hold_after.pop(sha, None)
             chunk, delay = server.throttle or (1 << 20, 0.0)
             for i in range(0, len(body), chunk):
@@ -375,3 +395,25 @@ def make_repos(work: Path) -> tuple[list[Repo], Path]:
         Repo("tiny/huge", big, listed_sizes={"model.safetensors": 10 ** 13}),
     ]
     return repos, llama
+
+
+def hostile_repos(victim: Path) -> list[Repo]:
+    """Repos whose listings point outside the cache at `victim` (a folder the tests watch): traversal and
+    absolute file names, a traversal commit id, traversal hashes; each serves a tiny valid GGUF."""
+    gguf = tiny_gguf(victim.parent / "hostile-src.gguf", 2)
+    up = "../" * 12
+    repos = [
+        Repo("evil/name-GGUF", {"x-Q4_K_M.gguf": gguf},
+             listed={"x-Q4_K_M.gguf": {"rfilename": f"{up}{victim.relative_to('/')}/x-Q4_K_M.gguf"}}),
+        Repo("evil/absolute-GGUF", {"x-Q4_K_M.gguf": gguf},
+             listed={"x-Q4_K_M.gguf": {"rfilename": f"{victim}/abs/x-Q4_K_M.gguf"}}),
+        Repo("evil/dot-GGUF", {"x-Q4_K_M.gguf": gguf}, listed={"x-Q4_K_M.gguf": {"rfilename": "./x-Q4_K_M.gguf"}}),
+        Repo("evil/backslash-GGUF", {"x-Q4_K_M.gguf": gguf},
+             listed={"x-Q4_K_M.gguf": {"rfilename": "..\\..\\x-Q4_K_M.gguf"}}),
+        Repo("evil/commit-GGUF", {"x-Q4_K_M.gguf": gguf}, listed_commit=f"{up}{victim.relative_to('/')}"),
+        Repo("evil/sha256-GGUF", {"x-Q4_K_M.gguf": gguf},
+             listed={"x-Q4_K_M.gguf": {"sha256": f"{up}{victim.relative_to('/')}/important"}}),
+        Repo("evil/blobid", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"x" * 100},
+             listed={"config.json": {"blobId": f"{up}{victim.relative_to('/')}/config"}}),
+    ]
+    return repos

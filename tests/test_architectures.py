@@ -126,7 +126,7 @@ def test_saved_cache_continues_identically(case, tmp_path):
     s = Session(m)
     first = list(generate(m, ids, max_new_tokens=8, stop_ids=[], session=s))
     save_cache(tmp_path / "state.safetensors", s.cache, {"tokens": s.tokens})
-    cache, meta = load_cache(tmp_path / "state.safetensors", m.layer_devices(), [torch.float32] * len(s.cache))
+    cache, meta = load_cache(tmp_path / "state.safetensors", m.layer_devices(), m.make_cache(1))
     assert meta["tokens"] == s.tokens and all(c.offset == len(s.tokens) for c in cache)
     resumed = Session(m, cache=cache, tokens=list(meta["tokens"]))
     rest = list(generate(m, ids + first, max_new_tokens=8, stop_ids=[], session=resumed))

@@ -193,7 +193,7 @@ NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfo
     ("{{ 'a' * 100000000 }}", "over the size cap"),
     ("{{ 'x' | center(1000000000) }}", "over the size cap"),
     ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-     "built a value over"),
+     "concatenation would be over the size cap"),
     ("{{ 2 ** 100000 }}", "exponent"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
     ("{% for %}", "syntax error, line 1"),
@@ -205,6 +205,53 @@ def test_template_caps(chatml, monkeypatch, payload, message):
     monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.3 if payload == NESTED_LOOPS else 60.0)
     with pytest.raises(chat.ChatTemplateError, match=message):
         chat.render([{"role": "user", "content": "x"}], chatml[0], template=payload)
+
+
+# Each would allocate gigabytes inside C (where the alarm cannot stop it) if sizes were checked after the
+# operation: every one must be refused from its operands' sizes, in bounded memory.
+SIZED_BEFORE = [
+    "{{ ('a' * 1000000) * 2000 }}",
+    "{{ ([0] * 1000000) * 500 }}",
+    "{{ '%0999999999d' % 1 }}",
+    "{{ '%*d' % (1000000000, 1) }}",
+    "{{ '%(a)0999999999d' % {'a': 1} }}",
+    "{{ '%0999999999d' | format(1) }}",
+    "{{ '{:999999999}'.format(1) }}",
+    "{{ '{x:999999999}'.format_map({'x': 1}) }}",
+    "{% set s = 'a' * 1000000 %}{% set s = s ~ s %}{% set s = s ~ s %}{{ s }}",
+    "{{ [('a' * 1000000)] * 1000 }}",
+    "{{ (['a' * 1000] * 1000) | join('x' * 1000) }}",
+    "{{ ('x' * 1000).join(['a' * 1000] * 1000) }}",
+    "{{ ('a' * 1000000) | replace('a', 'b' * 1000) }}",
+    "{{ ('a' * 1000000).replace('a', 'b' * 1000) }}",
+    "{{ ('\\n' * 1000000) | indent(1000) }}",
+    "{{ ('\\t' * 1000000).expandtabs(1000) }}",
+    "{% set x = 10 ** 64 %}{% set y = x ** 64 %}{{ y ** 64 }}",
+    "{{ lipsum(1000000) }}",
+]
+
+
+@pytest.mark.parametrize("payload", SIZED_BEFORE)
+def test_template_sizes_are_checked_before_allocating(payload, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 60.0)  # a bound on work, not on the clock
+    tracemalloc.start()
+    try:
+        with pytest.raises(chat.ChatTemplateError) as e:
+            chat.run_template(payload, {"messages": []})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(e.value)
+    assert peak < 64 * 2**20, f"{payload}: {peak / 2**20:.0f} MB"
+
+
+def test_sized_operations_still_work_within_the_caps():
+    out = chat.run_template("{{ '%5s|%-3d' % ('x', 4) }}{{ '{:>3}'.format('y') }}{{ 'a' ~ 1 }}"
+                            "{{ ['p', 'q'] | join(', ') }}{{ 'ab' * 2 }}{{ 'a-b'.replace('-', '+') }}{{ 2 ** 10 }}",
+                            {})
+    assert out == "    x|4    ya1p, qababa+b1024"
 
 
 def test_time_cap_off_the_main_thread(chatml, monkeypatch):

@@ -18,6 +18,7 @@ from rich.console import Console
 from cli.chat import Chat
 from cli.common import Sampling
 from runtime import load_model
+from runtime.errors import MambaCliError
 from tests.fixtures import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_state_of_another_model_is_refused(tmp_path):
     with pytest.raises(Exception, match="saved with another model|layers"):
         b.load(str(tmp_path / "s.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a state file at all")
-    with pytest.raises(ValueError, match="junk.safetensors"):
+    with pytest.raises(MambaCliError, match="junk.safetensors: not a readable state file"):
         b.load(str(tmp_path / "junk.safetensors"))
 
 

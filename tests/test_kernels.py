@@ -199,3 +199,33 @@ def test_generic_cpp_path_equals_reference(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                           "-k", "not generic"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_mm_cat_equals_separate_products(m):
+    """ggml_mm_cat: several matrices of one input width in one call (activations quantized once per
+    format, one parallel region) == each product alone, side by side; mixed types and row indices."""
+    k = 512
+    specs = [(GGMLType.Q4_K, 37, None), (GGMLType.Q6_K, 20, torch.randperm(20)), (GGMLType.Q4_0, 13, None),
+             (GGMLType.Q4_1, 9, torch.tensor([3, 3, 0, 8])), (GGMLType.Q8_0, 16, torch.randperm(16))]
+    ws = [random_blocks(t, n, k, 10 + i) for i, (t, n, _) in enumerate(specs)]
+    x = torch.randn(m, k)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.mamba_cli.ggml_mm_cat(x, ws, [int(t) for t, _, _ in specs], k, [r for _, _, r in specs])
+            want = torch.cat([native.mm(x, w, int(t), k, r) for w, (t, _, r) in zip(ws, specs, strict=True)], 1)
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="one type and one rows entry"):
+        torch.ops.mamba_cli.ggml_mm_cat(x, ws, [int(GGMLType.Q4_K)], k, [None])
+
+
+def test_row_index_that_is_not_a_permutation():
+    t = GGMLType.Q4_0
+    w = random_blocks(t, 16, 256, 4)
+    x = torch.randn(2, 256)
+    idx = torch.tensor([5, 5, 0, 15, 2])
+    assert torch.equal(native.mm(x, w, int(t), 256, idx), native.mm(x, w[idx].contiguous(), int(t), 256))

@@ -97,3 +97,23 @@ def test_block_linear_kernel_and_tiled_dense_paths(rows, monkeypatch):
     tol = 1e-5 if rows >= BLOCK_DENSE_ROWS else 2e-2  # below: activations quantized to 8 bits per block
     assert y.shape == (rows, 200)
     assert float((y - ref).abs().max() / ref.abs().max()) < tol
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("rows", [1, 3, 6, BLOCK_DENSE_ROWS])
+def test_block_linear_cat_equals_its_parts(rows):
+    """BlockLinearCat (fused q/k/v, gate/up over blocks in place) gives exactly its parts' outputs side by
+    side: parts of different types (a Q4_K_M layer mixes Q4_K and Q6_K), row orders and biases."""
+    from quant.linear import BlockLinearCat
+
+    g = torch.Generator().manual_seed(5)
+    parts = []
+    for n, t, order in [(72, GGMLType.Q4_K, True), (40, GGMLType.Q6_K, False), (24, GGMLType.Q4_0, True)]:
+        blocks = quantize(torch.randn(n, 512, generator=g) * 0.05, t)
+        parts.append(BlockLinear(blocks, int(t), 512, torch.randn(n, generator=g), torch.randperm(n, generator=g)
+                                 if order else None))
+    fused = BlockLinearCat(parts)
+    x = torch.randn(2, rows, 512, generator=g)
+    y = fused(x)
+    assert y.shape == (2, rows, 136)
+    assert torch.equal(y, torch.cat([p(x) for p in parts], -1))

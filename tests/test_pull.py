@@ -38,7 +38,7 @@ def served(tmp_path_factory):
 @pytest.fixture
 def server(served):
     srv = served[0]
-    srv.throttle, srv.drop_after, srv.hold_after, srv.corrupt = None, {}, {}, set()
+    srv.throttle, srv.drop_after, srv.hold_after, srv.corrupt, srv.ignore_range = None, {}, {}, set(), {}
     srv.held.clear()
     srv.release.clear()
     return srv

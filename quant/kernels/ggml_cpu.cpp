@@ -13,7 +13,8 @@
 // Rounding follows llama.cpp's x86 build: round-half-to-even everywhere, fp16 by IEEE rounding.
 //
 // Legend: M activation rows, N weight rows (outputs), K inputs, R activation rows handled together
-// (up to 4: the unpacked weight block is reused for each), nb blocks per row.
+// (up to 4: the unpacked weight block is reused for each), RW weight rows handled together (the 32-block
+// types: 4 for R <= 2, else 2; each activation block is reused for each), nb blocks per row.
 //
 // Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it, with VNNI dot products where the CPU has
 // AVX-512-VNNI or AVX-VNNI; otherwise plain C++ of the same integer arithmetic (ARM builds take this one,
@@ -26,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -273,42 +275,56 @@ struct DQ8_0 {
 };
 
 // 32-blocks against Q8_0 activations (Q8_1 for the types with a min, whose min term is m * s). dx, sx:
-// the activation blocks' d and s as float.
-template <class D, int R>
-void dot32(int64_t nb, const typename D::B* w, const uint8_t* const* act, const float* const* dx,
-           const float* const* sx, float* out) {
+// the activation blocks' d and s as float. RW weight rows at once: each activation block is loaded once
+// for the RW rows, and the RW x R independent accumulator chains keep the core busy while the weight
+// streams arrive (one row at a time was latency-bound: ~3 ns a block).
+template <class D, int RW, int R>
+void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, const float* const* dx,
+           const float* const* sx, float* out, int64_t ahead) {
   using A = std::conditional_t<D::kMin, BQ8_1, BQ8_0>;
+  using B = typename D::B;
   const A* const* q8 = (const A* const*)act;
-  float mins[R];
-  for (int r = 0; r < R; ++r) mins[r] = 0.f;
+  const B* w[RW];
+  for (int c = 0; c < RW; ++c) w[c] = (const B*)wr[c];
+  float mins[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) mins[c][r] = 0.f;
 #ifdef MC_AVX2
-  __m256 acc[2][R];  // even and odd blocks: two fmadd chains
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-#pragma GCC unroll 2
+  __m256 acc[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < nb; ++i) {
-    const __m256i q = D::v(w[i]);
-    const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);  // unsigned bytes for maddubs
-    const float dw = h2f(w[i].d);
-    for (int r = 0; r < R; ++r) {
-      __m256i y = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
-      if constexpr (!D::kMin) y = _mm256_sign_epi8(y, q);
-      const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, y));
-      acc[i & 1][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[i & 1][r]);
-      if constexpr (D::kMin) mins[r] += h2f(w[i].m) * sx[r][i];
+    __m256i y[R];
+    for (int r = 0; r < R; ++r) y[r] = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+    for (int c = 0; c < RW; ++c) {
+      // RW interleaved row streams confuse the hardware prefetcher: fetch the next group's rows (`ahead`
+      // bytes on) at the pace this group is read
+      if constexpr (RW > 1) _mm_prefetch((const char*)(w[c] + i) + ahead, _MM_HINT_T0);
+      const __m256i q = D::v(w[c][i]);
+      const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);  // unsigned bytes for maddubs
+      const float dw = h2f(w[c][i].d);
+      for (int r = 0; r < R; ++r) {
+        const __m256i yy = D::kMin ? y[r] : _mm256_sign_epi8(y[r], q);
+        const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, yy));
+        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[c][r]);
+        if constexpr (D::kMin) mins[c][r] += h2f(w[c][i].m) * sx[r][i];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = hsum(acc[c][r]) + mins[c][r];
 #else
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      int sum = 0;
-      for (int j = 0; j < QK; ++j) sum += D::q(w[i], j) * q8[r][i].qs[j];
-      s += (float)sum * h2f(w[i].d) * dx[r][i];
-      if constexpr (D::kMin) mins[r] += h2f(w[i].m) * sx[r][i];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t i = 0; i < nb; ++i) {
+        int sum = 0;
+        for (int j = 0; j < QK; ++j) sum += D::q(w[c][i], j) * q8[r][i].qs[j];
+        s += (float)sum * h2f(w[c][i].d) * dx[r][i];
+        if constexpr (D::kMin) mins[c][r] += h2f(w[c][i].m) * sx[r][i];
+      }
+      out[c * R + r] = s + mins[c][r];
     }
-    out[r] = s + mins[r];
-  }
 #endif
 }
 
@@ -323,154 +339,182 @@ void dequant32(const uint8_t* src, float* y, int64_t k) {
 }
 
 // Q4_K: x = d * sc[j] * q - dmin * mn[j] per 32-element sub-block j; the min term uses Q8_K's bsums.
-template <int R>
-void dot_q4_k(int64_t nb, const BQ4_K* w, const BQ8_K* const* q8, const float* const*, const float* const*, float* out) {
+// RW weight rows at once, as dot32.
+template <int RW, int R>
+void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, const float* const*, const float* const*,
+              float* out, int64_t) {
+  const BQ4_K* w[RW];
+  for (int c = 0; c < RW; ++c) w[c] = (const BQ4_K*)wr[c];
 #ifdef MC_AVX2
-  __m256 acc[R];
-  __m128 accm[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
+  __m256 acc[RW][R];
+  __m128 accm[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps(), accm[c][r] = _mm_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0xF);
   for (int64_t i = 0; i < nb; ++i) {
-    _mm_prefetch((const char*)(w + i + 8), _MM_HINT_T1);  // ahead of the hardware prefetcher
-    // the 12 packed bytes -> 8 scales (bytes 0..7) and 8 mins (bytes 8..15), as 32-bit words
-    uint32_t u[4];
-    std::memcpy(u, w[i].scales, 12);
-    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-    const uint32_t t = u[1] & 0x3f3f3f3f;
-    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-    u[2] = t;
-    u[0] &= 0x3f3f3f3f;
-    const __m256i sm = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
-    const __m128i mins = _mm256_extracti128_si256(sm, 1);  // 8 x int16
-    const __m128i sc = _mm256_castsi256_si128(sm);
-    const __m256i scales = _mm256_set_m128i(sc, sc);
-    const float d = h2f(w[i].d), dmin = h2f(w[i].dmin);
-    for (int r = 0; r < R; ++r) {  // sum_j mn[j] * (bsum[2j] + bsum[2j+1])
-      const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
-      const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-      const __m128 pm = _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair));
-      accm[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * q8[r][i].d), pm, accm[r]);
+    __m256i scales[RW];
+    __m256i sumi[RW][R];
+    for (int c = 0; c < RW; ++c) {
+      _mm_prefetch((const char*)(w[c] + i + 8), _MM_HINT_T1);  // ahead of the hardware prefetcher
+      // the 12 packed bytes -> 8 scales (bytes 0..7) and 8 mins (bytes 8..15), as 32-bit words
+      uint32_t u[4];
+      std::memcpy(u, w[c][i].scales, 12);
+      u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+      const uint32_t t = u[1] & 0x3f3f3f3f;
+      u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+      u[2] = t;
+      u[0] &= 0x3f3f3f3f;
+      const __m256i sm = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+      const __m128i mins = _mm256_extracti128_si256(sm, 1);  // 8 x int16
+      const __m128i sc = _mm256_castsi256_si128(sm);
+      scales[c] = _mm256_set_m128i(sc, sc);
+      const float dmin = h2f(w[c][i].dmin);
+      for (int r = 0; r < R; ++r) {  // sum_j mn[j] * (bsum[2j] + bsum[2j+1])
+        const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
+        const __m128i pair = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        const __m128 pm = _mm_cvtepi32_ps(_mm_madd_epi16(mins, pair));
+        accm[c][r] = _mm_fmadd_ps(_mm_set1_ps(dmin * q8[r][i].d), pm, accm[c][r]);
+        sumi[c][r] = _mm256_setzero_si256();
+      }
     }
-    __m256i sumi[R];
-    for (int r = 0; r < R; ++r) sumi[r] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {  // 64 elements: 32 low nibbles (sub-block 2j), 32 high (2j+1)
-      // scale of sub-block 2j (2j+1) broadcast as int16: bytes (2k, 2k+1) of the int16 scale vector
-      const __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j))));
-      const __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j + 1))));
-      const __m256i bits = _mm256_loadu_si256((const __m256i*)(w[i].qs + 32 * j));
-      const __m256i lo = _mm256_and_si256(bits, m4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+      __m256i yl[R], yh[R];
       for (int r = 0; r < R; ++r) {
-        const __m256i yl = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j));
-        const __m256i yh = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j + 32));
-        const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, yl));
-        const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, yh));
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+        yl[r] = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j));
+        yh[r] = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 64 * j + 32));
       }
-    }
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * q8[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    out[r] = hsum(acc[r]) - _mm_cvtss_f32(m);
-  }
-#else
-  for (int r = 0; r < R; ++r) {
-    float acc = 0.f, mins = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      uint8_t sc[8], mn[8];
-      k4_scales(w[i].scales, sc, mn);
-      const BQ8_K& y = q8[r][i];
-      int m = 0, sum = 0;
-      for (int j = 0; j < 8; ++j) m += mn[j] * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
-      for (int j = 0; j < 4; ++j) {
-        int sl = 0, sh = 0;
-        for (int l = 0; l < 32; ++l) {
-          sl += (w[i].qs[32 * j + l] & 0xF) * y.qs[64 * j + l];
-          sh += (w[i].qs[32 * j + l] >> 4) * y.qs[64 * j + 32 + l];
+      // scale of sub-block 2j (2j+1) broadcast as int16: bytes (2k, 2k+1) of the int16 scale vector
+      const __m256i pick_l = _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j)));
+      const __m256i pick_h = _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j + 1)));
+      for (int c = 0; c < RW; ++c) {
+        const __m256i sl = _mm256_shuffle_epi8(scales[c], pick_l);
+        const __m256i sh = _mm256_shuffle_epi8(scales[c], pick_h);
+        const __m256i bits = _mm256_loadu_si256((const __m256i*)(w[c][i].qs + 32 * j));
+        const __m256i lo = _mm256_and_si256(bits, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+        for (int r = 0; r < R; ++r) {
+          const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, yl[r]));
+          const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, yh[r]));
+          sumi[c][r] = _mm256_add_epi32(sumi[c][r], _mm256_add_epi32(pl, ph));
         }
-        sum += sc[2 * j] * sl + sc[2 * j + 1] * sh;
       }
-      acc += h2f(w[i].d) * y.d * (float)sum;
-      mins += h2f(w[i].dmin) * y.d * (float)m;
     }
-    out[r] = acc - mins;
+    for (int c = 0; c < RW; ++c) {
+      const float d = h2f(w[c][i].d);
+      for (int r = 0; r < R; ++r)
+        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(d * q8[r][i].d), _mm256_cvtepi32_ps(sumi[c][r]), acc[c][r]);
+    }
   }
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) {
+      __m128 m = _mm_add_ps(accm[c][r], _mm_movehl_ps(accm[c][r], accm[c][r]));
+      m = _mm_add_ss(m, _mm_movehdup_ps(m));
+      out[c * R + r] = hsum(acc[c][r]) - _mm_cvtss_f32(m);
+    }
+#else
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f, mins = 0.f;
+      for (int64_t i = 0; i < nb; ++i) {
+        uint8_t sc[8], mn[8];
+        k4_scales(w[c][i].scales, sc, mn);
+        const BQ8_K& y = q8[r][i];
+        int m = 0, sum = 0;
+        for (int j = 0; j < 8; ++j) m += mn[j] * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
+        for (int j = 0; j < 4; ++j) {
+          int sl = 0, sh = 0;
+          for (int l = 0; l < 32; ++l) {
+            sl += (w[c][i].qs[32 * j + l] & 0xF) * y.qs[64 * j + l];
+            sh += (w[c][i].qs[32 * j + l] >> 4) * y.qs[64 * j + 32 + l];
+          }
+          sum += sc[2 * j] * sl + sc[2 * j + 1] * sh;
+        }
+        acc += h2f(w[c][i].d) * y.d * (float)sum;
+        mins += h2f(w[c][i].dmin) * y.d * (float)m;
+      }
+      out[c * R + r] = acc - mins;
+    }
 #endif
 }
 
 // Q6_K: x = d * sc[g] * (q - 32), q six bits (4 in ql, 2 in qh), 16 groups of 16 with int8 scales.
-template <int R>
-void dot_q6_k(int64_t nb, const BQ6_K* w, const BQ8_K* const* q8, const float* const*, const float* const*, float* out) {
+template <int RW, int R>
+void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, const float* const*, const float* const*,
+              float* out, int64_t) {
+  const BQ6_K* w[RW];
+  for (int c = 0; c < RW; ++c) w[c] = (const BQ6_K*)wr[c];
 #ifdef MC_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
   const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
   for (int64_t i = 0; i < nb; ++i) {
-    _mm_prefetch((const char*)(w + i + 8), _MM_HINT_T1);
-    const int8_t* sc = w[i].scales;
-    __m256i sumi[R];
-    for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
-      const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
-      const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));
-      sumi[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, s16), 5));
+    __m256i sumi[RW][R];
+    for (int c = 0; c < RW; ++c) {
+      _mm_prefetch((const char*)(w[c] + i + 8), _MM_HINT_T1);
+      const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[c][i].scales));
+      for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
+        const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
+        sumi[c][r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, s16), 5));
+      }
     }
     for (int j = 0; j < 2; ++j) {  // 128 elements: ql[64 j ..], qh[32 j ..]
-      const uint8_t* ql = w[i].ql + 64 * j;
-      const __m256i b1 = _mm256_loadu_si256((const __m256i*)ql);
-      const __m256i b2 = _mm256_loadu_si256((const __m256i*)(ql + 32));
-      const __m256i bh = _mm256_loadu_si256((const __m256i*)(w[i].qh + 32 * j));
-      __m256i q[4];
-      q[0] = _mm256_or_si256(_mm256_and_si256(b1, m15), _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4));
-      q[1] = _mm256_or_si256(_mm256_and_si256(b2, m15),
-                             _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2));
-      q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
-                             _mm256_and_si256(bh, _mm256_set1_epi8(48)));
-      q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
-                             _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8((char)0xC0)), 2));
-      __m256i s[4];
-      for (int g = 0; g < 4; ++g) {
-        const int is = 8 * j + 2 * g;  // 32 elements = two groups of 16
-        s[g] = _mm256_set_m128i(_mm_set1_epi16(sc[is + 1]), _mm_set1_epi16(sc[is]));
-      }
-      for (int r = 0; r < R; ++r) {
-        const int8_t* y = q8[r][i].qs + 128 * j;
+      for (int c = 0; c < RW; ++c) {
+        const int8_t* sc = w[c][i].scales;
+        const uint8_t* ql = w[c][i].ql + 64 * j;
+        const __m256i b1 = _mm256_loadu_si256((const __m256i*)ql);
+        const __m256i b2 = _mm256_loadu_si256((const __m256i*)(ql + 32));
+        const __m256i bh = _mm256_loadu_si256((const __m256i*)(w[c][i].qh + 32 * j));
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(b1, m15), _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(b2, m15),
+                               _mm256_slli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8(12)), 2));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
+                               _mm256_and_si256(bh, _mm256_set1_epi8(48)));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
+                               _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8((char)0xC0)), 2));
         for (int g = 0; g < 4; ++g) {
-          const __m256i yv = _mm256_loadu_si256((const __m256i*)(y + 32 * g));
-          sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s[g], _mm256_maddubs_epi16(q[g], yv)));
+          const int is = 8 * j + 2 * g;  // 32 elements = two groups of 16
+          const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[is + 1]), _mm_set1_epi16(sc[is]));
+          for (int r = 0; r < R; ++r) {
+            const __m256i yv = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 128 * j + 32 * g));
+            sumi[c][r] = _mm256_add_epi32(sumi[c][r], _mm256_madd_epi16(s, _mm256_maddubs_epi16(q[g], yv)));
+          }
         }
       }
     }
-    const float dw = h2f(w[i].d);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * q8[r][i].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+    for (int c = 0; c < RW; ++c) {
+      const float dw = h2f(w[c][i].d);
+      for (int r = 0; r < R; ++r)
+        acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * q8[r][i].d), _mm256_cvtepi32_ps(sumi[c][r]), acc[c][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = hsum(acc[c][r]);
 #else
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      int sum = 0;
-      for (int j = 0; j < 2; ++j) {
-        const uint8_t* ql = w[i].ql + 64 * j;
-        const uint8_t* qh = w[i].qh + 32 * j;
-        const int8_t* y = q8[r][i].qs + 128 * j;
-        const int8_t* sc = w[i].scales + 8 * j;
-        for (int l = 0; l < 32; ++l) {
-          const int g = l / 16;
-          const int a = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
-          const int b = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-          const int c = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-          const int e = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-          sum += sc[g] * a * y[l] + sc[g + 2] * b * y[l + 32] + sc[g + 4] * c * y[l + 64] + sc[g + 6] * e * y[l + 96];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t i = 0; i < nb; ++i) {
+        int sum = 0;
+        for (int j = 0; j < 2; ++j) {
+          const uint8_t* ql = w[c][i].ql + 64 * j;
+          const uint8_t* qh = w[c][i].qh + 32 * j;
+          const int8_t* y = q8[r][i].qs + 128 * j;
+          const int8_t* sc = w[c][i].scales + 8 * j;
+          for (int l = 0; l < 32; ++l) {
+            const int g = l / 16;
+            const int a = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
+            const int b = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int e = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int f = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            sum += sc[g] * a * y[l] + sc[g + 2] * b * y[l + 32] + sc[g + 4] * e * y[l + 64] + sc[g + 6] * f * y[l + 96];
+          }
         }
+        s += h2f(w[c][i].d) * q8[r][i].d * (float)sum;
       }
-      s += h2f(w[i].d) * q8[r][i].d * (float)sum;
+      out[c * R + r] = s;
     }
-    out[r] = s;
-  }
 #endif
 }
 
@@ -548,17 +592,39 @@ void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k) {
   }
 }
 
-template <int R>
-void dot_rows(int64_t type, int64_t nb, const uint8_t* w, const uint8_t* const* q8, const float* const* dx,
-              const float* const* sx, float* out) {
+// out[c * R + r] = <weight row w[c], activation row r> for c < RW, r < R
+template <int RW, int R>
+void dot_rows(int64_t type, int64_t nb, const uint8_t* const* w, const uint8_t* const* q8, const float* const* dx,
+              const float* const* sx, float* out, int64_t ahead) {
   switch (type) {
-    case Q4_0: dot32<DQ4_0, R>(nb, (const BQ4_0*)w, q8, dx, sx, out); break;
-    case Q4_1: dot32<DQ4_1, R>(nb, (const BQ4_1*)w, q8, dx, sx, out); break;
-    case Q5_0: dot32<DQ5_0, R>(nb, (const BQ5_0*)w, q8, dx, sx, out); break;
-    case Q5_1: dot32<DQ5_1, R>(nb, (const BQ5_1*)w, q8, dx, sx, out); break;
-    case Q8_0: dot32<DQ8_0, R>(nb, (const BQ8_0*)w, q8, dx, sx, out); break;
-    case Q4_K: dot_q4_k<R>(nb, (const BQ4_K*)w, (const BQ8_K* const*)q8, dx, sx, out); break;
-    case Q6_K: dot_q6_k<R>(nb, (const BQ6_K*)w, (const BQ8_K* const*)q8, dx, sx, out); break;
+    case Q4_0: dot32<DQ4_0, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q4_1: dot32<DQ4_1, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q5_0: dot32<DQ5_0, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q5_1: dot32<DQ5_1, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q8_0: dot32<DQ8_0, RW, R>(nb, w, q8, dx, sx, out, ahead); break;
+    case Q4_K: dot_q4_k<RW, R>(nb, w, (const BQ8_K* const*)q8, dx, sx, out, ahead); break;
+    case Q6_K: dot_q6_k<RW, R>(nb, w, (const BQ8_K* const*)q8, dx, sx, out, ahead); break;
+  }
+}
+
+// Weight rows [j, je) (iteration order) against R activation rows: RW rows at a time, then one by one.
+// Iteration index j reads stored row src(j) and writes output column dst(j).
+template <int RW, int R>
+void dot_tile(int64_t type, int64_t nb, int64_t j, int64_t je, const uint8_t* wp, int64_t ws, const int64_t* src,
+              const int64_t* dst, const uint8_t* const* q8, const float* const* dx, const float* const* sx, float* op,
+              int64_t n) {
+  const uint8_t* wr[RW];
+  float res[RW * R];
+  for (; j + RW <= je; j += RW) {
+    for (int c = 0; c < RW; ++c) wr[c] = wp + (src ? src[j + c] : j + c) * ws;
+    dot_rows<RW, R>(type, nb, wr, q8, dx, sx, res, src ? 0 : RW * ws);
+    for (int c = 0; c < RW; ++c)
+      for (int r = 0; r < R; ++r) op[r * n + (dst ? dst[j + c] : j + c)] = res[c * R + r];
+  }
+  for (; j < je; ++j) {
+    wr[0] = wp + (src ? src[j] : j) * ws;
+    dot_rows<1, R>(type, nb, wr, q8, dx, sx, res, 0);
+    for (int r = 0; r < R; ++r) op[r * n + (dst ? dst[j] : j)] = res[r];
   }
 }
 
@@ -571,75 +637,157 @@ void check_weights(const at::Tensor& w, int64_t type, int64_t k, const TypeInfo&
   TORCH_CHECK(w.stride(1) == 1, "mamba_cli: weight rows must be contiguous");
 }
 
-at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t k,
-                   const c10::optional<at::Tensor>& rows_in) {
-  const TypeInfo ti = type_info(type);
-  check_weights(w, type, k, ti);
+// One weight matrix of a product: its blocks, and how its rows map to output columns.
+struct Part {
+  const uint8_t* wp;
+  int64_t ws, type, n, col0;  // row stride in bytes, type, output columns, first output column
+  TypeInfo ti;
+  at::Tensor rows;            // kept alive for src
+  const int64_t* src;         // column j reads stored row src[j] (null: row j)
+  std::vector<int64_t> inv;   // a full permutation walked in stored order: stored row s -> column inv[s]
+  int act;                    // activation format: 0 Q8_0, 1 Q8_1, 2 Q8_K
+};
+
+Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional<at::Tensor>& rows_in) {
+  Part p;
+  p.ti = type_info(type);
+  check_weights(w, type, k, p.ti);
+  p.wp = w.data_ptr<uint8_t>();
+  p.ws = w.stride(0);
+  p.type = type;
+  p.src = nullptr;
+  p.n = w.size(0);
+  p.act = p.ti.block == QK_K ? 2 : p.ti.act_bytes == (int64_t)sizeof(BQ8_1) ? 1 : 0;
+  // rows: output column j is weight row rows[j] (a row permutation read in place, e.g. llama.cpp's q/k).
+  // A permutation of every row is walked in stored order, writing column inv[s] for stored row s: the
+  // weight stream stays sequential for the hardware prefetcher. Any other index reads rows[j] for column j.
+  if (rows_in.has_value()) {
+    p.rows = rows_in->to(at::kLong).contiguous();
+    TORCH_CHECK(p.rows.dim() == 1, "mamba_cli: rows must be 1-D");
+    const int64_t* r = p.rows.data_ptr<int64_t>();
+    for (int64_t j = 0; j < p.rows.numel(); ++j)
+      TORCH_CHECK(r[j] >= 0 && r[j] < w.size(0), "mamba_cli: a row index is out of range");
+    if (p.rows.numel() == w.size(0)) {
+      p.inv.assign((size_t)w.size(0), -1);
+      bool perm = true;
+      for (int64_t j = 0; j < p.rows.numel() && perm; ++j) {
+        perm = p.inv[(size_t)r[j]] < 0;
+        p.inv[(size_t)r[j]] = j;
+      }
+      if (!perm) p.inv.clear();
+    }
+    if (p.inv.empty()) p.src = r, p.n = p.rows.numel();
+  }
+  return p;
+}
+
+// x (M, K) times every part's rows, the parts' outputs side by side in one (M, sum of N) tensor. The
+// activations are quantized once per format, and all the parts' rows share one parallel region.
+at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  // rows: output column j is weight row rows[j] (a row permutation read in place, e.g. llama.cpp's q/k)
-  at::Tensor rows;
-  if (rows_in.has_value()) {
-    rows = rows_in->to(at::kLong).contiguous();
-    TORCH_CHECK(rows.dim() == 1, "mamba_cli: rows must be 1-D");
-    const int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t j = 0; j < rows.numel(); ++j)
-      TORCH_CHECK(r[j] >= 0 && r[j] < w.size(0), "mamba_cli: a row index is out of range");
-  }
-  const int64_t* rp = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
-  const int64_t m = x.size(0), n = rp ? rows.numel() : w.size(0), nb = k / ti.block, row_bytes = nb * ti.act_bytes;
-  at::Tensor out = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return out;
-  std::vector<uint8_t> q8((size_t)(m * row_bytes));
-  std::vector<float> scales((size_t)(2 * m * nb));  // per activation block: d and s (Q8_1) as float
+  int64_t ntot = 0;
+  for (Part& p : parts) p.col0 = ntot, ntot += p.n;
+  const int64_t m = x.size(0);
+  at::Tensor out = at::empty({m, ntot}, x.options());
+  if (m == 0 || ntot == 0) return out;
+  // quantized activations per format (Q8_0 / Q8_1 / Q8_K), with each 32-block's d and s as float
+  std::vector<uint8_t> q8[3];
+  std::vector<float> scales[3];
+  int64_t row_bytes[3] = {0, 0, 0}, nbk[3] = {0, 0, 0};
   const float* xp = x.data_ptr<float>();
-  const bool small = ti.block == QK;
-  at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      uint8_t* q = q8.data() + r * row_bytes;
-      quantize_row(type, xp + r * k, q, k);
-      for (int64_t i = 0; small && i < nb; ++i) {
-        const fp16* h = (const fp16*)(q + i * ti.act_bytes);  // d, then s for Q8_1
-        scales[(2 * r) * nb + i] = h2f(h[0]);
-        scales[(2 * r + 1) * nb + i] = ti.act_bytes == sizeof(BQ8_1) ? h2f(h[1]) : 0.f;
-      }
-    }
-  });
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t ws = w.stride(0);
-  float* op = out.data_ptr<float>();
-  // Each task takes a range of weight rows. Rows go in groups of JB (a few KB each, kept in L1/L2) and
-  // each group meets the activations 4 rows at a time: the activations stream from L2 once per group
-  // instead of once per weight row, and every weight block is unpacked once per 4 activation rows.
-  constexpr int64_t JB = 16;
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, n / (4 * at::get_num_threads())));
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-    const uint8_t* rows[4];
-    const float *dx[4], *sx[4];
-    float res[4];
-    for (int64_t jb = b; jb < e; jb += JB) {
-      const int64_t je = std::min(e, jb + JB);
-      for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const int64_t cnt = std::min<int64_t>(4, m - r0);
-        for (int64_t r = 0; r < cnt; ++r) {
-          rows[r] = q8.data() + (r0 + r) * row_bytes;
-          dx[r] = scales.data() + 2 * (r0 + r) * nb;
-          sx[r] = dx[r] + nb;
+  for (const Part& p : parts) {
+    const int f = p.act;
+    if (row_bytes[f]) continue;
+    nbk[f] = k / p.ti.block;
+    row_bytes[f] = nbk[f] * p.ti.act_bytes;
+    q8[f].resize((size_t)(m * row_bytes[f]));
+    scales[f].resize((size_t)(2 * m * nbk[f]));
+    const int64_t nb = nbk[f], rb = row_bytes[f], type = p.type, ab = p.ti.act_bytes;
+    uint8_t* qd = q8[f].data();
+    float* sd = scales[f].data();
+    at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        uint8_t* q = qd + r * rb;
+        quantize_row(type, xp + r * k, q, k);
+        for (int64_t i = 0; f < 2 && i < nb; ++i) {
+          const fp16* h = (const fp16*)(q + i * ab);  // d, then s for Q8_1
+          sd[(2 * r) * nb + i] = h2f(h[0]);
+          sd[(2 * r + 1) * nb + i] = f == 1 ? h2f(h[1]) : 0.f;
         }
-        for (int64_t j = jb; j < je; ++j) {
-          const uint8_t* wr = wp + (rp ? rp[j] : j) * ws;
-          switch (cnt) {
-            case 1: dot_rows<1>(type, nb, wr, rows, dx, sx, res); break;
-            case 2: dot_rows<2>(type, nb, wr, rows, dx, sx, res); break;
-            case 3: dot_rows<3>(type, nb, wr, rows, dx, sx, res); break;
-            default: dot_rows<4>(type, nb, wr, rows, dx, sx, res); break;
+      }
+    });
+  }
+  // Work items: runs of at most `grain` rows of one part (a multiple of 4 rows: the 32-block kernels
+  // take 4 weight rows at a time), split between the threads.
+  std::vector<std::array<int64_t, 3>> items;  // part, first row, end row (iteration order)
+  int64_t grain = std::max<int64_t>(4, std::min<int64_t>(64, ntot / (4 * at::get_num_threads())) & ~int64_t(3));
+  for (int64_t pi = 0; pi < (int64_t)parts.size(); ++pi)
+    for (int64_t j = 0; j < parts[pi].n; j += grain) items.push_back({pi, j, std::min(parts[pi].n, j + grain)});
+  float* op = out.data_ptr<float>();
+  // Rows go in groups of JB (a few KB each, kept in L1/L2) and each group meets the activations 4 rows at
+  // a time: the activations stream from L2 once per group instead of once per weight row, and every
+  // weight block is unpacked once per 4 activation rows.
+  constexpr int64_t JB = 16;
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+    const uint8_t* act[4];
+    const float *dx[4], *sx[4];
+    for (int64_t it = b; it < e; ++it) {
+      const Part& p = parts[(size_t)items[(size_t)it][0]];
+      const int f = p.act;
+      const int64_t nb = nbk[f], type = p.type;
+      const int64_t* dst = p.inv.empty() ? nullptr : p.inv.data();
+      for (int64_t jb = items[(size_t)it][1]; jb < items[(size_t)it][2]; jb += JB) {
+        const int64_t je = std::min(items[(size_t)it][2], jb + JB);
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+          const int64_t cnt = std::min<int64_t>(4, m - r0);
+          for (int64_t r = 0; r < cnt; ++r) {
+            act[r] = q8[f].data() + (r0 + r) * row_bytes[f];
+            dx[r] = scales[f].data() + 2 * (r0 + r) * nb;
+            sx[r] = dx[r] + nb;
           }
-          for (int64_t r = 0; r < cnt; ++r) op[(r0 + r) * n + j] = res[r];
+          float* o = op + r0 * ntot + p.col0;
+          const uint8_t* wp = p.wp;
+          const int64_t ws = p.ws;
+          const int64_t* src = p.src;
+          // RW x R accumulators (and the K types' per-row scales) stay within the 16 vector registers
+          if (p.ti.block == QK) {
+            switch (cnt) {
+              case 1: dot_tile<4, 1>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 2: dot_tile<4, 2>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 3: dot_tile<2, 3>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              default: dot_tile<2, 4>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+            }
+          } else {  // the K types: one weight row at a time measured fastest (their per-row scales fill registers)
+            switch (cnt) {
+              case 1: dot_tile<1, 1>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 2: dot_tile<1, 2>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              case 3: dot_tile<1, 3>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+              default: dot_tile<1, 4>(type, nb, jb, je, wp, ws, src, dst, act, dx, sx, o, ntot); break;
+            }
+          }
         }
       }
     }
   });
   return out;
+}
+
+at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k,
+                   const c10::optional<at::Tensor>& rows) {
+  std::vector<Part> parts;
+  parts.push_back(make_part(w, type, k, rows));
+  return mm_parts(x, parts, k);
+}
+
+// Several weight matrices of the same input width (q/k/v, gate/up) in one call: one (M, sum of N) output.
+at::Tensor ggml_mm_cat(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types, int64_t k,
+                       const c10::List<c10::optional<at::Tensor>>& rows) {
+  TORCH_CHECK(!ws.empty() && ws.size() == types.size() && ws.size() == rows.size(),
+              "mamba_cli: ggml_mm_cat needs one type and one rows entry per weight");
+  std::vector<Part> parts;
+  for (size_t i = 0; i < ws.size(); ++i) parts.push_back(make_part(ws[i], types[i], k, rows.get(i)));
+  return mm_parts(x, parts, k);
 }
 
 at::Tensor ggml_dequant(const at::Tensor& w, int64_t type, int64_t k) {
@@ -669,11 +817,13 @@ std::string simd() {
 
 TORCH_LIBRARY(mamba_cli, m) {
   m.def("ggml_mm(Tensor x, Tensor w, int type, int k, Tensor? rows=None) -> Tensor");
+  m.def("ggml_mm_cat(Tensor x, Tensor[] ws, int[] types, int k, Tensor?[] rows) -> Tensor");
   m.def("ggml_dequant(Tensor w, int type, int k) -> Tensor");
   m.def("simd() -> str", [] { return simd(); });
 }
 
 TORCH_LIBRARY_IMPL(mamba_cli, CPU, m) {
   m.impl("ggml_mm", &ggml_mm);
+  m.impl("ggml_mm_cat", &ggml_mm_cat);
   m.impl("ggml_dequant", &ggml_dequant);
 }

@@ -12,6 +12,7 @@ An architecture is one module (registered in runtime/registry.py) with:
         make_cache(batch, max_len=None) -> one typed cache per layer (runtime/cache.py)
         sanitize(weights, args)   checkpoint quirks -> exactly the module's state_dict names
         layers                    the blocks (placement and compile work per block)
+        input_embedding()         the token embedding module
     GGUF_NAMES                    a runtime.gguf_names.NameTable: llama.cpp's names <-> ours
     config_from_gguf(meta, n_vocab)   llama.cpp `{arch}.*` metadata -> an HF-style config dict
     gguf_metadata(args)           the `{arch}.*` keys the GGUF writer puts in a file
@@ -52,6 +53,10 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
+        raise NotImplementedError
+
+    def input_embedding(self) -> nn.Module:
+        """The token embedding (placement puts it, and the ids, with the first layer)."""
         raise NotImplementedError
 
     @staticmethod

@@ -173,6 +173,9 @@ class Model(LanguageModel):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def input_embedding(self) -> nn.Module:
+        return self.model.embed_tokens
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers

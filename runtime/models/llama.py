@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from runtime import gguf_names
-from runtime.cache import KVCache, RollingKVCache, cache_offset
+from runtime.cache import KVCache, RollingKVCache, cache_positions
 from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step, embedding, stack_experts
 from runtime.models.base import LanguageModel, require
 
@@ -135,6 +135,9 @@ class Model(LanguageModel):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def input_embedding(self) -> nn.Module:
+        return self.model.embed_tokens
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
@@ -142,8 +145,7 @@ class Model(LanguageModel):
     def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
         h = self.model.embed_tokens(tokens)
-        start = cache_offset(cache) if cache is not None else 0
-        pos = torch.arange(start, start + tokens.shape[1], device=h.device)
+        pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
         rope = self.rope(pos, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, rope, cache[i] if cache is not None else None)
