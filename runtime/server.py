@@ -500,9 +500,13 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model, name: str, sock: socket.socket, limits: Limits, api_key: str | None = None) -> None:
     """Serve `model` on a bound socket until Ctrl-C / SIGTERM (then in-flight streams end, the socket closes)."""
     server = Server(model, name, limits, api_key)
-    config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=5, lifespan="on",
+    # The batcher runs here rather than in the app's lifespan (which other ASGI servers use): uvicorn
+    # re-raises Ctrl-C after its shutdown, and a lifespan task still waiting then logs a traceback.
+    config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=5, lifespan="off",
                             access_log=False)
+    server.batcher.start()
     try:
         _Uvicorn(config, server.batcher).run(sockets=[sock])
     finally:
+        server.batcher.close()
         sock.close()

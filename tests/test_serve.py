@@ -60,7 +60,8 @@ class Served:
             m = re.search(r"serving at (http://\S+)/v1", line)
             if m:
                 self.url = m[1]
-                threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+                self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+                self.reader.start()
                 return
         raise AssertionError(f"{self.name} server exited: {''.join(self.log)}")
 
@@ -321,6 +322,8 @@ def test_ctrl_c_ends_streams_and_releases_the_port(servers):
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]
     assert s.proc.wait(DEADLINE) == 130  # the CLI's exit code for Ctrl-C
+    s.reader.join(DEADLINE)  # stderr read to its end
+    assert not any("Traceback" in line or "ERROR" in line for line in s.log), "".join(s.log)
     with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
         sock.connect(("127.0.0.1", port))  # nothing listens
     with socket.socket() as sock:  # and a new server can listen there (TIME_WAIT left by closed connections
