@@ -302,7 +302,7 @@ def stored_quantized(path: Path, qtype: str) -> Path:
     if store.fresh_copy(path, dest):
         err.print(f"[dim]using the stored {qtype} copy {dest}[/]", soft_wrap=True)
         return dest
-    in_store = dest.resolve().is_relative_to(store.cache_dir().resolve())
+    in_store = store.within(store.cache_dir(), dest)
     err.print(f"quantizing {path.name} to {qtype} (once: the copy is kept at {dest}"
               + ("; `mamba-cli list` shows it, `mamba-cli rm` removes it)" if in_store else ")"), soft_wrap=True)
     t0 = time.perf_counter()

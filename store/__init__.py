@@ -32,6 +32,7 @@ from store.local import (
     remove_entries,
     store_entries,
 )
+from store.paths import within
 from store.refs import ALIASES, DEFAULT_QUANT, Alias, ModelRef, cache_dir, offline, parse_ref, repo_dir
 from store.resolve import pull, resolve_model
 from store.select import Selection, gguf_quant, gguf_variants, select_files
@@ -42,4 +43,4 @@ __all__ = ["ALIASES", "DEFAULT_QUANT", "Alias", "ModelRef", "Plan", "Progress", 
            "Selection", "StoreEntry", "cache_dir", "describe", "download", "find_entries", "find_entry", "find_local",
            "format_size", "fresh_copy", "gguf_quant", "gguf_variants", "offline", "parse_ref", "pending", "plan_pull",
            "plan_removal", "pull", "quantized_path", "remove_entries", "repo_dir", "resolve_model", "select_files",
-           "store_entries"]
+           "store_entries", "within"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.weights import read_config, read_gguf, read_json, read_safetensors_header, safetensors_files
+from store.paths import within
 from store.refs import ModelRef, alias_of, cache_dir, parse_ref, read_ref, read_small, repo_dir, repo_of_dir
 from store.select import default_quant, gguf_variants
 
@@ -33,12 +34,6 @@ from store.select import default_quant, gguf_variants
 # entry unreadable, never stop the listing.
 ENTRY_ERRORS = (MambaCliError, OSError, ValueError, KeyError, TypeError, IndexError, MemoryError,
                 RecursionError, OverflowError)
-
-
-def within(root: Path, path: Path) -> bool:
-    """Whether `path`, every link in it resolved, lies under `root` (resolved too)."""
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
 
 def usable_folder(snap: Path) -> bool:

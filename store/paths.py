@@ -5,7 +5,8 @@
     check_revision(repo, rev)        a branch or tag name as refs/{rev} will hold it (refs/pr/1 is fine)
     check_commit(repo, sha)          40 lower-case hex digits, as huggingface_hub's REGEX_COMMIT_HASH
     check_hash(repo, name, h, n)     a blob id (git sha1, 40 hex) or an LFS sha256 (64 hex)
-    inside(root, path)               path, once every link in it is resolved, lies under root; else an error
+    within(root, path)               whether path, once every link in it is resolved, lies under root
+    inside(root, path)               path, when within(root, path); else an error
 
 A Hub listing (or anything at HF_ENDPOINT) is untrusted: a file named `../../x`, a commit id `../victim` or a
 hash `/etc/passwd` would otherwise be joined onto the cache folder and written through.
@@ -90,11 +91,16 @@ def check_hash(repo: str, name: str, value: object, length: int) -> str:
     return value
 
 
+def within(root: Path, path: Path) -> bool:
+    """Whether `path`, every link in it resolved (the last component may be missing), lies under `root`
+    (resolved too)."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
 def inside(root: Path, path: Path) -> Path:
     """`path` when it stays under `root` after resolving every link (the last component may be missing)."""
-    real_root = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(path))
-    if real != real_root and real_root not in real.parents:
-        raise UnsafePathError(f"{path} resolves to {real}, outside the store's {real_root}; refusing to write "
-                              "there (remove the link that leads out)")
+    if not within(root, path):
+        raise UnsafePathError(f"{path} resolves to {os.path.realpath(path)}, outside the store's "
+                              f"{os.path.realpath(root)}; refusing to write there (remove the link that leads out)")
     return path
