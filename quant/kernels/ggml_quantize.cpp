@@ -91,31 +91,26 @@ void make_qx_quants_8(const float (&xin)[16][8], int32_t (&Lout)[16][8], float (
     amax = more ? ax : amax;
     max = more ? xs[i] : max;
   }
-  F iscale = -nmax / max;
-  F sumlx = {}, suml2 = {};
-  for (int i = 0; i < n; ++i) {
-    I l = clamp_v(nearest_v(iscale * xs[i]), -nmax, nmax - 1);
-    L[i] = l + nmax;
-    F w = xs[i] * xs[i];
-    F lf = __builtin_convertvector(l, F);
-    sumlx += w * xs[i] * lf;
-    suml2 += w * lf * lf;
-  }
   F zero_f = {};
-  F scale = suml2 != 0 ? sumlx / suml2 : zero_f;
-  F best = scale * sumlx;
-  for (int is = -9; is <= 9; ++is) {
-    if (is == 0) continue;
-    iscale = -(nmax + 0.1f * is) / max;
+  F sumlx, suml2;
+  // levels at iscale into out (+ nmax), and their weighted sums sum(w x l), sum(w l^2), w = x^2
+  auto levels = [&](F iscale, I (&out)[n]) {
     sumlx = suml2 = zero_f;
     for (int i = 0; i < n; ++i) {
       I l = clamp_v(nearest_v(iscale * xs[i]), -nmax, nmax - 1);
-      Laux[i] = l + nmax;
+      out[i] = l + nmax;
       F w = xs[i] * xs[i];
       F lf = __builtin_convertvector(l, F);
       sumlx += w * xs[i] * lf;
       suml2 += w * lf * lf;
     }
+  };
+  levels(-nmax / max, L);
+  F scale = suml2 != 0 ? sumlx / suml2 : zero_f;
+  F best = scale * sumlx;
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    levels(-(nmax + 0.1f * is) / max, Laux);
     auto better = (suml2 > 0) & (sumlx * sumlx > best * suml2);
     F s = sumlx / suml2;
     scale = better ? s : scale;
