@@ -312,6 +312,9 @@ class BlockLinearCat(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
         self.types = [p.ggml_type for p in parts]
+        # the parts' biases side by side, once (not on every decode step)
+        bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -320,8 +323,8 @@ class BlockLinearCat(nn.Module):
             return torch.cat([p(x) for p in self.parts], -1)
         y = torch.ops.mamba_cli.ggml_mm_cat(x2, [p.blocks for p in self.parts], self.types, self.in_features,
                                             [p.rows for p in self.parts])
-        if self.parts[0].bias is not None:
-            y = y + torch.cat([p.bias for p in self.parts])
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 

@@ -10,6 +10,8 @@ MAMBA_CLI_NO_NATIVE=1, `load()` returns why, and 4-bit layers use torch's int4 k
 Ops (namespace mamba_cli, CPU):
     ggml_mm(x, w, type, k, rows=None)  x (M, K) float32 @ blocks w (N, row_bytes) uint8 -> (M, N) float32;
                                        output column j reads weight row rows[j] when rows is given
+    ggml_mm_cat(x, ws, types, k, rows) several ggml_mm of one x side by side -> (M, sum of N) float32, the
+                                       activations quantized once per format, one parallel region
     ggml_dequant(w, type, k)           blocks (N, row_bytes) -> (N, K) float32
     ggml_quantize(x, type)             blocks (B, 32 or 256) float32 -> (B, bytes) uint8, Q4_0 / Q4_1 / Q8_0 /
                                        Q4_K / Q6_K, as llama.cpp's reference packers (quant/formats.py is
