@@ -108,3 +108,56 @@ def test_chat_compiles_by_default_and_run_output_is_unchanged():
     assert fast == plain and plain
     chat = cli("chat", str(folder), "-t", "0", "-n", "6", stdin="hello\n/exit\n")
     assert "s compiling)" in " ".join(chat.stderr.split())  # rich wraps the status line
+
+
+def test_direct_calls_skip_dynamo_and_fall_back_when_the_call_differs():
+    """After dynamo has run a graph once, later decode steps call the compiled graph directly
+    (DirectCall: no frame hook, guards or bytecode); a call it did not capture (another batch size,
+    a grown KV cache, grad mode on) goes through dynamo again, and every result still equals eager."""
+    from runtime.cache import STEP
+
+    cls, cfg = CASES["jamba:jamba-p2-x4-top2-gqa2"]
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    eager = decode(m, n=10, prompt=STEP - 5)  # crosses a KV capacity step: new strides
+    assert m.compile() is None, comp.failures
+    before = dict(comp.direct_calls)
+    compiled = decode(m, n=10, prompt=STEP - 5)
+    direct = {k: v - before.get(k, 0) for k, v in comp.direct_calls.items()}
+    assert direct.get("ssm_block_step", 0) > 0 and direct.get("attn_kv_step", 0) > 0, direct
+    assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
+    # a batch of two: new shapes, through dynamo (a recompile), then direct again
+    cache = m.make_cache(2)
+    ids = torch.randint(5, 320, (2, 12), generator=torch.Generator().manual_seed(2))
+    m.forward(ids, cache)
+    steps = [m.forward(ids[:, i:i + 1], cache)[:, -1] for i in range(4)]
+    m.compile(False)
+    cache = m.make_cache(2)
+    m.forward(ids, cache)
+    ref = [m.forward(ids[:, i:i + 1], cache)[:, -1] for i in range(4)]
+    for a, b in zip(steps, ref, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
+def test_direct_call_refuses_what_it_did_not_capture():
+    """A DirectCall answers MISS for other modules, another dtype or rank, a size it was compiled
+    for statically, a symbolic size below 2 (dynamo specializes 0 and 1), or grad mode changed."""
+    lin = torch.nn.Linear(8, 8)
+
+    @comp.graph(dynamic=None)
+    def f(layer: torch.nn.Module, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return layer(x) + kv.sum(1)
+
+    comp.setup()
+    with torch.inference_mode():
+        x, kv = torch.randn(1, 8), torch.randn(1, 6, 8)
+        torch._dynamo.maybe_mark_dynamic(kv, 1)
+        f(lin, x, kv)
+        ((d,),) = f.direct.values()
+        longer = torch.randn(1, 9, 8)  # the symbolic length: served directly, computed right
+        assert torch.allclose(d((lin, x, longer)), lin(x) + longer.sum(1), atol=1e-6)
+        assert d((torch.nn.Linear(8, 8), x, kv)) is comp.MISS
+        assert d((lin, x.double(), kv)) is comp.MISS
+        assert d((lin, torch.randn(2, 8), kv)) is comp.MISS
+        assert d((lin, x, torch.randn(1, 6, 8, 1))) is comp.MISS
+        assert d((lin, x, torch.randn(1, 1, 8))) is comp.MISS
+    assert d((lin, x, kv)) is comp.MISS  # grad mode on, not inference tensors
