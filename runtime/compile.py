@@ -100,7 +100,7 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
             return fn(*args)
         compiled_calls[name] = compiled_calls.get(name, 0) + 1
         if len(_ran) == 1 and DIRECT and len(direct.get(key, ())) < 4:
-            d = DirectCall.capture(_ran[0], dict(zip(params, args)), args, out)
+            d = DirectCall.capture(_ran[0], dict(zip(params, args, strict=False)), args, out)
             if d is not None:
                 direct.setdefault(key, []).insert(0, d)  # newest first: a grown cache matches the latest
         return out
@@ -236,7 +236,7 @@ class DirectCall:
         """The compiled graph's result for these arguments, or MISS when they differ from the capture's."""
         if torch.is_grad_enabled() != self.grad or _structure(args) != self.structure:
             return MISS
-        got = self.gather(dict(zip(self.params, args)))
+        got = self.gather(dict(zip(self.params, args, strict=False)))
         for i, t in self.fixed:
             if got[i] is not t:
                 return MISS
@@ -244,10 +244,10 @@ class DirectCall:
             v = got[i]
             if v.dtype != dtype or v.device != device or v.is_inference() != inference or v.dim() != len(sizes):
                 return MISS
-            for want, have in zip(sizes, v.shape):
+            for want, have in zip(sizes, v.shape, strict=True):
                 if want is not None and want != have:
                     return MISS
-            for want, have in zip(strides, v.stride()):
+            for want, have in zip(strides, v.stride(), strict=True):
                 if want is not None and want != have:
                     return MISS
         for i in self.symbolic:
