@@ -278,6 +278,10 @@ def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
         layer.compiled_step = bool(on and dev.type == "cpu")
         if layer.compiled_step:
             marked.append(i)
+        for sub in layer.modules():
+            if hasattr(sub, "decode_A"):  # Mamba-1's A = -exp(A_log), (D, N): computed once, not every step
+                with torch.no_grad():
+                    sub.decode_A = -torch.exp(sub.A_log.float()) if layer.compiled_step else None
     return marked
 
 

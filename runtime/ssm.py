@@ -298,10 +298,13 @@ class MambaMixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()
 
+    decode_A: Tensor | None = None  # -exp(A_log), kept by runtime/compile.py for compiled decode steps
+
     def _conv_a(self) -> tuple[Tensor, Tensor | None, Tensor]:
         conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
         conv_b = self.conv1d.bias.float() if self.conv1d.bias is not None else None
-        return conv_w, conv_b, -torch.exp(self.A_log.float())  # A : (D, N)
+        A = self.decode_A if self.decode_A is not None else -torch.exp(self.A_log.float())  # (D, N)
+        return conv_w, conv_b, A
 
     def forward(self, h: Tensor, cache: SSMState | None = None) -> Tensor:
         # h : (B, T, E)  ->  (B, T, E)
