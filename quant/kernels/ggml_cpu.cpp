@@ -290,6 +290,41 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) mins[c][r] = 0.f;
 #ifdef MC_AVX2
+  if constexpr (RW == 4) {
+    // Four rows: each block's four integer dot products are summed across their lanes together (three
+    // hadds) and scaled as one 4-float vector, the four weight scales converted by one vcvtph2ps: 2.5
+    // fewer instructions a block and row than scaling each row's 8 lanes (this loop is compute-bound)
+    __m128 acc4[R], min4[R];
+    for (int r = 0; r < R; ++r) acc4[r] = min4[r] = _mm_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+      __m256i y[R], s[RW][R];
+      for (int r = 0; r < R; ++r) y[r] = _mm256_loadu_si256((const __m256i*)q8[r][i].qs);
+      for (int c = 0; c < RW; ++c) {
+        _mm_prefetch((const char*)(w[c] + i) + ahead, _MM_HINT_T0);
+        const __m256i q = D::v(w[c][i]);
+        const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);
+        for (int r = 0; r < R; ++r) s[c][r] = dot_us(aq, D::kMin ? y[r] : _mm256_sign_epi8(y[r], q));
+      }
+      const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)w[0][i].d, (short)w[1][i].d, (short)w[2][i].d,
+                                                    (short)w[3][i].d, 0, 0, 0, 0));
+      __m128 mw;
+      if constexpr (D::kMin)
+        mw = _mm_cvtph_ps(_mm_setr_epi16((short)w[0][i].m, (short)w[1][i].m, (short)w[2][i].m, (short)w[3][i].m,
+                                         0, 0, 0, 0));
+      for (int r = 0; r < R; ++r) {
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0][r], s[1][r]), _mm256_hadd_epi32(s[2][r], s[3][r]));
+        const __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        acc4[r] = _mm_fmadd_ps(_mm_mul_ps(dw, _mm_set1_ps(dx[r][i])), _mm_cvtepi32_ps(sum4), acc4[r]);
+        if constexpr (D::kMin) min4[r] = _mm_fmadd_ps(mw, _mm_set1_ps(sx[r][i]), min4[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float v[4];
+      _mm_storeu_ps(v, _mm_add_ps(acc4[r], min4[r]));
+      for (int c = 0; c < RW; ++c) out[c * R + r] = v[c];
+    }
+    return;
+  }
   __m256 acc[RW][R];
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
