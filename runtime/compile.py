@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import os
 import shutil
 import time
@@ -181,14 +182,24 @@ def _source_name(source) -> str | None:
 class DirectCall:
     """A compiled graph called without dynamo, for calls like the one it was captured from."""
 
-    def __init__(self, compiled, params, gather, fixed, tensors, symbolic, structure, single, grad):
+    def __init__(self, compiled, params, n_args, gather, fixed, tensors, symbolic, other, single, grad):
+        from torch._C._dynamo.guards import TensorGuards  # dynamo's own C++ tensor check
+
         self.compiled = compiled
         self.params = params  # the function's parameter names, for `L`
+        self.n_args = n_args
         self.gather = gather  # L -> the graph's inputs, in order
-        self.fixed = fixed  # [(input index, tensor)]: parameters and buffers, by identity
-        self.tensors = tensors  # [(input index, dtype, device, sizes, strides, inference)]: None = symbolic
-        self.symbolic = symbolic  # input indices of symbolic sizes (each must be >= 2)
-        self.structure = structure  # the arguments' non-tensor values, as dynamo specialized on them
+        # parameters and buffers (reached through a module argument): the same tensor objects
+        self.fixed_at = operator.itemgetter(*(i for i, _ in fixed), 0, 0)  # (two extra: always a tuple)
+        self.fixed = tuple(t for _, t in fixed)
+        # the other tensors: dtype, device, dispatch keys (inference or not), sizes and strides where static
+        self.tensors_at = operator.itemgetter(*(i for i, _ in tensors), 0, 0)
+        self.check = TensorGuards(*(t for _, (t, _, _) in tensors),
+                                  dynamic_dims_sizes=[list(sz) for _, (_, sz, _) in tensors],
+                                  dynamic_dims_strides=[list(st) for _, (_, _, st) in tensors]).check
+        self.n_tensors = len(tensors)
+        self.symbolic = symbolic  # input indices of symbolic sizes and strides (each must be >= 2)
+        self.other = other  # [(argument index, its value's structure)]: arguments neither tensor nor module
         self.single = single  # the function returns one tensor (else a tuple)
         self.grad = grad
 
@@ -228,28 +239,23 @@ class DirectCall:
             elif name.startswith(module_roots):
                 fixed.append((i, value))
             else:
-                tensors.append((i, value.dtype, value.device, *shape, value.is_inference()))
-        return cls(ran.compiled, list(local), gather, fixed, tensors, symbolic, _structure(args), single,
+                tensors.append((i, (value, *shape)))
+        other = [(i, _structure(a)) for i, a in enumerate(args) if not isinstance(a, (torch.Tensor, torch.nn.Module))]
+        return cls(ran.compiled, list(local), len(args), gather, fixed, tensors, symbolic, other, single,
                    torch.is_grad_enabled())
 
     def __call__(self, args: tuple):
         """The compiled graph's result for these arguments, or MISS when they differ from the capture's."""
-        if torch.is_grad_enabled() != self.grad or _structure(args) != self.structure:
+        if len(args) != self.n_args or torch.is_grad_enabled() != self.grad:
             return MISS
+        for i, structure in self.other:
+            if _structure(args[i]) != structure:
+                return MISS
         got = self.gather(dict(zip(self.params, args, strict=False)))
-        for i, t in self.fixed:
-            if got[i] is not t:
-                return MISS
-        for i, dtype, device, sizes, strides, inference in self.tensors:
-            v = got[i]
-            if v.dtype != dtype or v.device != device or v.is_inference() != inference or v.dim() != len(sizes):
-                return MISS
-            for want, have in zip(sizes, v.shape, strict=True):
-                if want is not None and want != have:
-                    return MISS
-            for want, have in zip(strides, v.stride(), strict=True):
-                if want is not None and want != have:
-                    return MISS
+        if any(map(operator.is_not, self.fixed_at(got), self.fixed)):  # (zip-like: the two extras unread)
+            return MISS
+        if not self.check(*self.tensors_at(got)[: self.n_tensors]):
+            return MISS
         for i in self.symbolic:
             if got[i] < 2:
                 return MISS

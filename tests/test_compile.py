@@ -161,3 +161,22 @@ def test_direct_call_refuses_what_it_did_not_capture():
         assert d((lin, x, torch.randn(1, 6, 8, 1))) is comp.MISS
         assert d((lin, x, torch.randn(1, 1, 8))) is comp.MISS
     assert d((lin, x, kv)) is comp.MISS  # grad mode on, not inference tensors
+
+
+def test_direct_call_misses_when_a_parameter_is_replaced():
+    """A module whose parameter tensor was replaced (same module object) goes back through dynamo."""
+    lin = torch.nn.Linear(8, 8)
+
+    @comp.graph
+    def g(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x) * 2
+
+    comp.setup()
+    with torch.inference_mode():
+        x = torch.randn(1, 8)
+        g(lin, x)
+        ((d,),) = g.direct.values()
+        assert torch.allclose(d((lin, x)), lin(x) * 2)
+        lin.weight = torch.nn.Parameter(torch.randn(8, 8))
+        assert d((lin, x)) is comp.MISS
+        assert torch.allclose(g(lin, x), lin(x) * 2)  # through dynamo: recompiled for the new tensor
