@@ -125,6 +125,16 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
 # through dynamo.
 
 DIRECT = not os.environ.get("MAMBA_CLI_NO_DIRECT")
+_generation = [0]  # bumped whenever any module registers or replaces a parameter, buffer or submodule
+
+
+def _bump(*_args):
+    _generation[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
 MISS = object()  # a DirectCall's answer when the call does not match what it captured
 _ran: list[_Ran] = []  # the compiled graphs run during the current call through dynamo
 
@@ -142,7 +152,10 @@ def _backend(gm: torch.fx.GraphModule, example_inputs):
     """Inductor, with a record of each call (`_ran`) so that `graph()` can capture it as a DirectCall."""
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(gm, example_inputs)
+    # no size, stride and alignment asserts in the generated wrapper: 20-odd Python calls (~20 us) on every
+    # call of a graph whose inputs DirectCall or dynamo's guards have already checked
+    with torch._inductor.config.patch(size_asserts=False, alignment_asserts=False, scalar_asserts=False):
+        compiled = compile_fx(gm, example_inputs)
     sources, shapes = [], []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -182,18 +195,22 @@ def _source_name(source) -> str | None:
 class DirectCall:
     """A compiled graph called without dynamo, for calls like the one it was captured from."""
 
-    def __init__(self, compiled, params, n_args, gather, fixed, tensors, symbolic, other, single, grad):
+    def __init__(self, compiled, params, n_args, names, fixed, tensors, symbolic, other, single, grad):
         from torch._C._dynamo.guards import TensorGuards  # dynamo's own C++ tensor check
 
         self.compiled = compiled
         self.params = params  # the function's parameter names, for `L`
         self.n_args = n_args
-        self.gather = gather  # L -> the graph's inputs, in order
-        # parameters and buffers (reached through a module argument): the same tensor objects
-        self.fixed_at = operator.itemgetter(*(i for i, _ in fixed), 0, 0)  # (two extra: always a tuple)
+        # parameters and buffers (reached through a module argument): fetched at capture, passed as `F`;
+        # fetched again and compared by identity only after some module changed its parameters (_generation)
         self.fixed = tuple(t for _, t in fixed)
+        slot = {i: f"F[{j}]" for j, (i, _) in enumerate(fixed)}
+        env = {"__builtins__": {}}
+        self.gather = eval(f"lambda L, F: ({''.join(slot.get(i, n) + ', ' for i, n in enumerate(names))})", env)  # noqa: S307
+        self.refetch = eval(f"lambda L: ({''.join(names[i] + ', ' for i, _ in fixed)})", env)  # noqa: S307
+        self.generation = _generation[0]
         # the other tensors: dtype, device, dispatch keys (inference or not), sizes and strides where static
-        self.tensors_at = operator.itemgetter(*(i for i, _ in tensors), 0, 0)
+        self.tensors_at = operator.itemgetter(*(i for i, _ in tensors), 0, 0)  # (two extra: always a tuple)
         self.check = TensorGuards(*(t for _, (t, _, _) in tensors),
                                   dynamic_dims_sizes=[list(sz) for _, (_, sz, _) in tensors],
                                   dynamic_dims_strides=[list(st) for _, (_, _, st) in tensors]).check
@@ -241,7 +258,7 @@ class DirectCall:
             else:
                 tensors.append((i, (value, *shape)))
         other = [(i, _structure(a)) for i, a in enumerate(args) if not isinstance(a, (torch.Tensor, torch.nn.Module))]
-        return cls(ran.compiled, list(local), len(args), gather, fixed, tensors, symbolic, other, single,
+        return cls(ran.compiled, list(local), len(args), names, fixed, tensors, symbolic, other, single,
                    torch.is_grad_enabled())
 
     def __call__(self, args: tuple):
@@ -251,9 +268,12 @@ class DirectCall:
         for i, structure in self.other:
             if _structure(args[i]) != structure:
                 return MISS
-        got = self.gather(dict(zip(self.params, args, strict=False)))
-        if any(map(operator.is_not, self.fixed_at(got), self.fixed)):  # (zip-like: the two extras unread)
-            return MISS
+        local = dict(zip(self.params, args, strict=False))
+        if self.generation != _generation[0]:
+            if any(map(operator.is_not, self.refetch(local), self.fixed)):
+                return MISS
+            self.generation = _generation[0]
+        got = self.gather(local, self.fixed)
         if not self.check(*self.tensors_at(got)[: self.n_tensors]):
             return MISS
         for i in self.symbolic:
