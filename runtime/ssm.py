@@ -243,10 +243,14 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     b, nh, p = x.shape
     g, n = B.shape[1], B.shape[2]
     hg = state.view(b, g, nh // g, p, n)
-    hg.mul_(torch.exp(dt * A).view(b, g, nh // g, 1, 1))
-    hg.addcmul_((dt[:, :, None] * x).view(b, g, nh // g, p, 1), B.view(b, g, 1, 1, n))
-    y = torch.matmul(hg, C.view(b, g, 1, n, 1)).view(b, nh, p)
-    return y.addcmul_(x, D[:, None])
+    decay = torch.exp(dt * A).view(b, g, nh // g, 1)
+    dtx = (dt[:, :, None] * x).view(b, g, nh // g, p)
+    # y = new state . C, written from the old state: decay * (h . C) + dtx * (B . C). Then the compiled
+    # step reads the state once and updates it in place in the same pass (reading the new state for y
+    # made inductor write it to a temporary, copy it back and read it again: 2x the time, state-bound)
+    y = decay * (hg * C.view(b, g, 1, 1, n)).sum(-1) + dtx * (B * C).sum(-1).view(b, g, 1, 1)
+    hg.mul_(decay[..., None]).addcmul_(dtx[..., None], B.view(b, g, 1, 1, n))
+    return y.view(b, nh, p).addcmul_(x, D[:, None])
 
 
 # ---------------------------------------------------------------- modules
