@@ -354,9 +354,40 @@ def ffn_residual(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor
     return h + ffn(norm(h))
 
 
+@graph
+def moe_route(norm: RMSNorm, moe: MoE, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE block's norm and router, as MoE.forward: x (N, E), the chosen experts' weights and ids (N, K)."""
+    x = norm(h).reshape(-1, h.shape[-1])
+    probs = F.softmax(moe.gate(x).float(), dim=-1)
+    weights, idx = torch.topk(probs, moe.top_k, dim=-1)
+    if moe.renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return x, weights.to(x.dtype), idx
+
+
+@graph
+def moe_expert(w1: nn.Module, w3: nn.Module, w2: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One chosen 4-bit expert on one token x (1, E), times its routing weight (1, 1)."""
+    return weight * w2(F.silu(w1(x)) * w3(x))
+
+
 def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """h + ffn(norm(h)) for one token: compiled, except MoE, whose routing is data-dependent (eager)."""
-    return h + ffn(norm(h)) if isinstance(ffn, MoE) else ffn_residual(norm, ffn, h)
+    """h + ffn(norm(h)) for one token, compiled. A MoE's expert choice is data-dependent: its router is one
+    graph, the ids come to the host (free on the CPU), and each chosen 4-bit expert is a graph of its own
+    (float experts and device routing stay eager: MoE.forward)."""
+    if not isinstance(ffn, MoE):
+        return ffn_residual(norm, ffn, h)
+    if not hasattr(ffn, "q1") or h.device.type != "cpu" or ffn.device_routing or h.shape[0] * h.shape[1] > 2:
+        return h + ffn(norm(h))
+    x, weights, idx = moe_route(norm, ffn, h)
+    rows = []
+    for n, chosen in enumerate(idx.tolist()):
+        out = None  # summed as MoE.forward does: (0 + y0) + y1 ...
+        for j, e in enumerate(chosen):
+            y = moe_expert(ffn.q1[e], ffn.q3[e], ffn.q2[e], x[n : n + 1], weights[n : n + 1, j : j + 1])
+            out = y if out is None else out + y
+        rows.append(out)
+    return h + (rows[0] if len(rows) == 1 else torch.cat(rows)).view(h.shape)
 
 
 def attend_kv(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,

@@ -180,3 +180,34 @@ def test_direct_call_misses_when_a_parameter_is_replaced():
         lin.weight = torch.nn.Parameter(torch.randn(8, 8))
         assert d((lin, x)) is comp.MISS
         assert torch.allclose(g(lin, x), lin(x) * 2)  # through dynamo: recompiled for the new tensor
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_moe_decode_graphs_equal_eager(renormalize, rows):
+    """A 4-bit MoE's one-token step (ffn_block_step): the router as one graph, each chosen expert as
+    another, called directly after the first time; the result equals the eager MoE.forward."""
+    from quant import formats, native
+    from quant.linear import BlockLinear
+    from runtime.layers import MoE, RMSNorm, ffn_block_step
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load()}")
+    torch.manual_seed(0)
+    moe = MoE(64, 96, 4, 2, renormalize=renormalize)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        for p in [*moe.parameters(), *norm.parameters()]:
+            p.normal_(0, 0.3)
+    for name in ("w1", "w3", "w2"):
+        w = getattr(moe, name)
+        moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
+    comp.setup()
+    before = comp.direct_calls.get("moe_expert", 0)
+    with torch.inference_mode():
+        for seed in range(6):
+            h = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(seed))
+            want = h + moe(norm(h))
+            got = ffn_block_step(norm, moe, h)
+            assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max())), seed
+    assert comp.direct_calls.get("moe_expert", 0) > before
