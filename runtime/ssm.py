@@ -290,7 +290,7 @@ class MambaMixer(nn.Module):
         return SSMState(torch.zeros(batch, self.inner, self.kernel - 1, device=dev),
                         torch.zeros(batch, self.inner, self.state, device=dev))
 
-    def _dt_b_c(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _dt_b_c(self, x: Tensor, one_token: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         # x : (..., D) float32  ->  dt : (..., D), B, C : (..., N), float32
         proj = self.x_proj(x.to(input_dtype(self.x_proj)))  # (..., R + 2N)
         dt, B, C = proj.split([self.rank, self.state, self.state], dim=-1)
@@ -299,7 +299,13 @@ class MambaMixer(nn.Module):
         elif self.bcdt_norm == "weightless":
             eps = self.norm_eps
             dt, B, C = rms_normalize(dt, eps, dt.dtype), rms_normalize(B, eps, B.dtype), rms_normalize(C, eps, C.dtype)
-        dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
+        if one_token and self.dt_proj.weight.dtype == torch.float32 and dt.shape[0] <= 8:
+            # (B, R) @ (D, R).T as a broadcast product summed over R: inside a compiled step this is one
+            # fused loop over the (D, R) weight instead of a GEMM call (~12 us for a 1536 x 48 matrix)
+            dt = (dt[:, None, :] * self.dt_proj.weight).sum(-1)
+            dt = F.softplus(dt + self.dt_proj.bias if self.dt_proj.bias is not None else dt)
+        else:
+            dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()
 
     decode_A: Tensor | None = None  # -exp(A_log), kept by runtime/compile.py for compiled decode steps
@@ -331,7 +337,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, D) each
         conv_w, conv_b, A = self._conv_a()
         x = F.silu(conv1d_step(x.float(), conv_w, conv_b, conv))
-        dt, B, C = self._dt_b_c(x)
+        dt, B, C = self._dt_b_c(x, one_token=True)
         y = selective_step(x, dt, A, B, C, self.D.float(), state)
         return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
 
