@@ -203,11 +203,16 @@ def test_moe_decode_graphs_equal_eager(renormalize, rows):
         w = getattr(moe, name)
         moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
     comp.setup()
-    before = comp.direct_calls.get("moe_expert", 0)
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([torch.nn.Module()])
+    holder.layers[0].moe, holder.layers[0].compiled_step = moe, True
+    comp._warm_experts(holder)  # what warm_up does: every expert's direct call captured before the steps
+    before = comp.direct_calls.get("moe_expert", 0), comp.compiled_calls.get("moe_expert", 0)
     with torch.inference_mode():
         for seed in range(6):
             h = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(seed))
             want = h + moe(norm(h))
             got = ffn_block_step(norm, moe, h)
             assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max())), seed
-    assert comp.direct_calls.get("moe_expert", 0) > before
+    direct = comp.direct_calls.get("moe_expert", 0) - before[0]
+    assert direct == comp.compiled_calls.get("moe_expert", 0) - before[1] == 6 * rows * 2  # all of them
