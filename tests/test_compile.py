@@ -176,10 +176,10 @@ def test_direct_call_misses_when_a_parameter_is_replaced():
         x = torch.randn(1, 8)
         g(lin, x)
         ((d,),) = g.direct.values()
-        assert torch.allclose(d((lin, x)), lin(x) * 2)
+        assert torch.allclose(d((lin, x)), lin(x) * 2, atol=1e-6)
         lin.weight = torch.nn.Parameter(torch.randn(8, 8))
         assert d((lin, x)) is comp.MISS
-        assert torch.allclose(g(lin, x), lin(x) * 2)  # through dynamo: recompiled for the new tensor
+        assert torch.allclose(g(lin, x), lin(x) * 2, atol=1e-6)  # through dynamo: recompiled for the new tensor
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
