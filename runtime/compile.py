@@ -22,6 +22,7 @@ import operator
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -103,6 +104,8 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
         if len(_ran) == 1 and DIRECT and len(direct.get(key, ())) < 4:
             d = DirectCall.capture(_ran[0], dict(zip(params, args, strict=False)), args, out)
             if d is not None:
+                if key not in direct and key:  # dropped with the modules (d holds their parameters)
+                    weakref.finalize(next(a for a in args if isinstance(a, torch.nn.Module)), direct.pop, key, None)
                 direct.setdefault(key, []).insert(0, d)  # newest first: a grown cache matches the latest
         return out
 

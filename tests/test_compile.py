@@ -7,6 +7,7 @@ Needs a C++ compiler for inductor: skipped, with the reason, where there is none
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -180,6 +181,10 @@ def test_direct_call_misses_when_a_parameter_is_replaced():
         lin.weight = torch.nn.Parameter(torch.randn(8, 8))
         assert d((lin, x)) is comp.MISS
         assert torch.allclose(g(lin, x), lin(x) * 2, atol=1e-6)  # through dynamo: recompiled for the new tensor
+    assert g.direct
+    del lin, d
+    gc.collect()
+    assert not g.direct  # dropped with the module: its parameters are not kept alive
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
