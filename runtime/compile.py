@@ -101,12 +101,15 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
             failures[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             return fn(*args)
         compiled_calls[name] = compiled_calls.get(name, 0) + 1
-        if len(_ran) == 1 and DIRECT and len(direct.get(key, ())) < 4:
-            d = DirectCall.capture(_ran[0], dict(zip(params, args, strict=False)), args, out)
+        ran, _ran[:] = list(_ran), []
+        if len(ran) == 1 and DIRECT and len(direct.get(key, ())) < 4:
+            d = DirectCall.capture(ran[0], dict(zip(params, args, strict=False)), args, out)
             if d is not None:
                 if key not in direct and key:  # dropped with the modules (d holds their parameters)
                     weakref.finalize(next(a for a in args if isinstance(a, torch.nn.Module)), direct.pop, key, None)
                 direct.setdefault(key, []).insert(0, d)  # newest first: a grown cache matches the latest
+        for r in ran:  # the call's inputs and outputs (KV views, activations) are not kept alive
+            r.args, r.out = (), None
         return out
 
     run.direct = direct  # for tests: the captured direct calls
@@ -308,9 +311,8 @@ def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
         if layer.compiled_step:
             marked.append(i)
         for sub in layer.modules():
-            if hasattr(sub, "decode_A"):  # Mamba-1's A = -exp(A_log), (D, N): computed once, not every step
-                with torch.no_grad():
-                    sub.decode_A = -torch.exp(sub.A_log.float()) if layer.compiled_step else None
+            if hasattr(sub, "keep_decode_A"):  # Mamba-1: A computed once, not in every step's graph
+                sub.keep_decode_A(layer.compiled_step)
     return marked
 
 
@@ -339,8 +341,10 @@ def _warm_experts(module: torch.nn.Module) -> None:
         if not getattr(layer, "compiled_step", False):
             continue
         for moe in (sub for sub in layer.modules() if isinstance(sub, MoE) and hasattr(sub, "q1")):
-            with torch.inference_mode():
-                x = torch.zeros(1, moe.q1[0].in_features)
+            with torch.inference_mode():  # the tensor kind a decode step passes (the direct call checks it)
+                x = torch.zeros(1, moe.q1[0].in_features, device=moe.gate.weight.device)
+                if not moe.routes_on_host(x):
+                    continue
                 weight = torch.ones(1, moe.top_k)[:, :1]  # a column of the routing weights, as in a step
                 for e in range(moe.n_experts):
                     moe_expert(moe.q1[e], moe.q3[e], moe.q2[e], x, weight)

@@ -289,6 +289,10 @@ class MoE(nn.Module):
         y = torch.einsum("nkei,nki->nke", w2, h)
         return torch.einsum("nke,nk->ne", y, weights)
 
+    def routes_on_host(self, x: torch.Tensor) -> bool:
+        """Whether tokens x (N, E) take the decode routing with the expert ids on the host: a CPU decode step."""
+        return x.shape[0] <= 2 and x.device.type == "cpu" and not self.device_routing
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, E)
@@ -297,10 +301,10 @@ class MoE(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
-        if x.shape[0] <= 2 and (x.device.type != "cpu" or self.device_routing):
+        if x.shape[0] <= 2 and not self.routes_on_host(x):
             return self.route_on_device(x, weights, idx).view(shape)
         out = torch.zeros_like(x)
-        if x.shape[0] <= 2:
+        if self.routes_on_host(x):
             # Decode on the CPU: run the K chosen experts on their weight views (no gathered copies); the
             # expert ids come to the host (.tolist()), which is free here and a stall on a GPU.
             for n in range(x.shape[0]):
@@ -377,7 +381,7 @@ def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tens
     (float experts and device routing stay eager: MoE.forward)."""
     if not isinstance(ffn, MoE):
         return ffn_residual(norm, ffn, h)
-    if not hasattr(ffn, "q1") or h.device.type != "cpu" or ffn.device_routing or h.shape[0] * h.shape[1] > 2:
+    if not hasattr(ffn, "q1") or not ffn.routes_on_host(h.reshape(-1, h.shape[-1])):
         return h + ffn(norm(h))
     x, weights, idx = moe_route(norm, ffn, h)
     rows = []

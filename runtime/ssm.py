@@ -308,7 +308,12 @@ class MambaMixer(nn.Module):
             dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()
 
-    decode_A: Tensor | None = None  # -exp(A_log), kept by runtime/compile.py for compiled decode steps
+    decode_A: Tensor | None = None  # A kept while compiled decode steps are on (keep_decode_A)
+
+    def keep_decode_A(self, on: bool) -> None:
+        """Keep A = -exp(A_log) (D, N) computed once for the decode steps (runtime/compile.py), or drop it."""
+        with torch.no_grad():
+            self.decode_A = -torch.exp(self.A_log.float()) if on else None
 
     def _conv_a(self) -> tuple[Tensor, Tensor | None, Tensor]:
         conv_w = self.conv1d.weight[:, 0].float()  # (D, K)
