@@ -229,3 +229,103 @@ def test_row_index_that_is_not_a_permutation():
     x = torch.randn(2, 256)
     idx = torch.tensor([5, 5, 0, 15, 2])
     assert torch.equal(native.mm(x, w, int(t), 256, idx), native.mm(x, w[idx].contiguous(), int(t), 256))
+
+
+# ---------------------------------------------------------------- one-token attention (kernels/attention.cpp)
+
+
+def attention_reference(q, k, v, mask):
+    """softmax(q k^T / sqrt(D)) v in float64, query head h on kv head h // (H / Hk); rows with nothing
+    attended give zeros."""
+    b, h, _, d = q.shape
+    g = h // k.shape[1]
+    kk = k.double().repeat_interleave(g, 1)
+    vv = v.double().repeat_interleave(g, 1)
+    scores = q.double() @ kk.transpose(-1, -2) / d**0.5  # (B, H, 1, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(-1, 1, 1, k.shape[2]).expand_as(scores), float("-inf"))
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (p @ vv).float()
+
+
+@pytest.mark.parametrize("b,h,hk,s,d,cap,mask", [
+    (1, 9, 3, 170, 64, 256, None),  # SmolLM2's heads, a cache view
+    (2, 8, 2, 1, 128, 4, None),  # one position
+    (1, 32, 8, 3000, 128, 4096, None),  # Mistral's heads; chunks across threads
+    (2, 4, 4, 700, 32, 700, "row"),  # D under 64; a mask per sequence (a batch cache)
+    (1, 4, 1, 37, 20, 40, "shared"),  # one kv head; D and S not multiples of 8; a shared mask (a ring)
+    (3, 6, 3, 515, 64, 600, "row"),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_equals_reference(b, h, hk, s, d, cap, mask, threads):
+    g = torch.Generator().manual_seed(b * 1000 + s)
+    q = torch.randn(b, h, 1, d, generator=g)
+    kc = torch.randn(b, hk, cap, d, generator=g) * 3  # peaky softmax
+    vc = torch.randn(b, hk, cap, d, generator=g)
+    k, v = kc[:, :, :s], vc[:, :, :s]  # views with the cache's strides
+    m = None
+    if mask:
+        m = torch.rand(b if mask == "row" else 1, s, generator=g) > 0.3
+        m[:, 0] = True
+        m = m.reshape(b, 1, 1, s) if mask == "row" else m
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = torch.ops.mamba_cli.attn_decode(q, k, v, m)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, attention_reference(q, k, v, m), rtol=1e-5, atol=2e-6)
+
+
+def test_decode_attention_extremes():
+    """Scores in the hundreds (the max is subtracted before exp), one position dominating, a sequence with
+    nothing attended (zeros, where SDPA gives NaN) and empty batches."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 1, 64, generator=g) * 10
+    k = torch.randn(2, 2, 300, 64, generator=g) * 10
+    v = torch.randn(2, 2, 300, 64, generator=g)
+    want = attention_reference(q, k, v, None)
+    # scores ~100 carry float32 rounding of ~1e-5 into the weights: the bound is torch's own float32 error
+    torch_err = (F.scaled_dot_product_attention(q, k, v, enable_gqa=True) - want).abs().max()
+    assert (torch.ops.mamba_cli.attn_decode(q, k, v) - want).abs().max() <= 2 * torch_err + 1e-6
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1] = False
+    got = torch.ops.mamba_cli.attn_decode(q, k, v, mask)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    torch.testing.assert_close(got[0], attention_reference(q[:1], k[:1], v[:1], mask[:1])[0], rtol=1e-5, atol=2e-6)
+    assert torch.ops.mamba_cli.attn_decode(q[:0], k[:0], v[:0]).shape == (0, 4, 1, 64)
+
+
+def test_decode_attention_bad_inputs_are_errors():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
+    for args, match in [((q.double(), k, k), "float32"), ((q, k, k[:, :, :4]), "must be"),
+                        ((torch.randn(1, 3, 1, 16), k, k), "multiple"),
+                        ((q, k.transpose(2, 3), k.transpose(2, 3)), "must be|contiguous"),
+                        ((q, k, k, torch.ones(5)), "bool"), ((q, k, k, torch.ones(4, dtype=torch.bool)), "entries")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.mamba_cli.attn_decode(*args)
+
+
+def test_sdpa_takes_the_native_kernel_for_one_token():
+    """runtime.layers.sdpa sends float32 one-token steps to the kernel (equal to torch's SDPA to fp32
+    rounding) and everything else to torch."""
+    import torch.nn.functional as F
+
+    from runtime import layers
+
+    assert layers.native_attention() is torch.ops.mamba_cli.attn_decode
+    q, k, v = torch.randn(1, 8, 1, 32), torch.randn(1, 2, 50, 32), torch.randn(1, 2, 50, 32)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(layers.sdpa(q, k, v, None, causal=False), want, rtol=1e-5, atol=1e-6)
+    calls = []
+    real = layers._decode_attention[0]
+    layers._decode_attention[0] = lambda *a: calls.append(a) or real(*a)
+    try:
+        layers.sdpa(q, k, v, None, causal=False)
+        layers.sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, causal=False)  # not float32: torch's
+        layers.sdpa(torch.randn(1, 8, 2, 32), k, v, None, causal=True)  # two tokens: torch's
+    finally:
+        layers._decode_attention[0] = real
+    assert len(calls) == 1
