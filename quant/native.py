@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("ggml_cpu.cpp", "ggml_quantize.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name("kernels") / name
+           for name in ("ggml_cpu.cpp", "ggml_quantize.cpp", "attention.cpp")]
 # ggml type ids the kernels take (gguf's GGMLQuantizationType values)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
 KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
