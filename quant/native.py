@@ -1,5 +1,5 @@
-"""The native CPU kernels as torch custom ops: 4-bit products (quant/kernels/ggml_cpu.cpp), K-quant packers
-(ggml_quantize.cpp) and one-token attention (attention.cpp): built once, loaded, called.
+"""The native 4-bit CPU kernels (quant/kernels/ggml_cpu.cpp) and K-quant packers (ggml_quantize.cpp) as torch
+custom ops: built once, loaded, called.
 
 The C++ files are compiled with torch's extension tooling (ninja) for this machine's CPU (-march=native:
 AVX2 here, AVX-512 or NEON elsewhere, plain C++ where the compiler finds no SIMD it knows) into
@@ -16,8 +16,6 @@ Ops (namespace mamba_cli, CPU):
     ggml_quantize(x, type)             blocks (B, 32 or 256) float32 -> (B, bytes) uint8, Q4_0 / Q4_1 / Q8_0 /
                                        Q4_K / Q6_K, as llama.cpp's reference packers (quant/formats.py is
                                        their torch port)
-    attn_decode(q, k, v, mask=None)    one-token attention over a KV cache, float32 (kernels/attention.cpp):
-                                       q (B, H, 1, D), k/v (B, Hk, S, D) -> (B, H, 1, D), as SDPA
     simd()                             which path was compiled: "avx2" or "generic"
 """
 
@@ -35,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("kernels") / name
-           for name in ("ggml_cpu.cpp", "ggml_quantize.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("ggml_cpu.cpp", "ggml_quantize.cpp")]
 # ggml type ids the kernels take (gguf's GGMLQuantizationType values)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
 KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
@@ -90,10 +87,6 @@ def _register_fakes() -> None:
     def _(x, ws, types, k, rows):
         n = sum(w.shape[0] if r is None else r.shape[0] for w, r in zip(ws, rows, strict=True))
         return x.new_empty(x.shape[0], n, dtype=torch.float32)
-
-    @torch.library.register_fake("mamba_cli::attn_decode")
-    def _(q, k, v, mask=None):
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("mamba_cli::ggml_dequant")
     def _(w, type, k):

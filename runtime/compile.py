@@ -304,9 +304,6 @@ def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
     """Mark the blocks of `module` that live on the CPU to take compiled one-token steps; their indices."""
     if on:
         setup()
-        from runtime.layers import native_attention
-
-        native_attention()  # resolved here, not while dynamo traces a graph that calls it
     marked = []
     for i, layer in enumerate(module.layers):
         dev = next(layer.parameters()).device

@@ -152,28 +152,10 @@ class Attention(nn.Module):
         return self.merge(out)
 
 
-_decode_attention: list = []  # [the native one-token attention op, or None]: native_attention()
-
-
-def native_attention():
-    """The native one-token attention (quant/kernels/attention.cpp), or None without the native kernels.
-    Resolved once, outside compiled code: runtime/compile.py's enable() asks before any graph is traced."""
-    if not _decode_attention:
-        from quant import native
-
-        _decode_attention.append(torch.ops.mamba_cli.attn_decode if native.load() is None else None)
-    return _decode_attention[0]
-
-
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S), (B, 1, 1, S) bool or None
+    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None
     b, h, t, d = q.shape
     hk = k.shape[1]
-    if (t == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and (mask is None or mask.dtype == torch.bool) and native_attention() is not None):
-        # A decode step on the CPU: torch's SDPA spends ~80 us setting up its flash kernel for this tiny
-        # problem (a 135M model's 30 layers: 2 ms of a 17 ms step); the native kernel takes a few.
-        return native_attention()(q, k, v, mask)
     if t == 1 and mask is not None and hk != h:
         # One query per head (a static cache's decode step): the H/Hk heads sharing a kv head become that
         # kv head's queries, so any SDPA kernel takes the mask without repeating keys and values.
