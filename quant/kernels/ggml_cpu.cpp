@@ -189,9 +189,9 @@ inline float hsum(__m256 x) {
   return _mm_cvtss_f32(r);
 }
 // 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..15) then high nibbles (16..31)
-inline __m256i nibbles32(const uint8_t* p) {
-  const __m128i t = _mm_loadu_si128((const __m128i*)p);
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0xF));
+inline __m256i nibbles32(const uint8_t* p) {  // one broadcast load, one variable shift, one and
+  const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_and_si256(_mm256_srlv_epi32(t, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0xF));
 }
 // 32 bits -> 32 bytes of 0xFF (bit set) or 0x00
 inline __m256i bits32(const uint8_t* p) {
@@ -221,19 +221,24 @@ inline __m256i dot_us(__m256i u, __m256i s) {
 // q8[r] (the whole row), reusing each unpacked weight block for the R activation rows.
 
 // The 32-blocks differ only in how a block's 32 quants are unpacked. Each decoder gives them as bytes
-// for the AVX2 path (signed for the symmetric types, 0..31 for those with a min, kMin) and one at a time
-// for the plain path; the value is d * q (+ m).
+// for the AVX2 path and one at a time for the plain path; the value is d * q (+ m). For the AVX2 path Q4_0
+// and Q5_0 give their stored unsigned quants u = q + kOffset (0..15, 0..31): maddubs multiplies them with
+// the signed activations directly, and the block's kOffset * sum(activation quants) is subtracted from the
+// integer sum, exactly (two sign instructions a block and row fewer than signing both operands). Q8_0
+// gives signed bytes; the types with a min (kMin) give 0..31.
 struct DQ4_0 {
   using B = BQ4_0;
   static constexpr bool kMin = false;
+  static constexpr int kOffset = 8;
   static int q(const B& b, int j) { return (j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4) - 8; }
 #ifdef MC_AVX2
-  static __m256i v(const B& b) { return _mm256_sub_epi8(nibbles32(b.qs), _mm256_set1_epi8(8)); }
+  static __m256i v(const B& b) { return nibbles32(b.qs); }
 #endif
 };
 struct DQ4_1 {
   using B = BQ4_1;
   static constexpr bool kMin = true;
+  static constexpr int kOffset = 0;
   static int q(const B& b, int j) { return j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4; }
 #ifdef MC_AVX2
   static __m256i v(const B& b) { return nibbles32(b.qs); }
@@ -247,17 +252,18 @@ inline int fifth_bit(const uint8_t* qh, int j) {
 struct DQ5_0 {
   using B = BQ5_0;
   static constexpr bool kMin = false;
+  static constexpr int kOffset = 16;
   static int q(const B& b, int j) { return (j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4) + fifth_bit(b.qh, j) - 16; }
 #ifdef MC_AVX2
-  // nibble | (bit << 4), minus 16: as signed bytes, (bit ? 0 : 0xF0) | nibble
-  static __m256i v(const B& b) {
-    return _mm256_or_si256(nibbles32(b.qs), _mm256_andnot_si256(bits32(b.qh), _mm256_set1_epi8((char)0xF0)));
+  static __m256i v(const B& b) {  // nibble | (bit << 4)
+    return _mm256_or_si256(nibbles32(b.qs), _mm256_and_si256(bits32(b.qh), _mm256_set1_epi8(0x10)));
   }
 #endif
 };
 struct DQ5_1 {
   using B = BQ5_1;
   static constexpr bool kMin = true;
+  static constexpr int kOffset = 0;
   static int q(const B& b, int j) { return (j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4) + fifth_bit(b.qh, j); }
 #ifdef MC_AVX2
   static __m256i v(const B& b) {
@@ -268,6 +274,7 @@ struct DQ5_1 {
 struct DQ8_0 {
   using B = BQ8_0;
   static constexpr bool kMin = false;
+  static constexpr int kOffset = 0;
   static int q(const B& b, int j) { return b.qs[j]; }
 #ifdef MC_AVX2
   static __m256i v(const B& b) { return _mm256_loadu_si256((const __m256i*)b.qs); }
@@ -275,7 +282,7 @@ struct DQ8_0 {
 };
 
 // 32-blocks against Q8_0 activations (Q8_1 for the types with a min, whose min term is m * s). dx, sx:
-// the activation blocks' d and s as float. RW weight rows at once: each activation block is loaded once
+// the activation blocks' d and s as float (for Q8_0 activations sx is the sum of the block's quants). RW weight rows at once: each activation block is loaded once
 // for the RW rows, and the RW x R independent accumulator chains keep the core busy while the weight
 // streams arrive (one row at a time was latency-bound: ~3 ns a block).
 template <class D, int RW, int R>
@@ -290,6 +297,12 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) mins[c][r] = 0.f;
 #ifdef MC_AVX2
+  constexpr bool kUnsigned = D::kMin || D::kOffset != 0;  // weight bytes maddubs takes as they are
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  constexpr bool kPairs16 = false;
+#else
+  constexpr bool kPairs16 = kUnsigned;  // 5-bit quants at most: maddubs' int16 pair sums can be added once more
+#endif
   if constexpr (RW == 4) {
     // Four rows: each block's four integer dot products are summed across their lanes together (three
     // hadds) and scaled as one 4-float vector, the four weight scales converted by one vcvtph2ps: 2.5
@@ -302,8 +315,13 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
       for (int c = 0; c < RW; ++c) {
         _mm_prefetch((const char*)(w[c] + i) + ahead, _MM_HINT_T0);
         const __m256i q = D::v(w[c][i]);
-        const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);
-        for (int r = 0; r < R; ++r) s[c][r] = dot_us(aq, D::kMin ? y[r] : _mm256_sign_epi8(y[r], q));
+        const __m256i aq = kUnsigned ? q : _mm256_sign_epi8(q, q);
+        for (int r = 0; r < R; ++r) {
+          if constexpr (kPairs16)
+            s[c][r] = _mm256_maddubs_epi16(aq, y[r]);
+          else
+            s[c][r] = dot_us(aq, kUnsigned ? y[r] : _mm256_sign_epi8(y[r], q));
+        }
       }
       const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)w[0][i].d, (short)w[1][i].d, (short)w[2][i].d,
                                                     (short)w[3][i].d, 0, 0, 0, 0));
@@ -312,9 +330,19 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
         mw = _mm_cvtph_ps(_mm_setr_epi16((short)w[0][i].m, (short)w[1][i].m, (short)w[2][i].m, (short)w[3][i].m,
                                          0, 0, 0, 0));
       for (int r = 0; r < R; ++r) {
-        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0][r], s[1][r]), _mm256_hadd_epi32(s[2][r], s[3][r]));
+        __m256i h;
+        if constexpr (kPairs16) {  // int16 pair sums of two rows added (at most 4 * 31 * 127), then widened
+          const __m256i one = _mm256_set1_epi16(1);
+          h = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(s[0][r], s[1][r]), one),
+                                _mm256_madd_epi16(_mm256_hadd_epi16(s[2][r], s[3][r]), one));
+        } else {
+          h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0][r], s[1][r]), _mm256_hadd_epi32(s[2][r], s[3][r]));
+        }
         const __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        acc4[r] = _mm_fmadd_ps(_mm_mul_ps(dw, _mm_set1_ps(dx[r][i])), _mm_cvtepi32_ps(sum4), acc4[r]);
+        __m128 isum = _mm_cvtepi32_ps(sum4);
+        if constexpr (D::kOffset != 0)  // integers below 2^24: exact in float
+          isum = _mm_fnmadd_ps(_mm_set1_ps(sx[r][i]), _mm_set1_ps((float)D::kOffset), isum);
+        acc4[r] = _mm_fmadd_ps(_mm_mul_ps(dw, _mm_set1_ps(dx[r][i])), isum, acc4[r]);
         if constexpr (D::kMin) min4[r] = _mm_fmadd_ps(mw, _mm_set1_ps(sx[r][i]), min4[r]);
       }
     }
@@ -336,11 +364,14 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
       // bytes on) at the pace this group is read
       if constexpr (RW > 1) _mm_prefetch((const char*)(w[c] + i) + ahead, _MM_HINT_T0);
       const __m256i q = D::v(w[c][i]);
-      const __m256i aq = D::kMin ? q : _mm256_sign_epi8(q, q);  // unsigned bytes for maddubs
+      const __m256i aq = kUnsigned ? q : _mm256_sign_epi8(q, q);  // unsigned bytes for maddubs
       const float dw = h2f(w[c][i].d);
       for (int r = 0; r < R; ++r) {
-        const __m256i yy = D::kMin ? y[r] : _mm256_sign_epi8(y[r], q);
-        const __m256 p = _mm256_cvtepi32_ps(dot_us(aq, yy));
+        const __m256i yy = kUnsigned ? y[r] : _mm256_sign_epi8(y[r], q);
+        __m256i dot = dot_us(aq, yy);
+        if constexpr (D::kOffset != 0)  // the offset's integer term, from the first lane
+          dot = _mm256_sub_epi32(dot, _mm256_setr_epi32(D::kOffset * (int)sx[r][i], 0, 0, 0, 0, 0, 0, 0));
+        const __m256 p = _mm256_cvtepi32_ps(dot);
         acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[r][i]), p, acc[c][r]);
         if constexpr (D::kMin) mins[c][r] += h2f(w[c][i].m) * sx[r][i];
       }
@@ -760,7 +791,14 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
         for (int64_t i = 0; f < 2 && i < nb; ++i) {
           const fp16* h = (const fp16*)(q + i * ab);  // d, then s for Q8_1
           sd[(2 * r) * nb + i] = h2f(h[0]);
-          sd[(2 * r + 1) * nb + i] = f == 1 ? h2f(h[1]) : 0.f;
+          if (f == 1) {
+            sd[(2 * r + 1) * nb + i] = h2f(h[1]);
+          } else {  // Q8_0: the sum of the quants (Q4_0 and Q5_0 subtract their offset times it)
+            const int8_t* qs = ((const BQ8_0*)(q + i * ab))->qs;
+            int sum = 0;
+            for (int l = 0; l < QK; ++l) sum += qs[l];
+            sd[(2 * r + 1) * nb + i] = (float)sum;
+          }
         }
       }
     });
