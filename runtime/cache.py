@@ -101,7 +101,7 @@ class KVCache:
         a compiled graph on that case (the view is then contiguous) and recompile mid-conversation."""
         self.reserve(self.offset + 2)
         self.offset += 1
-        return self.k.narrow(2, 0, self.offset), self.v.narrow(2, 0, self.offset)  # narrow: one call, not a slice per dim
+        return self.k.narrow(2, 0, self.offset), self.v.narrow(2, 0, self.offset)
 
     def trim(self, n: int) -> None:
         """Forget the last n positions (used when a chat turn re-renders differently)."""
