@@ -271,16 +271,17 @@ def meta_module(arch_mod, args, where: str) -> nn.Module:
 
 
 def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                 where: str, int4: dict[str, Callable[[], tuple[torch.Tensor, ...] | Blocks]] | None = None
-                 ) -> nn.Module:
+                 where: str, int4: dict[str, Callable[[], tuple[torch.Tensor, ...] | Blocks]] | None = None,
+                 module: nn.Module | None = None) -> nn.Module:
     """Instantiate an architecture on the meta device and assign checkpoint tensors, checking every shape.
 
     int4 maps module paths (an nn.Linear or nn.Embedding) to a function returning (q, scales, zeros) or
     Blocks: those modules become QuantLinear / QuantEmbedding (torch's int4 kernels) or BlockLinear /
     BlockEmbedding (GGUF blocks read in place by the native kernels) and stay 4-bit. The functions
     run one at a time, so only one matrix is ever held unpacked (1 byte per weight) during a load.
+    `module`: the meta-device instance to fill, when the caller has built one already.
     """
-    module = meta_module(arch_mod, args, where)
+    module = module if module is not None else meta_module(arch_mod, args, where)
     for path, parts in (int4 or {}).items():
         swap.swap_int4(module, path, parts(), dtype or torch.float32, where)
     weights = arch_mod.Model.sanitize(weights, args)
@@ -400,8 +401,8 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         int4["lm_head"] = int4[embeds[0]]
     if device != "cpu":
         int4 = {k: _moved(f, dest(k + ".weight" if k in linears else k)) for k, f in int4.items()}
-    module = build_module(arch_mod, args, weights, dtype, where, int4)
-    del weights, int4
+    module = build_module(arch_mod, args, weights, dtype, where, int4, module=skeleton)
+    del weights, int4, skeleton, mods
     swap.narrow_modules(module)
     place(module, device, gpu_layers)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, where)

@@ -236,6 +236,7 @@ MAX_ARRAY_LEN = 1 << 22  # elements in one metadata array
 MAX_ARRAY_TOTAL = 1 << 23  # elements in all metadata arrays together (each costs a Python object)
 MAX_NESTED_ARRAY_LEN = 4_096  # elements in an array of arrays (real files have none)
 MAX_ARRAY_STRING = 1 << 16  # bytes in one string inside an array (a vocabulary token, a merge)
+_U64 = struct.Struct("<Q")
 MAX_KEY = 1 << 16  # bytes in a metadata key
 
 # GGUF metadata value types: id -> (name, little-endian numpy dtype); 8 is string, 9 is array
@@ -442,18 +443,19 @@ class _Cursor:
     def strings(self, n: int, what: str) -> list[str]:
         """n strings in a row (vocabularies: ~100k of them), with take()'s checks inlined for speed."""
         buf, pos, end = self.buf, self.pos, len(self.buf)
-        out = []
+        out: list[str] = []
+        append, length = out.append, _U64.unpack_from
         for i in range(n):
             if 8 > end - pos:
                 raise self.short(f"{what}[{i}] length", 8, pos)
-            (k,) = struct.unpack_from("<Q", buf, pos)
+            (k,) = length(buf, pos)
             pos += 8
             if k > MAX_ARRAY_STRING:
                 self.pos = pos - 8
                 raise self.fail(f"{what}[{i}] is {k} bytes long, over the limit of {MAX_ARRAY_STRING}")
             if k > end - pos:
                 raise self.short(f"{what}[{i}]", k, pos)
-            out.append(bytes(buf[pos:pos + k]).decode("utf-8", errors="surrogateescape"))
+            append(str(buf[pos:pos + k], "utf-8", "surrogateescape"))  # decoded from the mapped bytes, no copy
             pos += k
         self.pos = pos
         return out
