@@ -471,14 +471,13 @@ def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layer
     size = sum(f.stat().st_size for f in files)
     if dtype is None:
         dtype = DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or ""), None)
-    with torch.device("meta"):
-        skeleton = arch_mod.Model(args)
+    skeleton = meta_module(arch_mod, args, str(folder))
     where = destination(skeleton, device, gpu_layers)
     numel = sum(p.numel() for p in skeleton.parameters())
     itemsize = dtype.itemsize if dtype is not None else size / max(1, numel)
     check_placement(bytes_by_device(skeleton, where, itemsize), folder.name)
+    module = build_module(arch_mod, args, stream_weights(files, dtype, where), dtype, str(folder), module=skeleton)
     del skeleton
-    module = build_module(arch_mod, args, stream_weights(files, dtype, where), dtype, str(folder))
     place(module, device, gpu_layers)
     gen_path = folder / "generation_config.json"
     generation = read_json(gen_path) if gen_path.is_file() else {}
