@@ -219,11 +219,21 @@ class QuantLinear(nn.Module):
 
 
 # From this many rows on, a BlockLinear dequantizes its blocks to float32 tile by tile (DENSE_TILE weights,
-# 16 MiB, so a tile is multiplied while it is still in cache) and runs fp32 GEMMs (~80 GFLOP/s a core)
-# instead of the integer kernel (70 GFLOP/s a core at 16 rows, 50 at 64, 40 at 256: it decodes each
-# weight block again for every 4 rows). Measured on 4096x14336 Q4_K (one thread): kernel 146 ms vs
-# tiled 260 ms at 64 rows, 738 vs 503 ms at 256 (docs/performance.md).
-BLOCK_DENSE_ROWS = 128
+# 16 MiB, so a tile is multiplied while it is still in cache) and runs fp32 GEMMs instead of the integer
+# kernel (which decodes each weight block again for every 4 rows). Per type, measured on 2 threads
+# (docs/performance.md, session 7): the 32-block types' kernel is faster at 128 rows (Q4_0 3352 x 768:
+# 6.5 vs 7.6 ms) and slower from 256 (11.8 vs 10.4 ms); the K types' kernel (a 256-block's decode shared by
+# more values) is faster through 512 rows, a prefill chunk (Q4_K 4096 x 4096: 113 vs 121 ms; Q6_K
+# 4096 x 14336: 453 vs 506 ms; on one thread 226 vs 252 and 851 vs 883) and slower at 2048 (656 vs 570).
+BLOCK_DENSE_ROWS = 192
+K_DENSE_ROWS = 1024
+
+
+def dense_rows(ggml_type: int) -> int:
+    """The row count from which a BlockLinear of this type runs the dequantized fp32 GEMM."""
+    return K_DENSE_ROWS if ggml_type in (native.Q4_K, native.Q6_K) else BLOCK_DENSE_ROWS
+
+
 DENSE_TILE = 1 << 22
 
 
@@ -248,7 +258,7 @@ class BlockLinear(nn.Module):
     blocks : (N, row_bytes) uint8, usually a view into the memory-mapped GGUF file (nothing is copied or
     repacked); rows : optional (N,) int64, output j computed from block row rows[j] (llama.cpp's q/k row
     order read as ours). Decode and small batches use the integer kernel (activations quantized to 8
-    bits per block, as llama.cpp does); from BLOCK_DENSE_ROWS rows on, a dequantized fp32 GEMM.
+    bits per block, as llama.cpp does); from dense_rows(type) rows on, a dequantized fp32 GEMM.
     """
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int, bias: torch.Tensor | None = None,
@@ -257,6 +267,7 @@ class BlockLinear(nn.Module):
         if blocks.dim() != 2 or blocks.shape[1] != row_nbytes(ggml_type, in_features):
             raise ValueError(f"blocks {list(blocks.shape)} are not rows of {in_features} values of type {ggml_type}")
         self.ggml_type, self.in_features = int(ggml_type), in_features
+        self.dense_rows = dense_rows(self.ggml_type)
         self.out_features = blocks.shape[0] if rows is None else rows.shape[0]
         self.register_buffer("blocks", blocks, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
@@ -272,7 +283,7 @@ class BlockLinear(nn.Module):
         # x : (..., K)  ->  (..., N)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] >= BLOCK_DENSE_ROWS:
+        if x2.shape[0] >= self.dense_rows:
             y = self._dense(x2)
         else:
             y = torch.ops.mamba_cli.ggml_mm(x2, self.blocks, self.ggml_type, self.in_features, self.rows)
@@ -319,7 +330,7 @@ class BlockLinearCat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] >= BLOCK_DENSE_ROWS:
+        if x2.shape[0] >= min(p.dense_rows for p in self.parts):  # some part runs its fp32 GEMM
             return torch.cat([p(x) for p in self.parts], -1)
         y = torch.ops.mamba_cli.ggml_mm_cat(x2, [p.blocks for p in self.parts], self.types, self.in_features,
                                             [p.rows for p in self.parts])

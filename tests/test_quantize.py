@@ -245,7 +245,7 @@ IDS_300 = torch.randint(3, 320, (1, 300), generator=torch.Generator().manual_see
 
 @functools.cache
 def teacher_forced(quant_dir: Path, name: str, qtype: str) -> dict[str, torch.Tensor]:
-    """Logits on 300 tokens: 'ours' (the native kernels, 8-bit activations below BLOCK_DENSE_ROWS rows;
+    """Logits on 300 tokens: 'ours' (the native kernels, 8-bit activations below dense_rows(type) rows;
     or int4 kernels, bf16 activations), 'exact' (the same 4-bit weights dequantized, fp32 activations:
     the float fallback) and 'fp32' (the source model)."""
     folder, path = _written(quant_dir, name, qtype)
@@ -261,13 +261,16 @@ def teacher_forced(quant_dir: Path, name: str, qtype: str) -> dict[str, torch.Te
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k_m"])
 @pytest.mark.parametrize("name", sorted(QUANT_CONFIGS))
 def test_quantized_file_runs_the_4bit_model(name, qtype, quant_dir):
-    """Teacher-forced top-1 on 300 tokens: our runtime (int4 kernels, bf16 activations) against the exact
+    """Teacher-forced top-1 on 300 tokens: our runtime (native kernels or int4 kernels) against the exact
     computation of the same 4-bit weights (dequantized, fp32 activations)."""
     got = teacher_forced(quant_dir, name, qtype)
-    # 0.97: prefill matmuls of >= DENSE_ROWS tokens run fp32 activations, smaller ones (MoE experts) the
-    # bf16-activation kernel; on random weights the routing flips on a few decisive positions (mixtral
-    # q4_k_m: 0.976; every other case >= 0.98). The real-model check is SmolLM2 vs llama.cpp.
-    assert agreement(got["ours"], got["exact"])[1] >= 0.97
+    # q4_0: the 32-block types' prefill matmuls of >= 192 tokens run fp32 activations (MoE experts with
+    # fewer tokens the 8-bit kernel): decisive agreement >= 0.98 but mixtral's 0.976 (random routing flips).
+    # q4_k_m: the K types' prefill runs the 8-bit-activation kernel up to 1024 tokens, as llama.cpp does, so
+    # ours sits as far from the fp32-activation computation as llama.cpp does (top-1 ours/exact 0.88-0.94,
+    # llama.cpp/exact 0.88-0.95 on these random models) and next to llama.cpp (0.95-1.00: the llama.cpp test
+    # below); decisive agreement with exact 0.91-0.96.
+    assert agreement(got["ours"], got["exact"])[1] >= (0.97 if qtype == "q4_0" else 0.90)
 
 
 @pytest.mark.llamacpp
@@ -297,7 +300,7 @@ def test_4bit_experts_stay_4bit(name, path_kind, quant_dir, monkeypatch):
     """Q4_0 expert stacks load as one 4-bit linear per expert (not dequantized floats) and compute what
     the dequantized float experts compute: torch's int4 path (its exact fallback, fp32 activations), and
     the native kernels reading each expert's blocks in place from the file (8-bit activations below
-    BLOCK_DENSE_ROWS rows, so within their rounding)."""
+    dense_rows(type) rows, so within their rounding)."""
     from quant.linear import BlockLinear, QuantLinear
     from runtime.layers import MoE
 
