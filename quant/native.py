@@ -12,6 +12,8 @@ Ops (namespace mamba_cli, CPU):
                                        output column j reads weight row rows[j] when rows is given
     ggml_mm_cat(x, ws, types, k, rows) several ggml_mm of one x side by side -> (M, sum of N) float32, the
                                        activations quantized once per format, one parallel region
+    ggml_mm_id(x, ws, type, k, ids)    row r of x (R, K) times blocks ws[ids[r]] (each (N, row_bytes), one type)
+                                       -> (R, N) float32: a MoE layer's chosen experts, ids on the device
     ggml_dequant(w, type, k)           blocks (N, row_bytes) -> (N, K) float32
     ggml_quantize(x, type)             blocks (B, 32 or 256) float32 -> (B, bytes) uint8, Q4_0 / Q4_1 / Q8_0 /
                                        Q4_K / Q6_K, as llama.cpp's reference packers (quant/formats.py is
@@ -87,6 +89,10 @@ def _register_fakes() -> None:
     def _(x, ws, types, k, rows):
         n = sum(w.shape[0] if r is None else r.shape[0] for w, r in zip(ws, rows, strict=True))
         return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+    @torch.library.register_fake("mamba_cli::ggml_mm_id")
+    def _(x, ws, type, k, ids):
+        return x.new_empty(x.shape[0], ws[0].shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("mamba_cli::ggml_dequant")
     def _(w, type, k):

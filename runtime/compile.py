@@ -340,7 +340,8 @@ def _warm_experts(module: torch.nn.Module) -> None:
     for layer in module.layers:
         if not getattr(layer, "compiled_step", False):
             continue
-        for moe in (sub for sub in layer.modules() if isinstance(sub, MoE) and hasattr(sub, "q1")):
+        for moe in (sub for sub in layer.modules()
+                    if isinstance(sub, MoE) and hasattr(sub, "q1") and not sub.routes_by_id()):
             with torch.inference_mode():  # the tensor kind a decode step passes (the direct call checks it)
                 x = torch.zeros(1, moe.q1[0].in_features, device=moe.gate.weight.device)
                 if not moe.routes_on_host(x):

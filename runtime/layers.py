@@ -258,10 +258,33 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
+    by_id = False  # decode picks the chosen experts' GGUF blocks in the kernel (experts_by_id)
+
     def set_int4(self, name: str, experts: list[nn.Module]) -> None:
         """Replace the stacked float parameter `name` (w1, w3 or w2) by one int4 linear per expert."""
         delattr(self, name)
         setattr(self, "q" + name[1], nn.ModuleList(experts))
+        stacks = [getattr(self, q, None) for q in ("q1", "q3", "q2")]
+        # every expert a native block linear (quant/linear.py BlockLinear) in file order, one type per stack
+        self.by_id = all(
+            stack is not None and len({getattr(e, "ggml_type", None) for e in stack}) == 1
+            and all(getattr(e, "blocks", None) is not None and e.rows is None and e.bias is None for e in stack)
+            for stack in stacks)
+
+    def experts_by_id(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """A decode step's experts with their ids on the device: x (N, E); weights, idx (N, K). The native
+        kernel (ggml_mm_id) multiplies each (token, chosen expert) row by that expert's blocks, as
+        llama.cpp's mul_mat_id: no host sync, so one compiled graph holds the whole layer."""
+        n, k = idx.shape
+        ids = idx.reshape(-1)
+        rows = x.float().repeat_interleave(k, 0)  # (N * K, E): each token once per chosen expert
+
+        def product(stack: nn.ModuleList, v: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mamba_cli.ggml_mm_id(v, [e.blocks for e in stack], stack[0].ggml_type,
+                                                  stack[0].in_features, ids)
+
+        y = product(self.q2, F.silu(product(self.q1, rows)) * product(self.q3, rows))  # (N * K, E)
+        return (y.view(n, k, -1).to(x.dtype) * weights[..., None]).sum(1)  # as forward's host loop sums
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         # x : (N, E) or (E,) -> the same shape, through expert e
@@ -292,6 +315,10 @@ class MoE(nn.Module):
         y = torch.einsum("nkei,nki->nke", w2, h)
         return torch.einsum("nke,nk->ne", y, weights)
 
+    def routes_by_id(self) -> bool:
+        """Whether decode steps take experts_by_id (no host sync: a compiled graph holds the whole layer)."""
+        return self.by_id and not self.device_routing and all(q in self._modules for q in ("q1", "q3", "q2"))
+
     def routes_on_host(self, x: torch.Tensor) -> bool:
         """Whether tokens x (N, E) take the decode routing with the expert ids on the host: a CPU decode step."""
         return x.shape[0] <= 2 and x.device.type == "cpu" and not self.device_routing
@@ -304,6 +331,8 @@ class MoE(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
+        if x.shape[0] <= 2 and self.routes_by_id():
+            return self.experts_by_id(x, weights, idx).view(shape)
         if x.shape[0] <= 2 and not self.routes_on_host(x):
             return self.route_on_device(x, weights, idx).view(shape)
         out = torch.zeros_like(x)
@@ -379,10 +408,10 @@ def moe_expert(w1: nn.Module, w3: nn.Module, w2: nn.Module, x: torch.Tensor, wei
 
 
 def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """h + ffn(norm(h)) for one token, compiled. A MoE's expert choice is data-dependent: its router is one
-    graph, the ids come to the host (free on the CPU), and each chosen 4-bit expert is a graph of its own
-    (float experts and device routing stay eager: MoE.forward)."""
-    if not isinstance(ffn, MoE):
+    """h + ffn(norm(h)) for one token, compiled: one graph, MoE layers on native experts included
+    (MoE.experts_by_id). Other 4-bit experts: the router is one graph, the ids come to the host (free on
+    the CPU), and each chosen expert is a graph of its own (float experts and device routing stay eager)."""
+    if not isinstance(ffn, MoE) or ffn.routes_by_id():
         return ffn_residual(norm, ffn, h)
     if not hasattr(ffn, "q1") or not ffn.routes_on_host(h.reshape(-1, h.shape[-1])):
         return h + ffn(norm(h))
@@ -425,10 +454,11 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     """One token through a pre-norm attention + feed-forward block, through compiled graphs.
 
     With a plain KVCache the whole block is one graph over the cache's keys and values (their length
-    symbolic, so one graph serves every length); MoE routing stays eager after it. A sliding-window
-    ring (RollingKVCache) appends and attends eagerly between two graphs.
+    symbolic, so one graph serves every length), a MoE on native experts included; other MoE routing
+    follows in its own graphs. A sliding-window ring (RollingKVCache) appends and attends eagerly between
+    two graphs.
     """
-    moe = isinstance(ffn, MoE)
+    moe = isinstance(ffn, MoE) and not ffn.routes_by_id()  # a MoE whose routing leaves the graph
     if type(cache) is KVCache:  # exactly: a StaticKVCache updates at its device position (runtime/graphs.py)
         k_all, v_all = cache.append_one()
         torch._dynamo.maybe_mark_dynamic(k_all, 2)

@@ -353,6 +353,14 @@ def ssm_block_step(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor, sta
     return h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
 
 
+@graph
+def ssm_ffn_block_step(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor, state: Tensor, norm_ff: RMSNorm,
+                       ffn: nn.Module) -> Tensor:
+    """ssm_block_step and then a pre-norm feed-forward block (Jamba's Mamba layers), as one graph."""
+    h = h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
+    return h + ffn(norm_ff(h))
+
+
 class SSMBlock(nn.Module):
     def __init__(self, a, mixer: nn.Module):
         super().__init__()

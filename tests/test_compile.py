@@ -31,7 +31,7 @@ CASES = {**{f"llama:{k}": v for k, v in LLAMA.items() if k in LLAMA_CASES},
 # sliding-window ring the two graphs around an eager append.
 EXPECT = {"llama:llama-mha-bias": {"attn_kv_ffn_step"}, "llama:mistral-window": {"attn_in", "attn_out_ffn"},
           "llama:mixtral-4x-window": {"attn_in", "attn_out"}, "ssm": {"ssm_block_step"},
-          "jamba": {"attn_kv_step", "ssm_block_step"}}
+          "jamba": {"attn_kv_step", "ssm_ffn_block_step"}}
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ def test_direct_calls_skip_dynamo_and_fall_back_when_the_call_differs():
     before = dict(comp.direct_calls)
     compiled = decode(m, n=10, prompt=STEP - 5)
     direct = {k: v - before.get(k, 0) for k, v in comp.direct_calls.items()}
-    assert direct.get("ssm_block_step", 0) > 0 and direct.get("attn_kv_step", 0) > 0, direct
+    assert direct.get("ssm_ffn_block_step", 0) > 0 and direct.get("attn_kv_step", 0) > 0, direct
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
     # a batch of two: new shapes, through dynamo (a recompile), then direct again
     cache = m.make_cache(2)
@@ -190,8 +190,9 @@ def test_direct_call_misses_when_a_parameter_is_replaced():
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_moe_decode_graphs_equal_eager(renormalize, rows):
-    """A 4-bit MoE's one-token step (ffn_block_step): the router as one graph, each chosen expert as
-    another, called directly after the first time; the result equals the eager MoE.forward."""
+    """A 4-bit MoE's one-token step (ffn_block_step) with the expert ids on the host: the router as one
+    graph, each chosen expert as another, called directly after the first time; the result equals the
+    eager MoE.forward."""
     from quant import formats, native
     from quant.linear import BlockLinear
     from runtime.layers import MoE, RMSNorm, ffn_block_step
@@ -207,6 +208,8 @@ def test_moe_decode_graphs_equal_eager(renormalize, rows):
     for name in ("w1", "w3", "w2"):
         w = getattr(moe, name)
         moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
+    assert moe.routes_by_id()
+    moe.by_id = False  # this test: the routing with the ids on the host (4-bit experts other than BlockLinear)
     comp.setup()
     holder = torch.nn.Module()
     holder.layers = torch.nn.ModuleList([torch.nn.Module()])
@@ -221,3 +224,42 @@ def test_moe_decode_graphs_equal_eager(renormalize, rows):
             assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max())), seed
     direct = comp.direct_calls.get("moe_expert", 0) - before[0]
     assert direct == comp.compiled_calls.get("moe_expert", 0) - before[1] == 6 * rows * 2  # all of them
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_moe_on_native_experts_decodes_in_one_graph(renormalize, rows):
+    """A MoE whose experts are native block linears routes its decode steps by id (MoE.experts_by_id: the
+    kernel picks the chosen experts' blocks, no host sync), so its whole step is one graph (ffn_residual),
+    called directly; the result equals the routing with the ids on the host (to float32 rounding: the
+    compiled graph fuses the norm and gates)."""
+    from quant import formats, native
+    from quant.linear import BlockLinear
+    from runtime.layers import MoE, RMSNorm, ffn_block_step
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.load()}")
+    torch.manual_seed(1)
+    moe = MoE(64, 96, 4, 2, renormalize=renormalize)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        for p in [*moe.parameters(), *norm.parameters()]:
+            p.normal_(0, 0.3)
+    for name in ("w1", "w3", "w2"):
+        w = getattr(moe, name)
+        moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
+    assert moe.routes_by_id()
+    comp.setup()
+    before = comp.compiled_calls.get("ffn_residual", 0), comp.direct_calls.get("ffn_residual", 0)
+    experts = comp.compiled_calls.get("moe_expert", 0)
+    with torch.inference_mode():
+        for seed in range(6):
+            h = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(seed))
+            got = ffn_block_step(norm, moe, h)
+            moe.by_id = False
+            want = h + moe(norm(h))  # the ids on the host, each expert's own product
+            moe.by_id = True
+            assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max())), seed
+    assert comp.compiled_calls.get("ffn_residual", 0) - before[0] == 6
+    assert comp.direct_calls.get("ffn_residual", 0) - before[1] == 5  # all but the first, through dynamo
+    assert comp.compiled_calls.get("moe_expert", 0) == experts  # no expert graphs

@@ -229,3 +229,36 @@ def test_row_index_that_is_not_a_permutation():
     x = torch.randn(2, 256)
     idx = torch.tensor([5, 5, 0, 15, 2])
     assert torch.equal(native.mm(x, w, int(t), 256, idx), native.mm(x, w[idx].contiguous(), int(t), 256))
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ids", [[2], [0, 3], [1, 1, 4, 0, 2]])
+def test_mm_id_equals_each_rows_product(t, ids):
+    """ggml_mm_id (a MoE layer's chosen experts, picked in the kernel): row r of x times expert ids[r]'s
+    blocks equals that row's own product, bit for bit, on 1 and 2 threads."""
+    k, n = 512, 36
+    ws = [random_blocks(t, n, k, 40 + e) for e in range(5)]
+    x = torch.randn(len(ids), k)
+    want = torch.cat([native.mm(x[r : r + 1], ws[e], int(t), k) for r, e in enumerate(ids)])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.mamba_cli.ggml_mm_id(x, ws, int(t), k, torch.tensor(ids))
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mm_id_bad_input_is_an_error():
+    t, k = GGMLType.Q4_0, 256
+    ws = [random_blocks(t, 8, k, e) for e in range(3)]
+    x = torch.randn(2, k)
+    op = torch.ops.mamba_cli.ggml_mm_id
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(x, ws, int(t), k, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="one expert id per activation row"):
+        op(x, ws, int(t), k, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="one shape"):
+        op(x, [ws[0], random_blocks(t, 4, k, 9)], int(t), k, torch.tensor([0, 1]))
+    assert op(x[:0], ws, int(t), k, torch.tensor([], dtype=torch.long)).shape == (0, 8)

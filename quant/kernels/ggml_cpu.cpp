@@ -726,6 +726,7 @@ struct Part {
   const int64_t* src;         // column j reads stored row src[j] (null: row j)
   std::vector<int64_t> inv;   // a full permutation walked in stored order: stored row s -> column inv[s]
   int act;                    // activation format: 0 Q8_0, 1 Q8_1, 2 Q8_K
+  int64_t row = -1;           // >= 0: this part multiplies activation row `row` only, into output row `row`
 };
 
 Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional<at::Tensor>& rows_in) {
@@ -763,11 +764,18 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
 
 // x (M, K) times every part's rows, the parts' outputs side by side in one (M, sum of N) tensor. The
 // activations are quantized once per format, and all the parts' rows share one parallel region.
+// Parts with a row (ggml_mm_id) all write columns [0, N) of their own output row.
 at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   int64_t ntot = 0;
-  for (Part& p : parts) p.col0 = ntot, ntot += p.n;
+  for (Part& p : parts) {
+    if (p.row >= 0) {
+      p.col0 = 0, ntot = p.n;
+    } else {
+      p.col0 = ntot, ntot += p.n;
+    }
+  }
   const int64_t m = x.size(0);
   at::Tensor out = at::empty({m, ntot}, x.options());
   if (m == 0 || ntot == 0) return out;
@@ -826,8 +834,9 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
       const int64_t* dst = p.inv.empty() ? nullptr : p.inv.data();
       for (int64_t jb = items[(size_t)it][1]; jb < items[(size_t)it][2]; jb += JB) {
         const int64_t je = std::min(items[(size_t)it][2], jb + JB);
-        for (int64_t r0 = 0; r0 < m; r0 += 4) {
-          const int64_t cnt = std::min<int64_t>(4, m - r0);
+        const int64_t r_begin = p.row >= 0 ? p.row : 0, r_end = p.row >= 0 ? p.row + 1 : m;
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += 4) {
+          const int64_t cnt = std::min<int64_t>(4, r_end - r0);
           for (int64_t r = 0; r < cnt; ++r) {
             act[r] = q8[f].data() + (r0 + r) * row_bytes[f];
             dx[r] = scales[f].data() + 2 * (r0 + r) * nb;
@@ -877,6 +886,29 @@ at::Tensor ggml_mm_cat(const at::Tensor& x, at::TensorList ws, at::IntArrayRef t
   return mm_parts(x, parts, k);
 }
 
+// Row r of x times expert ids[r]'s weights (one of ws, all N rows of `type`): (R, N). The chosen experts of a
+// mixture-of-experts layer without their ids coming to the host (llama.cpp's mul_mat_id), all rows' products
+// in one parallel region.
+at::Tensor ggml_mm_id(const at::Tensor& x, at::TensorList ws, int64_t type, int64_t k, const at::Tensor& ids_in) {
+  TORCH_CHECK(!ws.empty(), "mamba_cli: ggml_mm_id needs the experts' weights");
+  TORCH_CHECK(x.dim() == 2 && ids_in.dim() == 1 && ids_in.numel() == x.size(0),
+              "mamba_cli: ggml_mm_id needs one expert id per activation row");
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  if (x.size(0) == 0) {
+    check_weights(ws[0], type, k, type_info(type));
+    return at::empty({0, ws[0].size(0)}, x.options().dtype(at::kFloat));
+  }
+  std::vector<Part> parts;
+  for (int64_t r = 0; r < x.size(0); ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < (int64_t)ws.size(), "mamba_cli: expert id ", id[r], " is out of range");
+    parts.push_back(make_part(ws[(size_t)id[r]], type, k, c10::nullopt));
+    parts.back().row = r;
+    TORCH_CHECK(parts.back().n == parts[0].n, "mamba_cli: ggml_mm_id needs experts of one shape");
+  }
+  return mm_parts(x, parts, k);
+}
+
 at::Tensor ggml_dequant(const at::Tensor& w, int64_t type, int64_t k) {
   const TypeInfo ti = type_info(type);
   check_weights(w, type, k, ti);
@@ -905,6 +937,7 @@ std::string simd() {
 TORCH_LIBRARY(mamba_cli, m) {
   m.def("ggml_mm(Tensor x, Tensor w, int type, int k, Tensor? rows=None) -> Tensor");
   m.def("ggml_mm_cat(Tensor x, Tensor[] ws, int[] types, int k, Tensor?[] rows) -> Tensor");
+  m.def("ggml_mm_id(Tensor x, Tensor[] ws, int type, int k, Tensor ids) -> Tensor");
   m.def("ggml_dequant(Tensor w, int type, int k) -> Tensor");
   m.def("simd() -> str", [] { return simd(); });
 }
@@ -912,5 +945,6 @@ TORCH_LIBRARY(mamba_cli, m) {
 TORCH_LIBRARY_IMPL(mamba_cli, CPU, m) {
   m.impl("ggml_mm", &ggml_mm);
   m.impl("ggml_mm_cat", &ggml_mm_cat);
+  m.impl("ggml_mm_id", &ggml_mm_id);
   m.impl("ggml_dequant", &ggml_dequant);
 }

@@ -42,7 +42,7 @@ from runtime.layers import (
     stack_experts,
 )
 from runtime.models.base import LanguageModel, require
-from runtime.ssm import MambaMixer, ssm_block_step
+from runtime.ssm import MambaMixer, ssm_block_step, ssm_ffn_block_step
 
 
 @dataclass
@@ -152,8 +152,12 @@ class Block(nn.Module):
             return attention_block_step(h, None, cache, self.input_layernorm, self.self_attn, self.pre_ff_layernorm,
                                         self.feed_forward)
         cache.offset += 1
+        ffn = self.feed_forward
+        if not isinstance(ffn, MoE) or ffn.routes_by_id():  # the block as one graph
+            return ssm_ffn_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm,
+                                      self.pre_ff_layernorm, ffn)
         h = ssm_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm)
-        return ffn_block_step(self.pre_ff_layernorm, self.feed_forward, h)
+        return ffn_block_step(self.pre_ff_layernorm, ffn, h)
 
 
 class Backbone(nn.Module):
