@@ -187,19 +187,15 @@ def test_direct_call_misses_when_a_parameter_is_replaced():
     assert not g.direct  # dropped with the module: its parameters are not kept alive
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("rows", [1, 2])
-def test_moe_decode_graphs_equal_eager(renormalize, rows):
-    """A 4-bit MoE's one-token step (ffn_block_step) with the expert ids on the host: the router as one
-    graph, each chosen expert as another, called directly after the first time; the result equals the
-    eager MoE.forward."""
+def native_moe(renormalize: bool, seed: int):
+    """A MoE (64 wide, 4 experts of 96, top 2) on native Q4_0 expert blocks, and a norm before it."""
     from quant import formats, native
     from quant.linear import BlockLinear
-    from runtime.layers import MoE, RMSNorm, ffn_block_step
+    from runtime.layers import MoE, RMSNorm
 
     if not native.available():
         pytest.skip(f"native kernels: {native.load()}")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     moe = MoE(64, 96, 4, 2, renormalize=renormalize)
     norm = RMSNorm(64, 1e-6)
     with torch.no_grad():
@@ -209,6 +205,18 @@ def test_moe_decode_graphs_equal_eager(renormalize, rows):
         w = getattr(moe, name)
         moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
     assert moe.routes_by_id()
+    return moe, norm
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_moe_decode_graphs_equal_eager(renormalize, rows):
+    """A 4-bit MoE's one-token step (ffn_block_step) with the expert ids on the host: the router as one
+    graph, each chosen expert as another, called directly after the first time; the result equals the
+    eager MoE.forward."""
+    from runtime.layers import ffn_block_step
+
+    moe, norm = native_moe(renormalize, seed=0)
     moe.by_id = False  # this test: the routing with the ids on the host (4-bit experts other than BlockLinear)
     comp.setup()
     holder = torch.nn.Module()
@@ -233,22 +241,9 @@ def test_moe_on_native_experts_decodes_in_one_graph(renormalize, rows):
     kernel picks the chosen experts' blocks, no host sync), so its whole step is one graph (ffn_residual),
     called directly; the result equals the routing with the ids on the host (to float32 rounding: the
     compiled graph fuses the norm and gates)."""
-    from quant import formats, native
-    from quant.linear import BlockLinear
-    from runtime.layers import MoE, RMSNorm, ffn_block_step
+    from runtime.layers import ffn_block_step
 
-    if not native.available():
-        pytest.skip(f"native kernels: {native.load()}")
-    torch.manual_seed(1)
-    moe = MoE(64, 96, 4, 2, renormalize=renormalize)
-    norm = RMSNorm(64, 1e-6)
-    with torch.no_grad():
-        for p in [*moe.parameters(), *norm.parameters()]:
-            p.normal_(0, 0.3)
-    for name in ("w1", "w3", "w2"):
-        w = getattr(moe, name)
-        moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
-    assert moe.routes_by_id()
+    moe, norm = native_moe(renormalize, seed=1)
     comp.setup()
     before = comp.compiled_calls.get("ffn_residual", 0), comp.direct_calls.get("ffn_residual", 0)
     experts = comp.compiled_calls.get("moe_expert", 0)
