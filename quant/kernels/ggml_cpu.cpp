@@ -507,13 +507,16 @@ void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
 
 // Q6_K: x = d * sc[g] * (q - 32), q six bits (4 in ql, 2 in qh), 16 groups of 16 with int8 scales.
 #ifdef MC_AVX2
-// byte shuffles picking Q6_K scales 2k (8 times) then 2k + 1 (8 times), k = 0..7
-alignas(16) static const int8_t kQ6ScaleBytes[8][16] = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
-    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
-    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
-static const __m128i* const kQ6Scale = (const __m128i*)kQ6ScaleBytes;
+// byte shuffles of 8 int16 scales (one 128-bit lane, both lanes holding the same 8): group g's 32 elements
+// take scale 2g in the low lane's 8 int16 (elements 0-15) and 2g + 1 in the high lane's (16-31)
+#define MC_Q6_PAIR(a) (int8_t)(2 * (a)), (int8_t)(2 * (a) + 1)
+#define MC_Q6_LANE(a) MC_Q6_PAIR(a), MC_Q6_PAIR(a), MC_Q6_PAIR(a), MC_Q6_PAIR(a), MC_Q6_PAIR(a), MC_Q6_PAIR(a), \
+                      MC_Q6_PAIR(a), MC_Q6_PAIR(a)
+alignas(32) static const int8_t kQ6ScaleBytes[4][32] = {{MC_Q6_LANE(0), MC_Q6_LANE(1)}, {MC_Q6_LANE(2), MC_Q6_LANE(3)},
+                                                        {MC_Q6_LANE(4), MC_Q6_LANE(5)}, {MC_Q6_LANE(6), MC_Q6_LANE(7)}};
+#undef MC_Q6_LANE
+#undef MC_Q6_PAIR
+static const __m256i* const kQ6Scale = (const __m256i*)kQ6ScaleBytes;
 #endif
 
 template <int RW, int R>
@@ -527,19 +530,20 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
     for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
   const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
   for (int64_t i = 0; i < nb; ++i) {
-    __m256i sumi[RW][R];
+    __m256i sumi[RW][R], sc16[RW];  // sc16: the 16 scales as int16
     for (int c = 0; c < RW; ++c) {
       _mm_prefetch((const char*)(w[c] + i + 8), _MM_HINT_T1);
-      const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[c][i].scales));
+      sc16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[c][i].scales));
       for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
         const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
-        sumi[c][r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, s16), 5));
+        sumi[c][r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16[c]), 5));
       }
     }
-    __m128i sc16[RW];
-    for (int c = 0; c < RW; ++c) sc16[c] = _mm_loadu_si128((const __m128i*)w[c][i].scales);
     for (int j = 0; j < 2; ++j) {  // 128 elements: ql[64 j ..], qh[32 j ..]
       for (int c = 0; c < RW; ++c) {
+        // scales 8j .. 8j + 7 in both lanes: each group's scales are then one byte shuffle away
+        const __m256i sj = j == 0 ? _mm256_permute2x128_si256(sc16[c], sc16[c], 0x00)
+                                  : _mm256_permute2x128_si256(sc16[c], sc16[c], 0x11);
         const uint8_t* ql = w[c][i].ql + 64 * j;
         const __m256i b1 = _mm256_loadu_si256((const __m256i*)ql);
         const __m256i b2 = _mm256_loadu_si256((const __m256i*)(ql + 32));
@@ -553,9 +557,8 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
         q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
                                _mm256_srli_epi16(_mm256_and_si256(bh, _mm256_set1_epi8((char)0xC0)), 2));
         for (int g = 0; g < 4; ++g) {
-          // 32 elements = two groups of 16: their scales as 8 + 8 int16 lanes, by one byte shuffle of the
-          // 16 scales and one sign extension (two scalar loads and broadcasts each took ~6 instructions)
-          const __m256i s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc16[c], kQ6Scale[4 * j + g]));
+          // 32 elements = two groups of 16: their scales as 8 + 8 int16 lanes, by one byte shuffle
+          const __m256i s = _mm256_shuffle_epi8(sj, kQ6Scale[g]);
           for (int r = 0; r < R; ++r) {
             const __m256i yv = _mm256_loadu_si256((const __m256i*)(q8[r][i].qs + 128 * j + 32 * g));
             sumi[c][r] = _mm256_add_epi32(sumi[c][r], _mm256_madd_epi16(s, _mm256_maddubs_epi16(q[g], yv)));
