@@ -5,6 +5,8 @@
 //
 //   ggml_mm(x, w, type, k)      x : (M, K) float32, w : (N, row_bytes) uint8 blocks of `type`
 //                               -> (M, N) float32 = x @ dequant(w).T
+//   ggml_mm_cat(x, ws, types, k, rows)   several weight matrices side by side -> (M, sum of N)
+//   ggml_mm_id(x, ws, type, k, ids)      row r of x times ws[ids[r]] -> (M, N): a MoE's chosen experts
 //   ggml_dequant(w, type, k)    w : (N, row_bytes) uint8 -> (N, K) float32
 //
 // As llama.cpp does, activations are quantized to 8 bits per block first (Q8_0 for the 32-blocks of
@@ -282,7 +284,8 @@ struct DQ8_0 {
 };
 
 // 32-blocks against Q8_0 activations (Q8_1 for the types with a min, whose min term is m * s). dx, sx:
-// the activation blocks' d and s as float (for Q8_0 activations sx is the sum of the block's quants). RW weight rows at once: each activation block is loaded once
+// the activation blocks' d and s as float (for Q8_0 activations sx is the sum of the block's quants).
+// RW weight rows at once: each activation block is loaded once
 // for the RW rows, and the RW x R independent accumulator chains keep the core busy while the weight
 // streams arrive (one row at a time was latency-bound: ~3 ns a block).
 template <class D, int RW, int R>
