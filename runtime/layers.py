@@ -323,14 +323,18 @@ class MoE(nn.Module):
         """Whether tokens x (N, E) take the decode routing with the expert ids on the host: a CPU decode step."""
         return x.shape[0] <= 2 and x.device.type == "cpu" and not self.device_routing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, E)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens x (N, E) -> the chosen experts' weights (N, K) in x's dtype and their ids (N, K)."""
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, X)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        return weights.to(x.dtype), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, E)
+        weights, idx = self.route(x)
         if x.shape[0] <= 2 and self.routes_by_id():
             return self.experts_by_id(x, weights, idx).view(shape)
         if x.shape[0] <= 2 and not self.routes_on_host(x):
@@ -394,11 +398,7 @@ def ffn_residual(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor
 def moe_route(norm: RMSNorm, moe: MoE, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A MoE block's norm and router, as MoE.forward: x (N, E), the chosen experts' weights and ids (N, K)."""
     x = norm(h).reshape(-1, h.shape[-1])
-    probs = F.softmax(moe.gate(x).float(), dim=-1)
-    weights, idx = torch.topk(probs, moe.top_k, dim=-1)
-    if moe.renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return x, weights.to(x.dtype), idx
+    return x, *moe.route(x)
 
 
 @graph
@@ -407,11 +407,17 @@ def moe_expert(w1: nn.Module, w3: nn.Module, w2: nn.Module, x: torch.Tensor, wei
     return weight * w2(F.silu(w1(x)) * w3(x))
 
 
+def ffn_in_one_graph(ffn: nn.Module) -> bool:
+    """Whether a feed-forward block's one-token step fits inside one compiled graph: anything but a MoE
+    whose expert ids come to the host (MoE.routes_by_id)."""
+    return not isinstance(ffn, MoE) or ffn.routes_by_id()
+
+
 def ffn_block_step(norm: RMSNorm, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """h + ffn(norm(h)) for one token, compiled: one graph, MoE layers on native experts included
     (MoE.experts_by_id). Other 4-bit experts: the router is one graph, the ids come to the host (free on
     the CPU), and each chosen expert is a graph of its own (float experts and device routing stay eager)."""
-    if not isinstance(ffn, MoE) or ffn.routes_by_id():
+    if ffn_in_one_graph(ffn):
         return ffn_residual(norm, ffn, h)
     if not hasattr(ffn, "q1") or not ffn.routes_on_host(h.reshape(-1, h.shape[-1])):
         return h + ffn(norm(h))
@@ -458,7 +464,7 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     follows in its own graphs. A sliding-window ring (RollingKVCache) appends and attends eagerly between
     two graphs.
     """
-    moe = isinstance(ffn, MoE) and not ffn.routes_by_id()  # a MoE whose routing leaves the graph
+    moe = not ffn_in_one_graph(ffn)  # a MoE whose routing leaves the graph
     if type(cache) is KVCache:  # exactly: a StaticKVCache updates at its device position (runtime/graphs.py)
         k_all, v_all = cache.append_one()
         torch._dynamo.maybe_mark_dynamic(k_all, 2)

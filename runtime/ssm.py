@@ -347,17 +347,22 @@ class MambaMixer(nn.Module):
         return self.out_proj((y * F.silu(z.float())).to(input_dtype(self.out_proj)))
 
 
+def ssm_residual(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor, state: Tensor) -> Tensor:
+    """h + the mixer's one-token step on norm(h): h (B, 1, E); conv and state updated in place."""
+    return h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
+
+
 @graph
 def ssm_block_step(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor, state: Tensor) -> Tensor:
     """One token through a pre-norm SSM block (Mamba-1, Mamba-2, Jamba's Mamba layers): h (B, 1, E)."""
-    return h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
+    return ssm_residual(norm, mixer, h, conv, state)
 
 
 @graph
 def ssm_ffn_block_step(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor, state: Tensor, norm_ff: RMSNorm,
                        ffn: nn.Module) -> Tensor:
     """ssm_block_step and then a pre-norm feed-forward block (Jamba's Mamba layers), as one graph."""
-    h = h + mixer.step(norm(h.to(norm.weight.dtype))[:, 0], conv, state).unsqueeze(1)
+    h = ssm_residual(norm, mixer, h, conv, state)
     return h + ffn(norm_ff(h))
 
 

@@ -39,6 +39,7 @@ from runtime.layers import (
     attention_block_step,
     embedding,
     ffn_block_step,
+    ffn_in_one_graph,
     stack_experts,
 )
 from runtime.models.base import LanguageModel, require
@@ -153,7 +154,7 @@ class Block(nn.Module):
                                         self.feed_forward)
         cache.offset += 1
         ffn = self.feed_forward
-        if not isinstance(ffn, MoE) or ffn.routes_by_id():  # the block as one graph
+        if ffn_in_one_graph(ffn):  # the block as one graph
             return ssm_ffn_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm,
                                       self.pre_ff_layernorm, ffn)
         h = ssm_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm)
