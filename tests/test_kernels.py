@@ -118,7 +118,8 @@ def check(t, n, k, m, seed=0, scale="normal", threads=None):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (7, 512, 1), (33, 768, 3), (64, 256, 4), (19, 1280, 9), (12, 512, 2)])
+@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (7, 512, 1), (33, 768, 3), (64, 256, 4), (19, 1280, 9), (12, 512, 2),
+                                   (45, 512, 23), (21, 1280, 40)])  # from 20 rows the K types take tiles
 def test_kernel_equals_reference(t, n, k, m):
     check(t, n, k, m, seed=n * 31 + m)
 
@@ -127,6 +128,33 @@ def test_kernel_equals_reference(t, n, k, m):
 @pytest.mark.parametrize("scale", ["zero", "subnormal", "extreme"])
 def test_kernel_edge_scales(t, scale):
     check(t, 24, 512, 5, seed=3, scale=scale)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("scale", ["zero", "subnormal", "extreme"])
+def test_tiles_edge_scales(t, scale):
+    check(t, 29, 512, 21, seed=7, scale=scale)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_tiles_rows_are_independent(t):
+    """Tiles of 8 weight rows: any row's output is that row's own sum, whichever rows share its tile, on 1 and
+    2 threads: a permutation walked in place, an index with repeats and a short last tile give the same bits
+    as the rows copied out."""
+    k, m = 512, 24
+    w = random_blocks(t, 27, k, 8)
+    x = torch.randn(m, k)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            full = native.mm(x, w, int(t), k)
+            for idx in (torch.randperm(27), torch.tensor([5, 5, 0, 26, 2, 9, 9, 9, 13, 1, 3])):
+                assert torch.equal(native.mm(x, w, int(t), k, idx), full[:, idx])
+                assert torch.equal(native.mm(x, w[idx].contiguous(), int(t), k), full[:, idx])
+            assert torch.equal(native.mm(x[:21], w, int(t), k), full[:21])
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_1], ids=lambda t: t.name)
@@ -201,7 +229,7 @@ def test_generic_cpp_path_equals_reference(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
 
 
-@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("m", [1, 3, 6, 22])
 def test_mm_cat_equals_separate_products(m):
     """ggml_mm_cat: several matrices of one input width in one call (activations quantized once per
     format, one parallel region) == each product alone, side by side; mixed types and row indices."""

@@ -604,6 +604,201 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
 #endif
 }
 
+// ---------------------------------------------------------------- K-type tiles (many activation rows)
+//
+// From kTileRows activation rows on, Q4_K and Q6_K weights are multiplied 8 rows at a time through a tile:
+// the 8 rows' blocks copied (per call, into the thread's scratch: the file's blocks stay as they are) so that
+// one 32-byte vector holds 8 consecutive quants of 4 rows as bytes, and each group's scale is an int16 lane
+// of the row it belongs to. One activation row's 8 quants, broadcast to the 4 rows, then make 4 rows'
+// products in one maddubs; the products of one scale group are summed as int16 (exact: at most 4 x 2 x 15 x
+// 127 for Q4_K, 2 x 2 x 63 x 127 for Q6_K) before one madd applies the scale. The lanes are weight rows: no
+// per-row horizontal sums. llama.cpp repacks its weights this way at load (block_q4_Kx8); here a tile is
+// built once per call and used for every activation row, so the mapped file is never copied.
+#ifdef MC_AVX2
+// activation rows from which the K types take tiles: building them costs about 4 rows' products (2 threads,
+// 4096 x 4096: rows 4.7 ms, tiles 4.9 at 16 rows; 7.1 vs 6.1 at 24; 157 vs 85 at 512)
+constexpr int64_t kTileRows = 20;
+// lane q of hadd_epi32(rows 0-3 in lane pairs, rows 4-7 in lane pairs) holds row kOrd[q]
+constexpr int kOrd[8] = {0, 1, 4, 5, 2, 3, 6, 7};
+
+struct alignas(32) TileK {  // one super-block of 8 weight rows
+  uint8_t q[8][4][2][32]; // sub-block j (32 quants), chunk p (8 quants), half h: rows 4h..4h+3 x 8 quants
+  int16_t sc[16][2][16];  // scale group g, half h: lane l -> row 4h + l / 4's scale (Q4_K: 8 groups of 32,
+                          // Q6_K: 16 groups of 16)
+  int16_t off[8][16];     // pair t: lanes 2q, 2q + 1 -> row kOrd[q]'s mins (Q4_K) or scales (Q6_K) 2t, 2t + 1
+  float d[8], dmin[8];    // row kOrd[q] in lane q
+};
+
+// Builds a tile of super-block i from 8 row pointers (Q4_K or Q6_K).
+void make_tile(int64_t type, const uint8_t* const* rows, int64_t i, TileK* t) {
+  alignas(32) uint8_t qv[256];    // one row's quants in element order
+  int16_t sc[8][16], off[8][16];  // per row: each group's scale; the mins (Q4_K) or scales (Q6_K) of off
+  const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+  for (int c = 0; c < 8; ++c) {
+    if (type == Q4_K) {
+      const BQ4_K& b = ((const BQ4_K*)rows[c])[i];
+      uint8_t s[8], m[8];
+      k4_scales(b.scales, s, m);
+      for (int j = 0; j < 8; ++j) sc[c][j] = s[j], off[c][j] = m[j];
+      for (int j = 0; j < 4; ++j) {  // 32 bytes: low nibbles are sub-block 2j, high nibbles 2j + 1
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(b.qs + 32 * j));
+        _mm256_store_si256((__m256i*)(qv + 64 * j), _mm256_and_si256(v, m15));
+        _mm256_store_si256((__m256i*)(qv + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m15));
+      }
+      t->d[c] = h2f(b.d), t->dmin[c] = h2f(b.dmin);
+    } else {
+      const BQ6_K& b = ((const BQ6_K*)rows[c])[i];
+      for (int g = 0; g < 16; ++g) sc[c][g] = off[c][g] = b.scales[g];
+      for (int h = 0; h < 2; ++h) {  // as dot_q6_k: 128 elements from ql[64 h ..], qh[32 h ..]
+        const __m256i b1 = _mm256_loadu_si256((const __m256i*)(b.ql + 64 * h));
+        const __m256i b2 = _mm256_loadu_si256((const __m256i*)(b.ql + 64 * h + 32));
+        const __m256i bh = _mm256_loadu_si256((const __m256i*)(b.qh + 32 * h));
+        uint8_t* o = qv + 128 * h;
+        _mm256_store_si256((__m256i*)o, _mm256_or_si256(_mm256_and_si256(b1, m15),
+                                                        _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4)));
+        _mm256_store_si256((__m256i*)(o + 32),
+                           _mm256_or_si256(_mm256_and_si256(b2, m15),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m3), 4)));
+        _mm256_store_si256((__m256i*)(o + 64),
+                           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m3), 4)));
+        _mm256_store_si256((__m256i*)(o + 96),
+                           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m3), 4)));
+      }
+      t->d[c] = h2f(b.d), t->dmin[c] = 0.f;
+    }
+    for (int e = 0; e < 256; e += 8) std::memcpy(&t->q[e / 32][(e % 32) / 8][c / 4][8 * (c % 4)], qv + e, 8);
+  }
+  const int groups = type == Q4_K ? 8 : 16;
+  for (int g = 0; g < groups; ++g)
+    for (int c = 0; c < 8; ++c) {  // row c's scale in its 4 int16 lanes
+      const uint64_t v = (uint64_t)(uint16_t)sc[c][g] * 0x0001000100010001ull;
+      std::memcpy(&t->sc[g][c / 4][4 * (c % 4)], &v, 8);
+    }
+  float d[8], dmin[8];
+  for (int q = 0; q < 8; ++q) d[q] = t->d[kOrd[q]], dmin[q] = t->dmin[kOrd[q]];
+  for (int q = 0; q < 8; ++q) t->d[q] = d[q], t->dmin[q] = dmin[q];
+  for (int p = 0; p < groups / 2; ++p)
+    for (int q = 0; q < 8; ++q) t->off[p][2 * q] = off[kOrd[q]][2 * p], t->off[p][2 * q + 1] = off[kOrd[q]][2 * p + 1];
+}
+
+// R activation rows (R <= 4) against the 8 rows of nb tiles: acc[r] (lanes in kOrd order) += each super-block's
+// products, scaled.
+template <int64_t Type, int R>
+void tile_rows(int64_t nb, const TileK* tiles, const BQ8_K* const* y, __m256* acc) {
+  for (int64_t i = 0; i < nb; ++i) {
+    const TileK& t = tiles[i];
+    __m256i a[R][2];
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; ++j) {  // sub-blocks of 32
+      const __m256i* w = (const __m256i*)t.q[j];
+      if constexpr (Type == Q4_K) {
+        const __m256i s0 = _mm256_load_si256((const __m256i*)t.sc[j][0]);
+        const __m256i s1 = _mm256_load_si256((const __m256i*)t.sc[j][1]);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* yq = y[r][i].qs + 32 * j;
+          __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+          for (int p = 0; p < 4; ++p) {
+            const __m256i yb = _mm256_set1_epi64x(*(const int64_t*)(yq + 8 * p));
+            p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(_mm256_load_si256(w + 2 * p), yb));
+            p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(_mm256_load_si256(w + 2 * p + 1), yb));
+          }
+          a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(p0, s0));
+          a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(p1, s1));
+        }
+      } else {  // Q6_K: groups 2j (chunks 0, 1) and 2j + 1 (chunks 2, 3)
+        for (int g = 0; g < 2; ++g) {
+          const __m256i s0 = _mm256_load_si256((const __m256i*)t.sc[2 * j + g][0]);
+          const __m256i s1 = _mm256_load_si256((const __m256i*)t.sc[2 * j + g][1]);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* yq = y[r][i].qs + 32 * j + 16 * g;
+            const __m256i ya = _mm256_set1_epi64x(*(const int64_t*)yq);
+            const __m256i yb = _mm256_set1_epi64x(*(const int64_t*)(yq + 8));
+            const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_load_si256(w + 4 * g), ya),
+                                                _mm256_maddubs_epi16(_mm256_load_si256(w + 4 * g + 2), yb));
+            const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_load_si256(w + 4 * g + 1), ya),
+                                                _mm256_maddubs_epi16(_mm256_load_si256(w + 4 * g + 3), yb));
+            a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(p0, s0));
+            a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(p1, s1));
+          }
+        }
+      }
+    }
+    const __m256 d = _mm256_loadu_ps(t.d);
+    for (int r = 0; r < R; ++r) {
+      // the mins' (Q4_K) or the -32 offset's (Q6_K) term: off pairs times the activations' bsums
+      const __m256i bs = _mm256_loadu_si256((const __m256i*)y[r][i].bsums);
+      __m256i o = _mm256_setzero_si256();
+      if constexpr (Type == Q4_K) {  // pairs of 16-sums -> the 8 sub-block sums, as 4 int32 pairs
+        const __m128i s8 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        alignas(16) int32_t b32[4];
+        _mm_store_si128((__m128i*)b32, s8);
+        for (int p = 0; p < 4; ++p)
+          o = _mm256_add_epi32(o, _mm256_madd_epi16(_mm256_load_si256((const __m256i*)t.off[p]), _mm256_set1_epi32(b32[p])));
+      } else {
+        alignas(32) int32_t b32[8];
+        _mm256_store_si256((__m256i*)b32, bs);
+        for (int p = 0; p < 8; ++p)
+          o = _mm256_add_epi32(o, _mm256_madd_epi16(_mm256_load_si256((const __m256i*)t.off[p]), _mm256_set1_epi32(b32[p])));
+      }
+      const __m256i isum = _mm256_hadd_epi32(a[r][0], a[r][1]);
+      const __m256 dy = _mm256_set1_ps(y[r][i].d);
+      if constexpr (Type == Q4_K) {
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(isum), acc[r]);
+        acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(t.dmin), dy), _mm256_cvtepi32_ps(o), acc[r]);
+      } else {
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, _mm256_slli_epi32(o, 5))),
+                                 acc[r]);
+      }
+    }
+  }
+}
+// Rows [j, je) (iteration order, as dot_tile) of a Q4_K / Q6_K part against activation rows [0, m), 8 weight
+// rows a tile: the item's tiles are built once, then every 4 activation rows (in L1) meet each tile (in L2).
+template <int64_t Type>
+void tile_part(int64_t nb, int64_t j, int64_t je, const uint8_t* wp, int64_t ws, const int64_t* src,
+               const int64_t* dst, const uint8_t* q8, int64_t act_row_bytes, int64_t m, float* op, int64_t n,
+               std::vector<TileK>& buf) {
+  const int64_t tiles = (je - j + 7) / 8;
+  buf.resize((size_t)(tiles * nb));
+  std::vector<int64_t> col((size_t)(tiles * 8));
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* rows[8];
+    for (int c = 0; c < 8; ++c) {
+      const int64_t jj = j + 8 * t + c;
+      const bool real = jj < je;  // a short last tile repeats its first row and stores nothing for the rest
+      const int64_t it = real ? jj : j + 8 * t;
+      rows[c] = wp + (src ? src[it] : it) * ws;
+      col[(size_t)(8 * t + c)] = real ? (dst ? dst[jj] : jj) : -1;
+    }
+    for (int64_t i = 0; i < nb; ++i) make_tile(Type, rows, i, &buf[(size_t)(t * nb + i)]);
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += 4) {
+    const int64_t cnt = std::min<int64_t>(4, m - r0);
+    const BQ8_K* y[4];
+    for (int64_t r = 0; r < 4; ++r) y[r] = (const BQ8_K*)(q8 + std::min(r0 + r, m - 1) * act_row_bytes);
+    for (int64_t t = 0; t < tiles; ++t) {
+      __m256 acc[4];
+      for (auto& a : acc) a = _mm256_setzero_ps();
+      if (cnt == 4) tile_rows<Type, 4>(nb, &buf[(size_t)(t * nb)], y, acc);
+      else if (cnt == 3) tile_rows<Type, 3>(nb, &buf[(size_t)(t * nb)], y, acc);
+      else if (cnt == 2) tile_rows<Type, 2>(nb, &buf[(size_t)(t * nb)], y, acc);
+      else tile_rows<Type, 1>(nb, &buf[(size_t)(t * nb)], y, acc);
+      for (int64_t r = 0; r < cnt; ++r) {
+        alignas(32) float v[8];
+        _mm256_store_ps(v, acc[r]);
+        float* o = op + (r0 + r) * n;
+        for (int q = 0; q < 8; ++q) {
+          const int64_t c = col[(size_t)(8 * t + kOrd[q])];
+          if (c >= 0) o[c] = v[q];
+        }
+      }
+    }
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- dequantization (rows -> float)
 
 void dequant_row(int64_t type, const uint8_t* src, float* y, int64_t k) {
@@ -768,6 +963,17 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
   return p;
 }
 
+// Whether a part's rows go through tiles (Q4_K / Q6_K against kTileRows activation rows or more), and how many
+// rows a work item of tiles has.
+constexpr int64_t kTileItem = 32;
+inline bool tiled(const Part& p, int64_t m) {
+#ifdef MC_AVX2
+  return m >= kTileRows && p.row < 0 && (p.type == Q4_K || p.type == Q6_K);
+#else
+  return false;
+#endif
+}
+
 // x (M, K) times every part's rows, the parts' outputs side by side in one (M, sum of N) tensor. The
 // activations are quantized once per format, and all the parts' rows share one parallel region.
 // Parts with a row (ggml_mm_id) all write columns [0, N) of their own output row.
@@ -823,8 +1029,10 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   // take 4 weight rows at a time), split between the threads.
   std::vector<std::array<int64_t, 3>> items;  // part, first row, end row (iteration order)
   int64_t grain = std::max<int64_t>(4, std::min<int64_t>(64, ntot / (4 * at::get_num_threads())) & ~int64_t(3));
-  for (int64_t pi = 0; pi < (int64_t)parts.size(); ++pi)
-    for (int64_t j = 0; j < parts[pi].n; j += grain) items.push_back({pi, j, std::min(parts[pi].n, j + grain)});
+  for (int64_t pi = 0; pi < (int64_t)parts.size(); ++pi) {
+    const int64_t g = tiled(parts[(size_t)pi], m) ? kTileItem : grain;
+    for (int64_t j = 0; j < parts[pi].n; j += g) items.push_back({pi, j, std::min(parts[pi].n, j + g)});
+  }
   float* op = out.data_ptr<float>();
   // Rows go in groups of JB (a few KB each, kept in L1/L2) and each group meets the activations 4 rows at
   // a time: the activations stream from L2 once per group instead of once per weight row, and every
@@ -833,11 +1041,22 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
     const uint8_t* act[4];
     const float *dx[4], *sx[4];
+#ifdef MC_AVX2
+    std::vector<TileK> tiles;
+#endif
     for (int64_t it = b; it < e; ++it) {
       const Part& p = parts[(size_t)items[(size_t)it][0]];
       const int f = p.act;
       const int64_t nb = nbk[f], type = p.type;
       const int64_t* dst = p.inv.empty() ? nullptr : p.inv.data();
+#ifdef MC_AVX2
+      if (tiled(p, m)) {
+        auto run = type == Q4_K ? tile_part<Q4_K> : tile_part<Q6_K>;
+        run(nb, items[(size_t)it][1], items[(size_t)it][2], p.wp, p.ws, p.src, dst, q8[f].data(), row_bytes[f], m,
+            op + p.col0, ntot, tiles);
+        continue;
+      }
+#endif
       for (int64_t jb = items[(size_t)it][1]; jb < items[(size_t)it][2]; jb += JB) {
         const int64_t je = std::min(items[(size_t)it][2], jb + JB);
         const int64_t r_begin = p.row >= 0 ? p.row : 0, r_end = p.row >= 0 ? p.row + 1 : m;
