@@ -218,25 +218,6 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-# From this many rows on, a BlockLinear dequantizes its blocks to float32 tile by tile (DENSE_TILE weights,
-# 16 MiB, so a tile is multiplied while it is still in cache) and runs fp32 GEMMs instead of the integer
-# kernel (which decodes each weight block again for every 4 rows). Per type, measured on 2 threads
-# (docs/performance.md, session 7): the 32-block types' kernel is faster at 128 rows (Q4_0 3352 x 768:
-# 6.5 vs 7.6 ms) and slower from 256 (11.8 vs 10.4 ms); the K types' kernel (a 256-block's decode shared by
-# more values) is faster through 512 rows, a prefill chunk (Q4_K 4096 x 4096: 113 vs 121 ms; Q6_K
-# 4096 x 14336: 453 vs 506 ms; on one thread 226 vs 252 and 851 vs 883) and slower at 2048 (656 vs 570).
-BLOCK_DENSE_ROWS = 192
-K_DENSE_ROWS = 1024
-
-
-def dense_rows(ggml_type: int) -> int:
-    """The row count from which a BlockLinear of this type runs the dequantized fp32 GEMM."""
-    return K_DENSE_ROWS if ggml_type in (native.Q4_K, native.Q6_K) else BLOCK_DENSE_ROWS
-
-
-DENSE_TILE = 1 << 22
-
-
 @dataclasses.dataclass
 class Blocks:
     """A matrix as GGUF blocks: data (n, row_bytes) uint8, rows of k values of ggml_type; rows: an
@@ -257,8 +238,9 @@ class BlockLinear(nn.Module):
 
     blocks : (N, row_bytes) uint8, usually a view into the memory-mapped GGUF file (nothing is copied or
     repacked); rows : optional (N,) int64, output j computed from block row rows[j] (llama.cpp's q/k row
-    order read as ours). Decode and small batches use the integer kernel (activations quantized to 8
-    bits per block, as llama.cpp does); from dense_rows(type) rows on, a dequantized fp32 GEMM.
+    order read as ours). Every row count runs the integer kernel (activations quantized to 8 bits per
+    block, as llama.cpp does): from a few rows on it takes tiles of 8 weight rows, which beat dequantizing
+    to an fp32 GEMM at any length (docs/performance.md, session 8).
     """
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int, bias: torch.Tensor | None = None,
@@ -267,7 +249,6 @@ class BlockLinear(nn.Module):
         if blocks.dim() != 2 or blocks.shape[1] != row_nbytes(ggml_type, in_features):
             raise ValueError(f"blocks {list(blocks.shape)} are not rows of {in_features} values of type {ggml_type}")
         self.ggml_type, self.in_features = int(ggml_type), in_features
-        self.dense_rows = dense_rows(self.ggml_type)
         self.out_features = blocks.shape[0] if rows is None else rows.shape[0]
         self.register_buffer("blocks", blocks, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
@@ -283,35 +264,17 @@ class BlockLinear(nn.Module):
         # x : (..., K)  ->  (..., N)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] >= self.dense_rows:
-            y = self._dense(x2)
-        else:
-            y = torch.ops.mamba_cli.ggml_mm(x2, self.blocks, self.ggml_type, self.in_features, self.rows)
+        y = torch.ops.mamba_cli.ggml_mm(x2, self.blocks, self.ggml_type, self.in_features, self.rows)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        # x : (M, K) -> (M, N): per tile of weight rows, dequantize and multiply while it is in cache
-        n, k = self.blocks.shape[0], self.in_features
-        step = max(64, DENSE_TILE // k)
-        if n <= step:  # one tile: the GEMM writes (M, N) directly
-            y = F.linear(x, torch.ops.mamba_cli.ggml_dequant(self.blocks, self.ggml_type, k))
-            return y if self.rows is None else y.index_select(1, self.rows)
-        yt = torch.empty(n, x.shape[0])
-        for n0 in range(0, n, step):
-            w = torch.ops.mamba_cli.ggml_dequant(self.blocks[n0:n0 + step], self.ggml_type, k)
-            torch.mm(w, x.t(), out=yt[n0:n0 + step])
-        # contiguous (M, N): a transposed view would push later ops (SDPA's flash kernel) to slow paths
-        return (yt if self.rows is None else yt.index_select(0, self.rows)).t().contiguous()
 
 
 class BlockLinearCat(nn.Module):
     """Several BlockLinears of one input width (q/k/v, gate/up) as one: y = cat([p(x) for p in parts], -1).
 
-    Decode and small batches make one kernel call for all of them (the activations quantized once per
-    format, one parallel region over every part's rows); larger batches run each part's dense path.
-    The parts keep their own types and row orders (a Q4_K_M layer mixes Q4_K and Q6_K)."""
+    One kernel call for all of them (the activations quantized once per format, one parallel region over
+    every part's rows). The parts keep their own types and row orders (a Q4_K_M layer mixes Q4_K and Q6_K)."""
 
     def __init__(self, parts: list[BlockLinear]):
         super().__init__()
@@ -330,8 +293,6 @@ class BlockLinearCat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] >= min(p.dense_rows for p in self.parts):  # some part runs its fp32 GEMM
-            return torch.cat([p(x) for p in self.parts], -1)
         y = torch.ops.mamba_cli.ggml_mm_cat(x2, [p.blocks for p in self.parts], self.types, self.in_features,
                                             [p.rows for p in self.parts])
         if self.bias is not None:

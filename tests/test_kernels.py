@@ -130,13 +130,13 @@ def test_kernel_edge_scales(t, scale):
     check(t, 24, 512, 5, seed=3, scale=scale)
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("scale", ["zero", "subnormal", "extreme"])
 def test_tiles_edge_scales(t, scale):
-    check(t, 29, 512, 21, seed=7, scale=scale)
+    check(t, 29, 512, 21, seed=7, scale=scale)  # from 20 activation rows: tiles of 8 weight rows
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_tiles_rows_are_independent(t):
     """Tiles of 8 weight rows: any row's output is that row's own sum, whichever rows share its tile, on 1 and
     2 threads: a permutation walked in place, an index with repeats and a short last tile give the same bits

@@ -245,7 +245,7 @@ IDS_300 = torch.randint(3, 320, (1, 300), generator=torch.Generator().manual_see
 
 @functools.cache
 def teacher_forced(quant_dir: Path, name: str, qtype: str) -> dict[str, torch.Tensor]:
-    """Logits on 300 tokens: 'ours' (the native kernels, 8-bit activations below dense_rows(type) rows;
+    """Logits on 300 tokens: 'ours' (the native kernels, 8-bit activations;
     or int4 kernels, bf16 activations), 'exact' (the same 4-bit weights dequantized, fp32 activations:
     the float fallback) and 'fp32' (the source model)."""
     folder, path = _written(quant_dir, name, qtype)
@@ -264,13 +264,10 @@ def test_quantized_file_runs_the_4bit_model(name, qtype, quant_dir):
     """Teacher-forced top-1 on 300 tokens: our runtime (native kernels or int4 kernels) against the exact
     computation of the same 4-bit weights (dequantized, fp32 activations)."""
     got = teacher_forced(quant_dir, name, qtype)
-    # q4_0: the 32-block types' prefill matmuls of >= 192 tokens run fp32 activations (MoE experts with
-    # fewer tokens the 8-bit kernel): decisive agreement >= 0.98 but mixtral's 0.976 (random routing flips).
-    # q4_k_m: the K types' prefill runs the 8-bit-activation kernel up to 1024 tokens, as llama.cpp does, so
-    # ours sits as far from the fp32-activation computation as llama.cpp does (top-1 ours/exact 0.88-0.94,
-    # llama.cpp/exact 0.88-0.95 on these random models) and next to llama.cpp (0.95-1.00: the llama.cpp test
-    # below); decisive agreement with exact 0.91-0.96.
-    assert agreement(got["ours"], got["exact"])[1] >= (0.97 if qtype == "q4_0" else 0.90)
+    # Prefill runs the 8-bit-activation kernel at any length, as llama.cpp does, so ours sits as far from the
+    # fp32-activation computation as llama.cpp does (top-1 ours/exact 0.88-0.98, llama.cpp/exact 0.88-0.97 on
+    # these random models) and next to llama.cpp (0.96-1.00: the llama.cpp test below).
+    assert agreement(got["ours"], got["exact"])[1] >= 0.90
 
 
 @pytest.mark.llamacpp
@@ -299,8 +296,8 @@ def test_quantized_file_runs_in_llama_cpp_alike(name, qtype, quant_dir):
 def test_4bit_experts_stay_4bit(name, path_kind, quant_dir, monkeypatch):
     """Q4_0 expert stacks load as one 4-bit linear per expert (not dequantized floats) and compute what
     the dequantized float experts compute: torch's int4 path (its exact fallback, fp32 activations), and
-    the native kernels reading each expert's blocks in place from the file (8-bit activations below
-    dense_rows(type) rows, so within their rounding)."""
+    the native kernels reading each expert's blocks in place from the file (8-bit activations, so within
+    their rounding)."""
     from quant.linear import BlockLinear, QuantLinear
     from runtime.layers import MoE
 
@@ -332,7 +329,9 @@ def test_4bit_experts_stay_4bit(name, path_kind, quant_dir, monkeypatch):
             delattr(moe, "q" + w[1])
             setattr(moe, w, torch.nn.Parameter(stacked, requires_grad=False))
     want, want_steps = run()
-    tol = 1e-4 if path_kind == "int4" else 3e-2  # measured 0.6-1.2e-2 with 8-bit activations
+    # 8-bit activations: measured 1.6-3.6e-2 (2.2e-2 mixtral; jamba's random router turns rounding into
+    # different expert weights: 2.1 / 2.2e-2 with the rows kernel, 3.6 / 1.6e-2 with tiles)
+    tol = 1e-4 if path_kind == "int4" else 5e-2
     assert rel(got, want) < tol and rel(got_steps, want_steps) < tol
 
 

@@ -604,9 +604,9 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
 #endif
 }
 
-// ---------------------------------------------------------------- K-type tiles (many activation rows)
+// ---------------------------------------------------------------- tiles (many activation rows)
 //
-// From kTileRows activation rows on, Q4_K and Q6_K weights are multiplied 8 rows at a time through a tile:
+// From a few activation rows on (tiled(), below), weights are multiplied 8 rows at a time through a tile:
 // the 8 rows' blocks copied (per call, into the thread's scratch: the file's blocks stay as they are) so that
 // one 32-byte vector holds 8 consecutive quants of 4 rows as bytes, and each group's scale is an int16 lane
 // of the row it belongs to. One activation row's 8 quants, broadcast to the 4 rows, then make 4 rows'
@@ -615,9 +615,6 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
 // per-row horizontal sums. llama.cpp repacks its weights this way at load (block_q4_Kx8); here a tile is
 // built once per call and used for every activation row, so the mapped file is never copied.
 #ifdef MC_AVX2
-// activation rows from which the K types take tiles: building them costs about 4 rows' products (2 threads,
-// 4096 x 4096: rows 4.7 ms, tiles 4.9 at 16 rows; 7.1 vs 6.1 at 24; 157 vs 85 at 512)
-constexpr int64_t kTileRows = 20;
 // lane q of hadd_epi32(rows 0-3 in lane pairs, rows 4-7 in lane pairs) holds row kOrd[q]
 constexpr int kOrd[8] = {0, 1, 4, 5, 2, 3, 6, 7};
 
@@ -754,12 +751,84 @@ void tile_rows(int64_t nb, const TileK* tiles, const BQ8_K* const* y, __m256* ac
     }
   }
 }
-// Rows [j, je) (iteration order, as dot_tile) of a Q4_K / Q6_K part against activation rows [0, m), 8 weight
-// rows a tile: the item's tiles are built once, then every 4 activation rows (in L1) meet each tile (in L2).
-template <int64_t Type>
+// The 32-block types' tiles: the same layout for one block of 8 rows, each block's integer sums scaled in
+// float (d of the 8 rows times the activation block's d; the types with a min add m * s; Q4_0 / Q5_0 take
+// their offset times the activation quants' sum off the integer sum, as dot32 does). Q8_0's signed quants
+// are kept with their magnitudes: maddubs of |w| and the activations signed as w, each chunk widened at once
+// (2 x 128 x 127 leaves no room for a second chunk in int16).
+struct alignas(32) Tile32 {  // one block of 8 weight rows
+  uint8_t q[4][2][32];       // chunk p (8 quants), half h: rows 4h..4h+3 x 8 quants (Q8_0: |q|)
+  int8_t sgn[4][2][32];      // Q8_0 only: the signed quants
+  float d[8], m[8];          // row kOrd[q] in lane q
+};
+
+template <class D>
+void make_tile32(const uint8_t* const* rows, int64_t i, Tile32* t) {
+  float d[8], m[8];
+  for (int c = 0; c < 8; ++c) {
+    const auto& b = ((const typename D::B*)rows[c])[i];
+    alignas(32) uint8_t qv[32];
+    const __m256i v = D::v(b);
+    _mm256_store_si256((__m256i*)qv, std::is_same_v<D, DQ8_0> ? _mm256_abs_epi8(v) : v);
+    for (int p = 0; p < 4; ++p) std::memcpy(&t->q[p][c / 4][8 * (c % 4)], qv + 8 * p, 8);
+    if constexpr (std::is_same_v<D, DQ8_0>)
+      for (int p = 0; p < 4; ++p) std::memcpy(&t->sgn[p][c / 4][8 * (c % 4)], b.qs + 8 * p, 8);
+    d[c] = h2f(b.d);
+    if constexpr (D::kMin) m[c] = h2f(b.m); else m[c] = 0.f;
+  }
+  for (int q = 0; q < 8; ++q) t->d[q] = d[kOrd[q]], t->m[q] = m[kOrd[q]];
+}
+
+// R activation rows (R <= 4) against the 8 rows of nb tiles: acc[r] (lanes in kOrd order) += each block's
+// products, scaled. act: Q8_0 / Q8_1 rows; dx, sx: their blocks' d and s (Q8_0: sum of quants) as float.
+template <class D, int R>
+void tile32_rows(int64_t nb, const Tile32* tiles, const uint8_t* const* act, const float* const* dx,
+                 const float* const* sx, __m256* acc) {
+  using A = std::conditional_t<D::kMin, BQ8_1, BQ8_0>;
+  constexpr bool kSigned = std::is_same_v<D, DQ8_0>;
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < nb; ++i) {
+    const Tile32& t = tiles[i];
+    const __m256i* w = (const __m256i*)t.q;
+    const __m256i* sg = (const __m256i*)t.sgn;
+    const __m256 d = _mm256_load_ps(t.d);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* yq = ((const A*)act[r])[i].qs;
+      __m256i s0, s1;
+      if constexpr (kSigned) {
+        s0 = s1 = _mm256_setzero_si256();
+        for (int p = 0; p < 4; ++p) {
+          const __m256i yb = _mm256_set1_epi64x(*(const int64_t*)(yq + 8 * p));
+          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256(w + 2 * p),
+                                _mm256_sign_epi8(yb, _mm256_load_si256(sg + 2 * p))), one));
+          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256(w + 2 * p + 1),
+                                _mm256_sign_epi8(yb, _mm256_load_si256(sg + 2 * p + 1))), one));
+        }
+      } else {  // at most 4 x 2 x 31 x 127 in int16
+        __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+        for (int p = 0; p < 4; ++p) {
+          const __m256i yb = _mm256_set1_epi64x(*(const int64_t*)(yq + 8 * p));
+          p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(_mm256_load_si256(w + 2 * p), yb));
+          p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(_mm256_load_si256(w + 2 * p + 1), yb));
+        }
+        s0 = _mm256_madd_epi16(p0, one), s1 = _mm256_madd_epi16(p1, one);
+      }
+      __m256 isum = _mm256_cvtepi32_ps(_mm256_hadd_epi32(s0, s1));
+      if constexpr (D::kOffset != 0)  // integers below 2^24: exact in float
+        isum = _mm256_fnmadd_ps(_mm256_set1_ps((float)D::kOffset), _mm256_set1_ps(sx[r][i]), isum);
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(dx[r][i])), isum, acc[r]);
+      if constexpr (D::kMin) acc[r] = _mm256_fmadd_ps(_mm256_load_ps(t.m), _mm256_set1_ps(sx[r][i]), acc[r]);
+    }
+  }
+}
+
+// Rows [j, je) (iteration order, as dot_tile) of a part against activation rows [0, m), 8 weight rows a
+// tile: the item's tiles are built once (build(rows, i, tile) makes block i's tile of 8 row pointers), then
+// every 4 activation rows (in L1) meet each tile (in L2): mul(cnt, r0, tiles, acc) adds activation rows
+// r0 .. r0 + cnt - 1 times one tile's nb blocks into acc.
+template <class Tile, class Build, class Mul>
 void tile_part(int64_t nb, int64_t j, int64_t je, const uint8_t* wp, int64_t ws, const int64_t* src,
-               const int64_t* dst, const uint8_t* q8, int64_t act_row_bytes, int64_t m, float* op, int64_t n,
-               std::vector<TileK>& buf) {
+               const int64_t* dst, int64_t m, float* op, int64_t n, std::vector<Tile>& buf, Build build, Mul mul) {
   const int64_t tiles = (je - j + 7) / 8;
   buf.resize((size_t)(tiles * nb));
   std::vector<int64_t> col((size_t)(tiles * 8));
@@ -772,19 +841,14 @@ void tile_part(int64_t nb, int64_t j, int64_t je, const uint8_t* wp, int64_t ws,
       rows[c] = wp + (src ? src[it] : it) * ws;
       col[(size_t)(8 * t + c)] = real ? (dst ? dst[jj] : jj) : -1;
     }
-    for (int64_t i = 0; i < nb; ++i) make_tile(Type, rows, i, &buf[(size_t)(t * nb + i)]);
+    for (int64_t i = 0; i < nb; ++i) build(rows, i, &buf[(size_t)(t * nb + i)]);
   }
   for (int64_t r0 = 0; r0 < m; r0 += 4) {
     const int64_t cnt = std::min<int64_t>(4, m - r0);
-    const BQ8_K* y[4];
-    for (int64_t r = 0; r < 4; ++r) y[r] = (const BQ8_K*)(q8 + std::min(r0 + r, m - 1) * act_row_bytes);
     for (int64_t t = 0; t < tiles; ++t) {
       __m256 acc[4];
       for (auto& a : acc) a = _mm256_setzero_ps();
-      if (cnt == 4) tile_rows<Type, 4>(nb, &buf[(size_t)(t * nb)], y, acc);
-      else if (cnt == 3) tile_rows<Type, 3>(nb, &buf[(size_t)(t * nb)], y, acc);
-      else if (cnt == 2) tile_rows<Type, 2>(nb, &buf[(size_t)(t * nb)], y, acc);
-      else tile_rows<Type, 1>(nb, &buf[(size_t)(t * nb)], y, acc);
+      mul(cnt, r0, &buf[(size_t)(t * nb)], acc);
       for (int64_t r = 0; r < cnt; ++r) {
         alignas(32) float v[8];
         _mm256_store_ps(v, acc[r]);
@@ -795,6 +859,29 @@ void tile_part(int64_t nb, int64_t j, int64_t je, const uint8_t* wp, int64_t ws,
         }
       }
     }
+  }
+}
+
+// The 32-block type's decoder (DQ4_0, ...) as the argument's type
+template <class F>
+void with_type32(int64_t type, F f) {
+  switch (type) {
+    case Q4_0: f(DQ4_0{}); break;
+    case Q4_1: f(DQ4_1{}); break;
+    case Q5_0: f(DQ5_0{}); break;
+    case Q5_1: f(DQ5_1{}); break;
+    default: f(DQ8_0{}); break;
+  }
+}
+
+// R = cnt (1..4) as a template argument
+template <class F>
+void with_rows(int64_t cnt, F f) {
+  switch (cnt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 #endif
@@ -963,12 +1050,14 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
   return p;
 }
 
-// Whether a part's rows go through tiles (Q4_K / Q6_K against kTileRows activation rows or more), and how many
-// rows a work item of tiles has.
+// Whether a part's rows go through tiles, and how many rows a work item of tiles has. The activation rows
+// from which tiles win (2 threads; building them costs a few rows' products): the K types 20 (Q4_K 4096 x
+// 4096: rows 4.7 ms, tiles 4.9 at 16 rows; 7.1 vs 6.1 at 24), the 32-block types 4 (Q4_0 1536 x 768: 119 vs
+// 100 us), Q8_0 12 (its tile keeps signs too: 205 vs 216 us at 8 rows, 351 vs 307 at 12).
 constexpr int64_t kTileItem = 32;
 inline bool tiled(const Part& p, int64_t m) {
 #ifdef MC_AVX2
-  return m >= kTileRows && p.row < 0 && (p.type == Q4_K || p.type == Q6_K);
+  return p.row < 0 && m >= (p.ti.block == QK_K ? 20 : p.type == Q8_0 ? 12 : 4);
 #else
   return false;
 #endif
@@ -1042,7 +1131,8 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
     const uint8_t* act[4];
     const float *dx[4], *sx[4];
 #ifdef MC_AVX2
-    std::vector<TileK> tiles;
+    std::vector<TileK> tiles_k;
+    std::vector<Tile32> tiles_32;
 #endif
     for (int64_t it = b; it < e; ++it) {
       const Part& p = parts[(size_t)items[(size_t)it][0]];
@@ -1051,9 +1141,37 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
       const int64_t* dst = p.inv.empty() ? nullptr : p.inv.data();
 #ifdef MC_AVX2
       if (tiled(p, m)) {
-        auto run = type == Q4_K ? tile_part<Q4_K> : tile_part<Q6_K>;
-        run(nb, items[(size_t)it][1], items[(size_t)it][2], p.wp, p.ws, p.src, dst, q8[f].data(), row_bytes[f], m,
-            op + p.col0, ntot, tiles);
+        const int64_t j0 = items[(size_t)it][1], j1 = items[(size_t)it][2], rb = row_bytes[f];
+        const uint8_t* qa = q8[f].data();
+        const float* sc = scales[f].data();
+        float* o = op + p.col0;
+        if (p.ti.block == QK_K) {
+          auto build = [&](const uint8_t* const* rows, int64_t i, TileK* t) { make_tile(type, rows, i, t); };
+          auto mul = [&](int64_t cnt, int64_t r0, const TileK* t, __m256* acc) {
+            const BQ8_K* y[4];
+            for (int64_t r = 0; r < cnt; ++r) y[r] = (const BQ8_K*)(qa + (r0 + r) * rb);
+            with_rows(cnt, [&](auto R) {
+              if (type == Q4_K) tile_rows<Q4_K, R>(nb, t, y, acc); else tile_rows<Q6_K, R>(nb, t, y, acc);
+            });
+          };
+          tile_part(nb, j0, j1, p.wp, p.ws, p.src, dst, m, o, ntot, tiles_k, build, mul);
+        } else {
+          with_type32(type, [&](auto dq) {
+            using D = decltype(dq);
+            auto build = [&](const uint8_t* const* rows, int64_t i, Tile32* t) { make_tile32<D>(rows, i, t); };
+            auto mul = [&](int64_t cnt, int64_t r0, const Tile32* t, __m256* acc) {
+              const uint8_t* a[4];
+              const float *ddx[4], *ssx[4];
+              for (int64_t r = 0; r < cnt; ++r) {
+                a[r] = qa + (r0 + r) * rb;
+                ddx[r] = sc + 2 * (r0 + r) * nb;
+                ssx[r] = ddx[r] + nb;
+              }
+              with_rows(cnt, [&](auto R) { tile32_rows<D, R>(nb, t, a, ddx, ssx, acc); });
+            };
+            tile_part(nb, j0, j1, p.wp, p.ws, p.src, dst, m, o, ntot, tiles_32, build, mul);
+          });
+        }
         continue;
       }
 #endif
