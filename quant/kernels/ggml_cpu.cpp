@@ -426,7 +426,11 @@ void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
     __m256i scales[RW];
     __m256i sumi[RW][R];
     for (int c = 0; c < RW; ++c) {
-      _mm_prefetch((const char*)(w[c] + i + 8), _MM_HINT_T1);  // ahead of the hardware prefetcher
+      // 32 blocks ahead, non-temporal (into L1, first out): one token against long rows (K = 14336) read
+      // 16.7-22.2 -> 23.7-26.3 GB/s on two threads, the activations' 16 KB no longer pushed out of L1 by the
+      // weight stream; 4096-long rows unchanged (Q6_K lost with the same hint: it keeps T1, 8 ahead)
+      _mm_prefetch((const char*)(w[c] + i + 32), _MM_HINT_NTA);
+      _mm_prefetch((const char*)(w[c] + i + 32) + 64, _MM_HINT_NTA);
       // the 12 packed bytes -> 8 scales (bytes 0..7) and 8 mins (bytes 8..15), as 32-bit words
       uint32_t u[4];
       std::memcpy(u, w[c][i].scales, 12);
