@@ -21,8 +21,11 @@ would match control and byte pieces inside plain text, which SentencePiece never
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +376,46 @@ def _spm_merges(pieces: list[str], scores: list[float], types: list[int]) -> lis
     return [(left, right) for *_, left, right in found]
 
 
+MERGES_CACHE_VERSION = b"spm-merges-2"
+
+
+def merges_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mamba-cli" / "tokenizers"
+
+
+def cached_spm_merges(pieces: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """_spm_merges, kept on disk per vocabulary as pairs of piece ids and their sha256 (computing them is
+    ~0.15-0.2 s of a small model's ~0.3 s load on 2 cores; reading them back ~0.02 s). Keyed by a hash of the
+    pieces, scores and types; a missing, unreadable or damaged file is recomputed (and rewritten, atomically,
+    when the folder is writable)."""
+    h = hashlib.sha256(MERGES_CACHE_VERSION)
+    h.update("\0".join(pieces).encode("utf-8", "surrogatepass"))
+    h.update(array("d", scores).tobytes())
+    h.update(array("q", types).tobytes())
+    path = merges_cache_dir() / f"{h.hexdigest()[:40]}.bin"
+    ids = array("i")
+    try:
+        blob = path.read_bytes()
+        payload, digest = blob[:-32], blob[-32:]
+        if len(blob) >= 32 and hashlib.sha256(payload).digest() == digest:  # a damaged file is recomputed
+            ids.frombytes(payload)
+            if len(ids) % 2 == 0 and (not ids or 0 <= min(ids) and max(ids) < len(pieces)):
+                return [(pieces[ids[i]], pieces[ids[i + 1]]) for i in range(0, len(ids), 2)]
+    except (OSError, ValueError):
+        pass
+    merges = _spm_merges(pieces, scores, types)
+    index = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = array("i", [index[p] for pair in merges for p in pair]).tobytes()
+        tmp.write_bytes(payload + hashlib.sha256(payload).digest())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return merges
+
+
 def spm_tokenizer(m: SpmModel) -> HFTokenizer:
     """A `tokenizers` Tokenizer that encodes and decodes as SentencePiece does with model m.
 
@@ -381,7 +424,7 @@ def spm_tokenizer(m: SpmModel) -> HFTokenizer:
     vocab = {}
     for i, p in enumerate(m.pieces):
         vocab.setdefault(p, i)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(m.pieces, m.scores, m.types),
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=cached_spm_merges(m.pieces, m.scores, m.types),
                                  unk_token=m.pieces[m.unk_id], fuse_unk=True, byte_fallback=m.byte_fallback))
     steps: list[normalizers.Normalizer] = []
     if m.charsmap:

@@ -199,6 +199,31 @@ def test_gguf_spm_matches_sentencepiece(tmp_path):
     assert not mismatches, f"{len(mismatches)}/{len(texts)} differ, e.g. {mismatches[:3]}"
 
 
+def test_spm_merges_cache(tmp_path, monkeypatch):
+    """The SentencePiece merges kept on disk (a faster load): computed and written the first time, read back
+    after, recomputed over a damaged file; the tokenizer encodes as sentencepiece in each case."""
+    import runtime.tokenizer as tokenizer_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = spm_gguf(tmp_path / "spm.gguf", MISTRAL["v1"])
+    sp = spm.SentencePieceProcessor(model_file=str(MISTRAL["v1"]))
+    texts = CORPUS + random_texts(100)
+    computed = []
+    real = tokenizer_module._spm_merges
+    monkeypatch.setattr(tokenizer_module, "_spm_merges", lambda *a: computed.append(1) or real(*a))
+    for damage, recomputes in ((None, 1), (None, 0), ("empty", 1), ("torn", 1), ("flipped", 1), (None, 0)):
+        files = list(tokenizer_module.merges_cache_dir().glob("*.bin"))
+        if damage is not None:
+            blob = files[0].read_bytes()
+            files[0].write_bytes({"empty": b"", "torn": blob[: len(blob) // 2],
+                                  "flipped": blob[:8] + bytes([blob[8] ^ 1]) + blob[9:]}[damage])
+        computed.clear()
+        tok = Tokenizer.from_gguf_metadata(gguf_meta(path))
+        assert len(computed) == recomputes
+        assert [tok.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+    assert len(list(tokenizer_module.merges_cache_dir().iterdir())) == 1  # no temporary files left
+
+
 @pytest.mark.llamacpp
 def test_gguf_spm_matches_llama_cpp(tmp_path):
     path = spm_gguf(tmp_path / "spm.gguf", MISTRAL["v1"])
