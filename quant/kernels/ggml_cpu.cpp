@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -1067,6 +1068,23 @@ inline bool tiled(const Part& p, int64_t m) {
 #endif
 }
 
+// A range [lo, hi) of work items taken from both ends by several threads: lo and hi in one atomic word.
+struct ItemRange {
+  std::atomic<uint64_t> v{0};
+  void set(int64_t lo, int64_t hi) { v.store((uint64_t)hi << 32 | (uint64_t)lo, std::memory_order_relaxed); }
+  int64_t take(bool back) {  // the first (or last) item left, or -1
+    uint64_t cur = v.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = cur & 0xffffffffu, hi = cur >> 32;
+      if (lo >= hi) return -1;
+      const uint64_t nv = back ? (hi - 1) << 32 | lo : hi << 32 | (lo + 1);
+      if (v.compare_exchange_weak(cur, nv, std::memory_order_relaxed)) return (int64_t)(back ? hi - 1 : lo);
+    }
+  }
+  int64_t front() { return take(false); }
+  int64_t back() { return take(true); }
+};
+
 // x (M, K) times every part's rows, the parts' outputs side by side in one (M, sum of N) tensor. The
 // activations are quantized once per format, and all the parts' rows share one parallel region.
 // Parts with a row (ggml_mm_id) all write columns [0, N) of their own output row.
@@ -1131,14 +1149,31 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   // a time: the activations stream from L2 once per group instead of once per weight row, and every
   // weight block is unpacked once per 4 activation rows.
   constexpr int64_t JB = 16;
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+  // Each thread walks its own contiguous share of the items from the front (one stream through memory, as
+  // the hardware prefetchers like), and a thread done with its share takes the others' remaining items from
+  // their back: a thread that falls behind (the other tenant of its core, a late start) no longer keeps the
+  // rest waiting at the end. Items are independent rows: results do not depend on who computed them.
+  const int64_t n_items = (int64_t)items.size();
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
+  std::vector<ItemRange> shares((size_t)workers);
+  for (int64_t t = 0; t < workers; ++t) shares[(size_t)t].set(n_items * t / workers, n_items * (t + 1) / workers);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     const uint8_t* act[4];
     const float *dx[4], *sx[4];
 #ifdef MC_AVX2
     std::vector<TileK> tiles_k;
     std::vector<Tile32> tiles_32;
 #endif
-    for (int64_t it = b; it < e; ++it) {
+    int64_t share = w0, it = -1;
+    auto claim = [&]() {  // own share from the front, then the others' from the back
+      for (; share < w0 + workers; ++share) {
+        ItemRange& r = shares[(size_t)(share % workers)];
+        if ((it = share == w0 ? r.front() : r.back()) >= 0) return true;
+      }
+      return false;
+    };
+    (void)w1;
+    while (claim()) {
       const Part& p = parts[(size_t)items[(size_t)it][0]];
       const int f = p.act;
       const int64_t nb = nbk[f], type = p.type;
