@@ -20,8 +20,10 @@
 //
 // Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it, with VNNI dot products where the CPU has
 // AVX-512-VNNI or AVX-VNNI; otherwise plain C++ of the same integer arithmetic (ARM builds take this one,
-// auto-vectorized by the compiler: no NEON path is written yet). Threads come from torch's intra-op pool
-// (at::parallel_for over N).
+// auto-vectorized by the compiler: no NEON path is written yet). On AVX2, from a few activation rows on,
+// the weights go 8 rows at a time through tiles built per call (see "tiles" below: prefill). Threads come
+// from torch's intra-op pool (at::parallel_for over N, each thread a contiguous share, the idle taking
+// others' rows from the back).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
