@@ -1159,7 +1159,8 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
   std::vector<ItemRange> shares((size_t)workers);
   for (int64_t t = 0; t < workers; ++t) shares[(size_t)t].set(n_items * t / workers, n_items * (t + 1) / workers);
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+  // One call per thread, w0 its share (run inline instead, the one call has w0 = 0 and takes every share).
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t /*end*/) {
     const uint8_t* act[4];
     const float *dx[4], *sx[4];
 #ifdef MC_AVX2
@@ -1174,7 +1175,6 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
       }
       return false;
     };
-    (void)w1;
     while (claim()) {
       const Part& p = parts[(size_t)items[(size_t)it][0]];
       const int f = p.act;
