@@ -131,6 +131,24 @@ def test_kernel_edge_scales(t, scale):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 24])
+def test_activation_rounding_ties(t, m):
+    """Activations quantized as llama.cpp does, ties included: every block's largest magnitude is 127 (so the
+    scale is 1, -1 for Q8_K) and the other values lie on .5, which round half to even; equal magnitudes of
+    both signs in one 256-block (Q8_K takes the first). One quant off by one moves the sum by ~1/65000 of
+    its terms, above the 1e-5 bound."""
+    k = 512
+    w = random_blocks(t, 16, k, 9)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randint(-120, 120, (m, k), generator=g).float() + 0.5
+    x[:, ::32] = 127.0
+    x[:, 5::256] = -127.0
+    y = native.mm(x, w, int(t), k).double().numpy()
+    ref, bound = reference(x, w, t)
+    assert (np.abs(y - ref) / bound).max() < 1e-5
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("scale", ["zero", "subnormal", "extreme"])
 def test_tiles_edge_scales(t, scale):
     check(t, 29, 512, 21, seed=7, scale=scale)  # from 20 activation rows: tiles of 8 weight rows

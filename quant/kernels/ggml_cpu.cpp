@@ -123,11 +123,44 @@ inline int round_even(float v) { return (int)std::nearbyint(v); }  // default FE
 // ---------------------------------------------------------------- activation quantization
 
 // Q8_0 / Q8_1 of one row of K values (K % 32 == 0). llama.cpp's AVX2 path: id = 127 / amax.
+#ifdef MC_AVX2
+// 32 floats times id, rounded half to even -> 32 int8 in order (the same values as round_even(x * id));
+// *sum gets their sum. The values are within +-127, so the packs never saturate.
+inline __m256i round_pack32(const float* x, __m256 id, int* sum) {
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j)
+    q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), id),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (sum) {
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+    *sum = _mm_cvtsi128_si32(_mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1)));
+  }
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+inline float max_abs(const float* x, int n) {  // n % 8 == 0
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8)  // NaN as the first operand yields m: NaNs are skipped, as std::max does
+    m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)), m);
+  __m128 r = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+}
+#endif
+
 template <bool WithSum>
 void quantize_q8(const float* x, void* out, int64_t k) {
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
+#ifdef MC_AVX2
+    const float amax = max_abs(x, QK);
+#else
     float amax = 0.f;
     for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
+#endif
     const float d = amax / 127.f, id = amax != 0.f ? 127.f / amax : 0.f;
     int8_t* qs;
     if constexpr (WithSum) {
@@ -140,28 +173,44 @@ void quantize_q8(const float* x, void* out, int64_t k) {
       qs = b->qs;
     }
     int sum = 0;
+#ifdef MC_AVX2
+    _mm256_storeu_si256((__m256i*)qs, round_pack32(x, _mm256_set1_ps(id), WithSum ? &sum : nullptr));
+#else
     for (int j = 0; j < QK; ++j) {
       qs[j] = (int8_t)round_even(x[j] * id);
       sum += qs[j];
     }
+#endif
     if constexpr (WithSum) static_cast<BQ8_1*>(out)[i].s = f2h(d * (float)sum);
   }
 }
 
-// Q8_K of one row (K % 256 == 0): scale from the signed value of largest magnitude, -127 / max.
+// Q8_K of one row (K % 256 == 0): scale from the signed value of largest magnitude (the first one), -127 / max.
 void quantize_q8_k(const float* x, BQ8_K* y, int64_t k) {
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K, ++y) {
     float amax = 0.f, max = 0.f;
+#ifdef MC_AVX2
+    amax = max_abs(x, QK_K);
+    for (int j = 0; j < QK_K; ++j)
+      if (std::fabs(x[j]) == amax) { max = x[j]; break; }
+#else
     for (int j = 0; j < QK_K; ++j) {
       const float ax = std::fabs(x[j]);
       if (ax > amax) { amax = ax; max = x[j]; }
     }
+#endif
     if (amax == 0.f) {
       std::memset(y, 0, sizeof(BQ8_K));
       continue;
     }
     const float iscale = -127.f / max;
+#ifdef MC_AVX2
+    const __m256 is = _mm256_set1_ps(iscale);
+    for (int j = 0; j < QK_K; j += 32)  // |iscale * x| <= 127: the scalar path's min(127, .) never bites
+      _mm256_storeu_si256((__m256i*)(y->qs + j), round_pack32(x + j, is, nullptr));
+#else
     for (int j = 0; j < QK_K; ++j) y->qs[j] = (int8_t)std::min(127, round_even(iscale * x[j]));
+#endif
     for (int j = 0; j < QK_K / 16; ++j) {
       int s = 0;
       for (int l = 0; l < 16; ++l) s += y->qs[16 * j + l];
