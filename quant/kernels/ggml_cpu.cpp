@@ -233,6 +233,16 @@ inline void k4_scales(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
   }
 }
 
+// The same, word-parallel (x86: little-endian): u as 16 bytes, the 8 scales then the 8 mins.
+inline void k4_unpack(const uint8_t* q, uint32_t u[4]) {
+  std::memcpy(u, q, 12);
+  u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+  const uint32_t t = u[1] & 0x3f3f3f3f;
+  u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+  u[2] = t;
+  u[0] &= 0x3f3f3f3f;
+}
+
 // ---------------------------------------------------------------- AVX2 helpers
 
 #ifdef MC_AVX2
@@ -485,12 +495,7 @@ void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
       _mm_prefetch((const char*)(w[c] + i + 32) + 64, _MM_HINT_NTA);
       // the 12 packed bytes -> 8 scales (bytes 0..7) and 8 mins (bytes 8..15), as 32-bit words
       uint32_t u[4];
-      std::memcpy(u, w[c][i].scales, 12);
-      u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-      const uint32_t t = u[1] & 0x3f3f3f3f;
-      u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-      u[2] = t;
-      u[0] &= 0x3f3f3f3f;
+      k4_unpack(w[c][i].scales, u);
       const __m256i sm = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
       const __m128i mins = _mm256_extracti128_si256(sm, 1);  // 8 x int16
       const __m128i sc = _mm256_castsi256_si128(sm);
@@ -684,19 +689,20 @@ struct alignas(32) TileK {  // one super-block of 8 weight rows
 
 // Builds a tile of super-block i from 8 row pointers (Q4_K or Q6_K).
 void make_tile(int64_t type, const uint8_t* const* rows, int64_t i, TileK* t) {
-  alignas(32) uint8_t qv[256];    // one row's quants in element order
-  int16_t sc[8][16], off[8][16];  // per row: each group's scale; the mins (Q4_K) or scales (Q6_K) of off
+  alignas(32) uint8_t qv[8][256];  // each row's quants in element order
+  int16_t sc[8][16], off[8][16];   // per row: each group's scale; the mins (Q4_K) or scales (Q6_K) of off
   const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
   for (int c = 0; c < 8; ++c) {
     if (type == Q4_K) {
       const BQ4_K& b = ((const BQ4_K*)rows[c])[i];
-      uint8_t s[8], m[8];
-      k4_scales(b.scales, s, m);
-      for (int j = 0; j < 8; ++j) sc[c][j] = s[j], off[c][j] = m[j];
+      uint32_t u[4];
+      k4_unpack(b.scales, u);
+      const uint8_t* sm = (const uint8_t*)u;
+      for (int j = 0; j < 8; ++j) sc[c][j] = sm[j], off[c][j] = sm[8 + j];
       for (int j = 0; j < 4; ++j) {  // 32 bytes: low nibbles are sub-block 2j, high nibbles 2j + 1
         const __m256i v = _mm256_loadu_si256((const __m256i*)(b.qs + 32 * j));
-        _mm256_store_si256((__m256i*)(qv + 64 * j), _mm256_and_si256(v, m15));
-        _mm256_store_si256((__m256i*)(qv + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m15));
+        _mm256_store_si256((__m256i*)(qv[c] + 64 * j), _mm256_and_si256(v, m15));
+        _mm256_store_si256((__m256i*)(qv[c] + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m15));
       }
       t->d[c] = h2f(b.d), t->dmin[c] = h2f(b.dmin);
     } else {
@@ -706,7 +712,7 @@ void make_tile(int64_t type, const uint8_t* const* rows, int64_t i, TileK* t) {
         const __m256i b1 = _mm256_loadu_si256((const __m256i*)(b.ql + 64 * h));
         const __m256i b2 = _mm256_loadu_si256((const __m256i*)(b.ql + 64 * h + 32));
         const __m256i bh = _mm256_loadu_si256((const __m256i*)(b.qh + 32 * h));
-        uint8_t* o = qv + 128 * h;
+        uint8_t* o = qv[c] + 128 * h;
         _mm256_store_si256((__m256i*)o, _mm256_or_si256(_mm256_and_si256(b1, m15),
                                                         _mm256_slli_epi16(_mm256_and_si256(bh, m3), 4)));
         _mm256_store_si256((__m256i*)(o + 32),
@@ -721,8 +727,21 @@ void make_tile(int64_t type, const uint8_t* const* rows, int64_t i, TileK* t) {
       }
       t->d[c] = h2f(b.d), t->dmin[c] = 0.f;
     }
-    for (int e = 0; e < 256; e += 8) std::memcpy(&t->q[e / 32][(e % 32) / 8][c / 4][8 * (c % 4)], qv + e, 8);
   }
+  // chunk p of 4 rows' sub-block j: a 4 x 4 transpose of 64-bit lanes (was 32 eight-byte copies a row)
+  for (int j = 0; j < 8; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v0 = _mm256_load_si256((const __m256i*)(qv[4 * h] + 32 * j));
+      const __m256i v1 = _mm256_load_si256((const __m256i*)(qv[4 * h + 1] + 32 * j));
+      const __m256i v2 = _mm256_load_si256((const __m256i*)(qv[4 * h + 2] + 32 * j));
+      const __m256i v3 = _mm256_load_si256((const __m256i*)(qv[4 * h + 3] + 32 * j));
+      const __m256i t0 = _mm256_unpacklo_epi64(v0, v1), t1 = _mm256_unpackhi_epi64(v0, v1);
+      const __m256i t2 = _mm256_unpacklo_epi64(v2, v3), t3 = _mm256_unpackhi_epi64(v2, v3);
+      _mm256_store_si256((__m256i*)t->q[j][0][h], _mm256_permute2x128_si256(t0, t2, 0x20));
+      _mm256_store_si256((__m256i*)t->q[j][1][h], _mm256_permute2x128_si256(t1, t3, 0x20));
+      _mm256_store_si256((__m256i*)t->q[j][2][h], _mm256_permute2x128_si256(t0, t2, 0x31));
+      _mm256_store_si256((__m256i*)t->q[j][3][h], _mm256_permute2x128_si256(t1, t3, 0x31));
+    }
   const int groups = type == Q4_K ? 8 : 16;
   for (int g = 0; g < groups; ++g)
     for (int c = 0; c < 8; ++c) {  // row c's scale in its 4 int16 lanes
@@ -1107,13 +1126,14 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
 }
 
 // Whether a part's rows go through tiles, and how many rows a work item of tiles has. The activation rows
-// from which tiles win (2 threads; building them costs a few rows' products): the K types 20 (Q4_K 4096 x
-// 4096: rows 4.7 ms, tiles 4.9 at 16 rows; 7.1 vs 6.1 at 24), the 32-block types 4 (Q4_0 1536 x 768: 119 vs
-// 100 us), Q8_0 12 (its tile keeps signs too: 205 vs 216 us at 8 rows, 351 vs 307 at 12).
+// from which tiles win (2 threads, p25 of three runs; building them costs a few rows' products): the K types
+// 12 (4096 x 4096 by rows / by tiles: Q4_K 1.75-2.61 / 1.95-2.90 ms at 8 rows, 2.62-3.13 / 2.50-2.81 at 12;
+// Q6_K 2.91-3.55 / 2.11-2.76 at 12), the 32-block types 4 (Q4_0 1536 x 768: 119 vs 100 us), Q8_0 12 (its tile
+// keeps signs too: 205 vs 216 us at 8 rows, 351 vs 307 at 12).
 constexpr int64_t kTileItem = 32;
 inline bool tiled(const Part& p, int64_t m) {
 #ifdef MC_AVX2
-  return p.row < 0 && m >= (p.ti.block == QK_K ? 20 : p.type == Q8_0 ? 12 : 4);
+  return p.row < 0 && m >= (p.ti.block == QK_K || p.type == Q8_0 ? 12 : 4);
 #else
   return false;
 #endif
