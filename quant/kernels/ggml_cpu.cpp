@@ -152,8 +152,9 @@ inline float max_abs(const float* x, int n) {  // n % 8 == 0
 }
 #endif
 
+// sums (Q8_0 only, optional): each block's sum of quants, as float (exact: at most 32 x 127)
 template <bool WithSum>
-void quantize_q8(const float* x, void* out, int64_t k) {
+void quantize_q8(const float* x, void* out, int64_t k, float* sums = nullptr) {
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
 #ifdef MC_AVX2
     const float amax = max_abs(x, QK);
@@ -174,7 +175,7 @@ void quantize_q8(const float* x, void* out, int64_t k) {
     }
     int sum = 0;
 #ifdef MC_AVX2
-    _mm256_storeu_si256((__m256i*)qs, round_pack32(x, _mm256_set1_ps(id), WithSum ? &sum : nullptr));
+    _mm256_storeu_si256((__m256i*)qs, round_pack32(x, _mm256_set1_ps(id), WithSum || sums ? &sum : nullptr));
 #else
     for (int j = 0; j < QK; ++j) {
       qs[j] = (int8_t)round_even(x[j] * id);
@@ -182,6 +183,7 @@ void quantize_q8(const float* x, void* out, int64_t k) {
     }
 #endif
     if constexpr (WithSum) static_cast<BQ8_1*>(out)[i].s = f2h(d * (float)sum);
+    else if (sums) sums[i] = (float)sum;
   }
 }
 
@@ -679,6 +681,19 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
 // lane q of hadd_epi32(rows 0-3 in lane pairs, rows 4-7 in lane pairs) holds row kOrd[q]
 constexpr int kOrd[8] = {0, 1, 4, 5, 2, 3, 6, 7};
 
+// 32 bytes of each of 4 rows -> out[2 p] (p = 0..3): chunk p (8 bytes) of the 4 rows, row c at bytes 8c. A 4 x 4
+// transpose of 64-bit lanes (out has the tiles' stride of two vectors: the other half's rows in between).
+inline void interleave4(const uint8_t* r0, const uint8_t* r1, const uint8_t* r2, const uint8_t* r3, __m256i* out) {
+  const __m256i v0 = _mm256_loadu_si256((const __m256i*)r0), v1 = _mm256_loadu_si256((const __m256i*)r1);
+  const __m256i v2 = _mm256_loadu_si256((const __m256i*)r2), v3 = _mm256_loadu_si256((const __m256i*)r3);
+  const __m256i t0 = _mm256_unpacklo_epi64(v0, v1), t1 = _mm256_unpackhi_epi64(v0, v1);
+  const __m256i t2 = _mm256_unpacklo_epi64(v2, v3), t3 = _mm256_unpackhi_epi64(v2, v3);
+  _mm256_store_si256(out, _mm256_permute2x128_si256(t0, t2, 0x20));
+  _mm256_store_si256(out + 2, _mm256_permute2x128_si256(t1, t3, 0x20));
+  _mm256_store_si256(out + 4, _mm256_permute2x128_si256(t0, t2, 0x31));
+  _mm256_store_si256(out + 6, _mm256_permute2x128_si256(t1, t3, 0x31));
+}
+
 struct alignas(32) TileK {  // one super-block of 8 weight rows
   uint8_t q[8][4][2][32]; // sub-block j (32 quants), chunk p (8 quants), half h: rows 4h..4h+3 x 8 quants
   int16_t sc[16][2][16];  // scale group g, half h: lane l -> row 4h + l / 4's scale (Q4_K: 8 groups of 32,
@@ -728,20 +743,10 @@ void make_tile(int64_t type, const uint8_t* const* rows, int64_t i, TileK* t) {
       t->d[c] = h2f(b.d), t->dmin[c] = 0.f;
     }
   }
-  // chunk p of 4 rows' sub-block j: a 4 x 4 transpose of 64-bit lanes (was 32 eight-byte copies a row)
-  for (int j = 0; j < 8; ++j)
-    for (int h = 0; h < 2; ++h) {
-      const __m256i v0 = _mm256_load_si256((const __m256i*)(qv[4 * h] + 32 * j));
-      const __m256i v1 = _mm256_load_si256((const __m256i*)(qv[4 * h + 1] + 32 * j));
-      const __m256i v2 = _mm256_load_si256((const __m256i*)(qv[4 * h + 2] + 32 * j));
-      const __m256i v3 = _mm256_load_si256((const __m256i*)(qv[4 * h + 3] + 32 * j));
-      const __m256i t0 = _mm256_unpacklo_epi64(v0, v1), t1 = _mm256_unpackhi_epi64(v0, v1);
-      const __m256i t2 = _mm256_unpacklo_epi64(v2, v3), t3 = _mm256_unpackhi_epi64(v2, v3);
-      _mm256_store_si256((__m256i*)t->q[j][0][h], _mm256_permute2x128_si256(t0, t2, 0x20));
-      _mm256_store_si256((__m256i*)t->q[j][1][h], _mm256_permute2x128_si256(t1, t3, 0x20));
-      _mm256_store_si256((__m256i*)t->q[j][2][h], _mm256_permute2x128_si256(t0, t2, 0x31));
-      _mm256_store_si256((__m256i*)t->q[j][3][h], _mm256_permute2x128_si256(t1, t3, 0x31));
-    }
+  for (int j = 0; j < 8; ++j)  // sub-block j of rows 4h..4h+3 -> its 4 chunks
+    for (int h = 0; h < 2; ++h)
+      interleave4(qv[4 * h] + 32 * j, qv[4 * h + 1] + 32 * j, qv[4 * h + 2] + 32 * j, qv[4 * h + 3] + 32 * j,
+                  (__m256i*)t->q[j] + h);
   const int groups = type == Q4_K ? 8 : 16;
   for (int g = 0; g < groups; ++g)
     for (int c = 0; c < 8; ++c) {  // row c's scale in its 4 int16 lanes
@@ -839,17 +844,21 @@ struct alignas(32) Tile32 {  // one block of 8 weight rows
 
 template <class D>
 void make_tile32(const uint8_t* const* rows, int64_t i, Tile32* t) {
+  constexpr bool kSigned = std::is_same_v<D, DQ8_0>;
+  alignas(32) uint8_t qv[8][32];  // each row's quants as maddubs takes them (Q8_0: |q|)
+  const uint8_t* sq[8];           // Q8_0: each row's signed quants, in the file
   float d[8], m[8];
   for (int c = 0; c < 8; ++c) {
     const auto& b = ((const typename D::B*)rows[c])[i];
-    alignas(32) uint8_t qv[32];
     const __m256i v = D::v(b);
-    _mm256_store_si256((__m256i*)qv, std::is_same_v<D, DQ8_0> ? _mm256_abs_epi8(v) : v);
-    for (int p = 0; p < 4; ++p) std::memcpy(&t->q[p][c / 4][8 * (c % 4)], qv + 8 * p, 8);
-    if constexpr (std::is_same_v<D, DQ8_0>)
-      for (int p = 0; p < 4; ++p) std::memcpy(&t->sgn[p][c / 4][8 * (c % 4)], b.qs + 8 * p, 8);
+    _mm256_store_si256((__m256i*)qv[c], kSigned ? _mm256_abs_epi8(v) : v);
+    sq[c] = (const uint8_t*)b.qs;
     d[c] = h2f(b.d);
     if constexpr (D::kMin) m[c] = h2f(b.m); else m[c] = 0.f;
+  }
+  for (int h = 0; h < 2; ++h) {
+    interleave4(qv[4 * h], qv[4 * h + 1], qv[4 * h + 2], qv[4 * h + 3], (__m256i*)t->q + h);
+    if constexpr (kSigned) interleave4(sq[4 * h], sq[4 * h + 1], sq[4 * h + 2], sq[4 * h + 3], (__m256i*)t->sgn + h);
   }
   for (int q = 0; q < 8; ++q) t->d[q] = d[kOrd[q]], t->m[q] = m[kOrd[q]];
 }
@@ -1025,13 +1034,14 @@ TypeInfo type_info(int64_t type) {
   }
 }
 
-void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k) {
+// sums: for the Q8_0 format, each block's sum of quants (see quantize_q8)
+void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k, float* sums) {
   switch (type) {
     case Q4_1:
     case Q5_1: quantize_q8<true>(x, out, k); break;
     case Q4_K:
     case Q6_K: quantize_q8_k(x, (BQ8_K*)out, k); break;
-    default: quantize_q8<false>(x, out, k); break;
+    default: quantize_q8<false>(x, out, k, sums); break;
   }
 }
 
@@ -1191,18 +1201,12 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
     at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         uint8_t* q = qd + r * rb;
-        quantize_row(type, xp + r * k, q, k);
+        // Q8_0: s is the sum of the block's quants (Q4_0 and Q5_0 subtract their offset times it)
+        quantize_row(type, xp + r * k, q, k, f == 0 ? sd + (2 * r + 1) * nb : nullptr);
         for (int64_t i = 0; f < 2 && i < nb; ++i) {
           const fp16* h = (const fp16*)(q + i * ab);  // d, then s for Q8_1
           sd[(2 * r) * nb + i] = h2f(h[0]);
-          if (f == 1) {
-            sd[(2 * r + 1) * nb + i] = h2f(h[1]);
-          } else {  // Q8_0: the sum of the quants (Q4_0 and Q5_0 subtract their offset times it)
-            const int8_t* qs = ((const BQ8_0*)(q + i * ab))->qs;
-            int sum = 0;
-            for (int l = 0; l < QK; ++l) sum += qs[l];
-            sd[(2 * r + 1) * nb + i] = (float)sum;
-          }
+          if (f == 1) sd[(2 * r + 1) * nb + i] = h2f(h[1]);
         }
       }
     });
