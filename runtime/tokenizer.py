@@ -356,6 +356,11 @@ def read_spm_model(path: Path) -> SpmModel:
 
 def _spm_merges(pieces: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece BPE: a merge ranks by the score of the piece it makes."""
+    return [(pieces[a], pieces[b]) for a, b in _spm_merge_ids(pieces, scores, types)]
+
+
+def _spm_merge_ids(pieces: list[str], scores: list[float], types: list[int]) -> list[tuple[int, int]]:
+    """_spm_merges as the two halves' piece ids, in rank order."""
     vocab = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
     # Only split points where both halves can be pieces: the lengths pieces have (a few dozen in real
     # vocabularies), so a hostile 300 KB piece costs a few slices, not 300k of them (was quadratic).
@@ -371,9 +376,9 @@ def _spm_merges(pieces: list[str], scores: list[float], types: list[int]) -> lis
                 continue
             left, right = piece[:k], piece[k:]
             if left in vocab and right in vocab:
-                found.append((-scores[i], i, vocab[left], left, right))
+                found.append((-scores[i], i, vocab[left], vocab[right]))
     found.sort()
-    return [(left, right) for *_, left, right in found]
+    return [(a, b) for *_, a, b in found]
 
 
 MERGES_CACHE_VERSION = b"spm-merges-2"
@@ -393,27 +398,27 @@ def cached_spm_merges(pieces: list[str], scores: list[float], types: list[int]) 
     h.update(array("d", scores).tobytes())
     h.update(array("q", types).tobytes())
     path = merges_cache_dir() / f"{h.hexdigest()[:40]}.bin"
-    ids = array("i")
+    ids = None
     try:
         blob = path.read_bytes()
         payload, digest = blob[:-32], blob[-32:]
         if len(blob) >= 32 and hashlib.sha256(payload).digest() == digest:  # a damaged file is recomputed
-            ids.frombytes(payload)
-            if len(ids) % 2 == 0 and (not ids or 0 <= min(ids) and max(ids) < len(pieces)):
-                return [(pieces[ids[i]], pieces[ids[i + 1]]) for i in range(0, len(ids), 2)]
+            ids = array("i", payload)
     except (OSError, ValueError):
         pass
-    merges = _spm_merges(pieces, scores, types)
-    index = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = array("i", [index[p] for pair in merges for p in pair]).tobytes()
-        tmp.write_bytes(payload + hashlib.sha256(payload).digest())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-    return merges
+    if ids is not None and len(ids) % 2 == 0 and (not ids or 0 <= min(ids) and max(ids) < len(pieces)):
+        pairs = list(zip(ids[::2], ids[1::2], strict=True))
+    else:
+        pairs = _spm_merge_ids(pieces, scores, types)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = array("i", [i for pair in pairs for i in pair]).tobytes()
+            tmp.write_bytes(payload + hashlib.sha256(payload).digest())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return [(pieces[a], pieces[b]) for a, b in pairs]
 
 
 def spm_tokenizer(m: SpmModel) -> HFTokenizer:

@@ -209,8 +209,8 @@ def test_spm_merges_cache(tmp_path, monkeypatch):
     sp = spm.SentencePieceProcessor(model_file=str(MISTRAL["v1"]))
     texts = CORPUS + random_texts(100)
     computed = []
-    real = tokenizer_module._spm_merges
-    monkeypatch.setattr(tokenizer_module, "_spm_merges", lambda *a: computed.append(1) or real(*a))
+    real = tokenizer_module._spm_merge_ids
+    monkeypatch.setattr(tokenizer_module, "_spm_merge_ids", lambda *a: computed.append(1) or real(*a))
     for damage, recomputes in ((None, 1), (None, 0), ("empty", 1), ("torn", 1), ("flipped", 1), (None, 0)):
         files = list(tokenizer_module.merges_cache_dir().glob("*.bin"))
         if damage is not None:
