@@ -9,6 +9,8 @@ quants and packed scales) with chosen scales: ordinary, zero, subnormal and the 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -99,18 +101,24 @@ def reference(x: torch.Tensor, w: torch.Tensor, t: GGMLType) -> tuple[np.ndarray
     return xq @ wd.T, terms.sum(-1) + 1e-30
 
 
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """torch's intra-op threads set to n inside the block (None: left as they are), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check(t, n, k, m, seed=0, scale="normal", threads=None):
     w = random_blocks(t, n, k, seed, scale)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g) * (1 if scale != "extreme" else 1e-3)
-    if threads:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         y = native.mm(x, w, int(t), k).double().numpy()
-    finally:
-        if threads:
-            torch.set_num_threads(old)
     ref, bound = reference(x, w, t)
     err = np.abs(y - ref) / bound
     assert err.max() < 1e-5, f"{t.name} n={n} k={k} m={m}: worst error {err.max():.2e} of the |terms|"
@@ -162,17 +170,13 @@ def test_tiles_rows_are_independent(t):
     k, m = 512, 24
     w = random_blocks(t, 27, k, 8)
     x = torch.randn(m, k)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
             full = native.mm(x, w, int(t), k)
             for idx in (torch.randperm(27), torch.tensor([5, 5, 0, 26, 2, 9, 9, 9, 13, 1, 3])):
                 assert torch.equal(native.mm(x, w, int(t), k, idx), full[:, idx])
                 assert torch.equal(native.mm(x, w[idx].contiguous(), int(t), k), full[:, idx])
             assert torch.equal(native.mm(x[:21], w, int(t), k), full[:21])
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_1], ids=lambda t: t.name)
@@ -256,15 +260,11 @@ def test_mm_cat_equals_separate_products(m):
              (GGMLType.Q4_1, 9, torch.tensor([3, 3, 0, 8])), (GGMLType.Q8_0, 16, torch.randperm(16))]
     ws = [random_blocks(t, n, k, 10 + i) for i, (t, n, _) in enumerate(specs)]
     x = torch.randn(m, k)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
             got = torch.ops.mamba_cli.ggml_mm_cat(x, ws, [int(t) for t, _, _ in specs], k, [r for _, _, r in specs])
             want = torch.cat([native.mm(x, w, int(t), k, r) for w, (t, _, r) in zip(ws, specs, strict=True)], 1)
             assert torch.equal(got, want)
-    finally:
-        torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="one type and one rows entry"):
         torch.ops.mamba_cli.ggml_mm_cat(x, ws, [int(GGMLType.Q4_K)], k, [None])
 
@@ -286,14 +286,10 @@ def test_mm_id_equals_each_rows_product(t, ids):
     ws = [random_blocks(t, n, k, 40 + e) for e in range(5)]
     x = torch.randn(len(ids), k)
     want = torch.cat([native.mm(x[r : r + 1], ws[e], int(t), k) for r, e in enumerate(ids)])
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
             got = torch.ops.mamba_cli.ggml_mm_id(x, ws, int(t), k, torch.tensor(ids))
             assert torch.equal(got, want)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_mm_id_bad_input_is_an_error():
