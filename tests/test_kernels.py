@@ -185,6 +185,15 @@ def test_short_rows_of_32_blocks(t):
     check(t, 40, 96, 6)  # K not a multiple of any tile but the block
 
 
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [32, 96, 800])
+@pytest.mark.parametrize("scale", ["normal", "zero", "subnormal", "extreme"])
+def test_one_token_odd_block_counts(t, k, scale):
+    """One activation row (the 4-bit one-token kernel takes two blocks at a time): an odd number of blocks,
+    four-row groups and a leftover row."""
+    check(t, 9, k, 1, seed=k, scale=scale)
+
+
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
 def test_threads_give_identical_results(t):
     _, _, one = check(t, 257, 512, 3, seed=5, threads=1)

@@ -21,7 +21,8 @@
 // Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it, with VNNI dot products where the CPU has
 // AVX-512-VNNI or AVX-VNNI; otherwise plain C++ of the same integer arithmetic (ARM builds take this one,
 // auto-vectorized by the compiler: no NEON path is written yet). On AVX2, from a few activation rows on,
-// the weights go 8 rows at a time through tiles built per call (see "tiles" below: prefill). Threads come
+// the weights go 8 rows at a time through tiles built per call (see "tiles" below: prefill); one token of
+// Q4_0 / Q4_1 weights takes two rows per vector and two blocks at a time (dot_nib4). Threads come
 // from torch's intra-op pool (at::parallel_for over N, each thread a contiguous share, the idle taking
 // others' rows from the back).
 
@@ -347,6 +348,88 @@ struct DQ8_0 {
 #endif
 };
 
+#ifdef MC_AVX2
+// One activation row against 4 weight rows of 4-bit quants (Q4_0, Q4_1): the one-token product, where the
+// weights stream from memory once and the unpacking and summing per block bound the speed. Two rows share a
+// vector (row a in the low 128 bits, row b in the high): one load, and and a shift unpack both rows' 32 quants
+// into their low and high nibbles, met by the activation block's halves (each repeated in both 128-bit
+// lanes); the two maddubs are summed in int16 (at most 2 x 2 x 15 x 127). Two blocks at a time, the four
+// rows' integer sums end in one vector of 8 (rows 0, 2 / 1, 3 of blocks i and i + 1, below), converted and
+// scaled once: ~25% fewer instructions a block and row than dot32's four rows of one block.
+template <class D>
+void dot_nib4(int64_t nb, const uint8_t* const* wr, const uint8_t* act, const float* dx, const float* sx,
+              float* out, int64_t ahead) {
+  using A = std::conditional_t<D::kMin, BQ8_1, BQ8_0>;
+  using B = typename D::B;
+  const A* y = (const A*)act;
+  const B *w0 = (const B*)wr[0], *w1 = (const B*)wr[1], *w2 = (const B*)wr[2], *w3 = (const B*)wr[3];
+  const __m256i m4 = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+  // rows a, b of block i: [a: 8 int16 pair sums | b: 8]
+  auto pair = [&](const B* a, const B* b, int64_t i, __m256i ylo, __m256i yhi) {
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)a[i].qs)),
+                                              _mm_loadu_si128((const __m128i*)b[i].qs), 1);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_maddubs_epi16(hi, yhi));
+  };
+  // block i's sums: lanes [row 0 (two halves), row 2 (two) | row 1, row 3]
+  auto block = [&](int64_t i) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)y[i].qs);
+    const __m256i ylo = _mm256_permute4x64_epi64(v, 0x44), yhi = _mm256_permute4x64_epi64(v, 0xEE);
+    return _mm256_hadd_epi32(_mm256_madd_epi16(pair(w0, w1, i, ylo, yhi), ones),
+                             _mm256_madd_epi16(pair(w2, w3, i, ylo, yhi), ones));
+  };
+  // two blocks' activation values (i, j = i + 1) in the sums' lane order: [i, i, j, j | i, i, j, j]
+  auto lanes2 = [](const float* v, int64_t i) {
+    double d;
+    std::memcpy(&d, v + i, 8);
+    return _mm256_permute_ps(_mm256_castpd_ps(_mm256_set1_pd(d)), 0x50);
+  };
+  __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    const int64_t j = i + 1;
+    _mm_prefetch((const char*)(w0 + i) + ahead, _MM_HINT_T1);
+    _mm_prefetch((const char*)(w1 + i) + ahead, _MM_HINT_T1);
+    _mm_prefetch((const char*)(w2 + i) + ahead, _MM_HINT_T1);
+    _mm_prefetch((const char*)(w3 + i) + ahead, _MM_HINT_T1);
+    // [row 0 i, row 2 i, row 0 j, row 2 j | row 1 i, row 3 i, row 1 j, row 3 j]
+    __m256 isum = _mm256_cvtepi32_ps(_mm256_hadd_epi32(block(i), block(j)));
+    const __m256 sxv = lanes2(sx, i);
+    if constexpr (D::kOffset != 0) isum = _mm256_fnmadd_ps(sxv, _mm256_set1_ps((float)D::kOffset), isum);
+    const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].d, (short)w2[i].d, (short)w0[j].d, (short)w2[j].d,
+                                                     (short)w1[i].d, (short)w3[i].d, (short)w1[j].d, (short)w3[j].d));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, lanes2(dx, i)), isum, acc);
+    if constexpr (D::kMin) {
+      const __m256 mw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].m, (short)w2[i].m, (short)w0[j].m,
+                                                       (short)w2[j].m, (short)w1[i].m, (short)w3[i].m,
+                                                       (short)w1[j].m, (short)w3[j].m));
+      accm = _mm256_fmadd_ps(mw, sxv, accm);
+    }
+  }
+  if (i < nb) {  // an odd last block: lanes of j are zero
+    __m256 isum = _mm256_cvtepi32_ps(_mm256_hadd_epi32(block(i), _mm256_setzero_si256()));
+    const __m256 sxv = _mm256_setr_ps(sx[i], sx[i], 0.f, 0.f, sx[i], sx[i], 0.f, 0.f);
+    if constexpr (D::kOffset != 0) isum = _mm256_fnmadd_ps(sxv, _mm256_set1_ps((float)D::kOffset), isum);
+    const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].d, (short)w2[i].d, 0, 0, (short)w1[i].d,
+                                                     (short)w3[i].d, 0, 0));
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx[i])), isum, acc);
+    if constexpr (D::kMin) {
+      const __m256 mw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].m, (short)w2[i].m, 0, 0, (short)w1[i].m,
+                                                       (short)w3[i].m, 0, 0));
+      accm = _mm256_fmadd_ps(mw, sxv, accm);
+    }
+  }
+  // row 0: lanes 0 + 2, row 2: 1 + 3, row 1: 4 + 6, row 3: 5 + 7
+  const __m256 t = _mm256_add_ps(acc, accm);
+  const __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
+  const __m128 slo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo)), shi = _mm_add_ps(hi, _mm_movehl_ps(hi, hi));
+  out[0] = _mm_cvtss_f32(slo);
+  out[2] = _mm_cvtss_f32(_mm_movehdup_ps(slo));
+  out[1] = _mm_cvtss_f32(shi);
+  out[3] = _mm_cvtss_f32(_mm_movehdup_ps(shi));
+}
+#endif
+
 // 32-blocks against Q8_0 activations (Q8_1 for the types with a min, whose min term is m * s). dx, sx:
 // the activation blocks' d and s as float (for Q8_0 activations sx is the sum of the block's quants).
 // RW weight rows at once: each activation block is loaded once
@@ -364,6 +447,10 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) mins[c][r] = 0.f;
 #ifdef MC_AVX2
+  if constexpr (RW == 4 && R == 1 && (std::is_same_v<D, DQ4_0> || std::is_same_v<D, DQ4_1>)) {
+    dot_nib4<D>(nb, wr, act[0], dx[0], sx[0], out, 4 * ahead);  // one token
+    return;
+  }
   constexpr bool kUnsigned = D::kMin || D::kOffset != 0;  // weight bytes maddubs takes as they are
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
   constexpr bool kPairs16 = false;
