@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from runtime.cache import SSMState
 from runtime.compile import graph
-from runtime.layers import RMSNorm, embedding, input_dtype, rms_normalize
+from runtime.layers import RMSNorm, embedding, few_rows_linear, input_dtype, rms_normalize
 from runtime.models.base import LanguageModel
 
 MAMBA1_CHUNK = 32  # power of two (the in-chunk scan is a Blelloch tree); small chunks stay in cache
@@ -299,11 +299,9 @@ class MambaMixer(nn.Module):
         elif self.bcdt_norm == "weightless":
             eps = self.norm_eps
             dt, B, C = rms_normalize(dt, eps, dt.dtype), rms_normalize(B, eps, B.dtype), rms_normalize(C, eps, C.dtype)
-        if one_token and self.dt_proj.weight.dtype == torch.float32 and dt.shape[0] <= 8:
-            # (B, R) @ (D, R).T as a broadcast product summed over R: inside a compiled step this is one
-            # fused loop over the (D, R) weight instead of a GEMM call (~12 us for a 1536 x 48 matrix)
-            dt = (dt[:, None, :] * self.dt_proj.weight).sum(-1)
-            dt = F.softplus(dt + self.dt_proj.bias if self.dt_proj.bias is not None else dt)
+        small = few_rows_linear(dt, self.dt_proj) if one_token else None
+        if small is not None:
+            dt = F.softplus(small)
         else:
             dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()
