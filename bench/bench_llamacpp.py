@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from runtime import load_model
+from runtime.generate import greedy
 
 
 def ours_run(m, ids: list[int], n: int) -> tuple[float, float]:
@@ -28,9 +29,9 @@ def ours_run(m, ids: list[int], n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     logits = m.forward(torch.tensor([ids]), cache, last_only=True)
     t1 = time.perf_counter()
-    tok = logits[:, -1:].argmax(-1)
-    for _ in range(n):
-        tok = m.forward(tok, cache)[:, -1:].argmax(-1)
+    tok = greedy(logits[0, -1])
+    for _ in range(n):  # greedy as `run` picks (numpy's argmax, as llama.cpp's side below)
+        tok = greedy(m.forward(torch.tensor([[tok]]), cache)[0, -1])
     t2 = time.perf_counter()
     return len(ids) / (t1 - t0), n / (t2 - t1)
 

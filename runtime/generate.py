@@ -202,27 +202,77 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
            min_p: float = 0.0, generator: torch.Generator | None = None) -> int:
     """Pick the next token from logits [V] (float32)."""
     if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = sampling_weights(logits, temperature, top_k, top_p, min_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return greedy(logits)
+    probs, ids = candidates(logits, temperature, top_k, top_p, min_p)
+    j = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return j if ids is None else int(ids[j])
+
+
+def greedy(logits: torch.Tensor) -> int:
+    """The index of the largest logit (the first of equals). numpy's argmax on the CPU: torch's takes ~55 us
+    for a 49k vocabulary (a scalar loop), numpy's 5."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
+
+
+NUCLEUS_FIRST = 64  # top-p without top-k looks for the nucleus among this many largest logits first
+
+
+def candidates(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample()'s distribution as weights over candidate tokens (not renormalized) and their ids, largest
+    logit first; ids None: the weights are over every token in order.
+
+    transformers' order: temperature -> top-k (ties at the k-th value kept) -> top-p -> min-p. The filters
+    work on the few candidates that can survive them, not the whole vocabulary: top-k's k largest, or for
+    top-p alone the largest logits holding top_p of the mass (64, then 4x more until they do). Sorting a
+    49k vocabulary for top-p cost ~6 ms a token, ~3 ms with top-k 40 first (the chat's defaults).
+    """
+    logits = logits.float() / temperature
+    v = logits.shape[-1]
+    ids = None
+    lse = None  # log of the softmax's denominator over every token still allowed (None: over `logits`)
+    if 0 < top_k < v:
+        vals, ids = torch.topk(logits, top_k)
+        keep = logits >= vals[-1]
+        if int(keep.sum()) > top_k:  # ties with the k-th value stay, as in transformers
+            ids = torch.nonzero(keep).squeeze(1)
+            vals, order = torch.sort(logits[ids], descending=True)
+            ids = ids[order]
+        logits = vals
+    elif top_p < 1.0:
+        lse = torch.logsumexp(logits, -1)
+        k = NUCLEUS_FIRST
+        while k < v:
+            vals, cand = torch.topk(logits, k)
+            if float(torch.exp(vals - lse).sum()) >= top_p:  # the nucleus is among them
+                logits, ids = vals, cand
+                break
+            k *= 4
+        else:
+            logits, ids = torch.sort(logits, descending=True)
+    if top_p < 1.0:
+        if ids is None:  # top_k >= V
+            logits, ids = torch.sort(logits, descending=True)
+        p = torch.exp(logits - (torch.logsumexp(logits, -1) if lse is None else lse))
+        remove = p.cumsum(-1) - p >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if min_p > 0:
+        keep = probs >= min_p * probs.max()
+        if ids is None:  # min-p alone: its survivors become the candidates (a draw over 49k weights: ~1.3 ms)
+            ids = torch.nonzero(keep).squeeze(1)
+            return probs[ids], ids
+        probs = probs.masked_fill(~keep, 0.0)
+    return probs, ids
 
 
 def sampling_weights(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                      min_p: float = 0.0) -> torch.Tensor:
     """What sample() draws from at temperature > 0: weights [V], 0 for filtered tokens (not renormalized)."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        remove = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return probs
+    probs, ids = candidates(logits, temperature, top_k, top_p, min_p)
+    return probs if ids is None else torch.zeros_like(logits, dtype=probs.dtype).index_copy_(0, ids, probs)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:

@@ -52,6 +52,34 @@ def test_filtered_distribution_equals_transformers(scale):
         torch.testing.assert_close(got / got.sum(), want, rtol=1e-5, atol=1e-7, msg=str(setting))
 
 
+def test_filters_on_candidates_equal_transformers():
+    """The filters work on candidates (top-k's, or the largest logits holding top_p): ties at the k-th value
+    are kept, a nucleus wider than the first look (64 logits) or than every widening, and a large vocabulary."""
+    g = torch.Generator().manual_seed(11)
+    tied = torch.randn(300, generator=g)
+    order = tied.argsort(descending=True)
+    tied[order[35:50]] = tied[order[35]].item()  # ranks 36-50 tie: across the 40th
+    cases = [(tied, 1.0, 40, 1.0, 0.0), (tied, 1.0, 40, 1.0, 0.05),  # (which of equal logits top-p keeps: any)
+             (torch.randn(5000, generator=g) * 0.3, 1.0, 0, 0.9, 0.0),  # a nucleus of thousands of tokens
+             (torch.randn(50000, generator=g) * 2, 0.8, 0, 0.95, 0.0),
+             (torch.randn(50000, generator=g) * 2, 0.8, 40, 0.95, 0.05),
+             (torch.randn(50000, generator=g) * 2, 0.8, 0, 1.0, 0.05)]
+    for logits, temperature, top_k, top_p, min_p in cases:
+        want = hf_probs(logits, temperature, top_k, top_p, min_p)
+        got = sampling_weights(logits, temperature, top_k, top_p, min_p)
+        setting = (logits.numel(), temperature, top_k, top_p, min_p)
+        assert torch.equal(got > 0, want > 0), (setting, int((got > 0).sum()), int((want > 0).sum()))
+        torch.testing.assert_close(got / got.sum(), want, rtol=1e-5, atol=1e-7, msg=str(setting))
+    assert int((sampling_weights(tied, 1.0, 40) > 0).sum()) == 50
+
+
+def test_greedy_is_the_first_largest():
+    logits = torch.tensor([0.5, 2.0, -1.0, 2.0])
+    assert sample(logits) == 1 == int(torch.argmax(logits))
+    x = torch.randn(49152)
+    assert sample(x) == int(x.argmax())
+
+
 def test_draws_stay_in_transformers_support():
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(500, generator=g) * 3
