@@ -133,3 +133,15 @@ def test_causal_conv_rolling_state(k, pieces):
     state = torch.zeros(2, c, k - 1)
     steps = torch.stack([ssm.conv1d_step(x[..., i], w, bias, state) for i in range(t)], -1)
     assert rel(steps, full) < 1e-6
+
+
+def test_decay_exp_compiled_is_within_3e7_of_exp():
+    """The compiled decode step's exp for decays: relative error under 3e-7 down to -87, then ~1e-38."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([-torch.rand(20000, generator=g) * 87, torch.tensor([0.0, -1e-9, -87.0])])
+    with torch.inference_mode():
+        got = torch.compile(ssm.decay_exp, fullgraph=True, dynamic=False)(v)
+        far = torch.compile(ssm.decay_exp, fullgraph=True, dynamic=False)(torch.tensor([-100.0, -1e4]))
+    assert ((got - torch.exp(v)).abs() / torch.exp(v)).max() < 3e-7
+    assert got[-3] == 1.0 and (far >= 0).all() and (far < 2e-38).all()
+    assert torch.equal(ssm.decay_exp(v), torch.exp(v))  # eager: torch's exp
