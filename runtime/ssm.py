@@ -159,7 +159,8 @@ def decay_exp(v: Tensor) -> Tensor:
     """exp(v) for decays v <= 0 within 3e-7 relative (1e-38 absolute below -87), as a polynomial that a compiled
     step fuses into a few vector instructions: 2^n p(r), n = round(v log2 e), r = v - n ln 2, p degree 6.
     Mamba-1's step takes D x N exps (1536 x 16 for mamba-130m); torch's exp (Sleef, 1 ulp) was half its scan
-    kernel: 24.5 -> 15.5-19.4 us a layer, mamba-130m's step p25 7.12 -> 6.95 ms. Eagerly (a dozen ops) torch.exp is faster: used when compiling."""
+    kernel: 24.5 -> 15.5-19.4 us a layer, mamba-130m's step p25 7.12 -> 6.95 ms. Eagerly (a dozen ops)
+    torch.exp is faster: used when compiling."""
     if not torch.compiler.is_compiling():
         return torch.exp(v)
     v = v.clamp(min=-87.0)
