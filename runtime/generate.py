@@ -204,8 +204,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     if temperature <= 0:
         return greedy(logits)
     probs, ids = candidates(logits, temperature, top_k, top_p, min_p)
-    j = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    j = draw(probs.cpu(), generator)
     return j if ids is None else int(ids[j])
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """An index drawn with probability proportional to weights [V] (>= 0, some > 0), by the inverse of their
+    cumulative sum: ~70 us for 49k weights, where torch.multinomial takes ~1.3 ms (the API server's default
+    temperature 1 without filters draws over the whole vocabulary)."""
+    c = weights.float().cumsum(0)
+    j = int(torch.searchsorted(c, torch.rand((), generator=generator) * c[-1], right=True))
+    return j if j < len(c) else int(torch.nonzero(weights)[-1])  # u rounded up to the total
 
 
 def greedy(logits: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 )
 
 from runtime import generate, load_model
-from runtime.generate import Stats, apply_repetition_penalty, sample, sampling_weights, stream_text
+from runtime.generate import Stats, apply_repetition_penalty, draw, sample, sampling_weights, stream_text
 from tests.configs import LLAMA
 from tests.fixtures import build_tiny, hf_model, prompt
 
@@ -78,6 +78,15 @@ def test_greedy_is_the_first_largest():
     assert sample(logits) == 1 == int(torch.argmax(logits))
     x = torch.randn(49152)
     assert sample(x) == int(x.argmax())
+
+
+def test_draw_follows_the_weights():
+    g = torch.Generator().manual_seed(5)
+    w = torch.tensor([0.0, 1.0, 3.0, 0.0, 6.0, 0.0])
+    counts = torch.bincount(torch.tensor([draw(w, g) for _ in range(20000)]), minlength=6).float() / 20000
+    assert counts[0] == counts[3] == counts[5] == 0  # zero weights are never drawn, the last one included
+    torch.testing.assert_close(counts[[1, 2, 4]], torch.tensor([0.1, 0.3, 0.6]), atol=0.015, rtol=0)
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), g) == 2
 
 
 def test_draws_stay_in_transformers_support():
