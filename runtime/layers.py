@@ -55,9 +55,9 @@ def few_rows_linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor | None:
     weight instead of a GEMM call (Mamba's dt_proj 1536 x 48: ~12 us a call; a MoE router: MKL's parallel
     gemv, 6% of jamba-small's decode samples)."""
     w = lin.weight
-    if x.dim() != 2 or x.shape[0] > 8 or w.dtype != torch.float32 or x.dtype != torch.float32:
+    if x.dim() != 2 or x.shape[0] > 8 or w.dtype not in (torch.float32, torch.float16) or x.dtype != torch.float32:
         return None
-    y = (x[:, None, :] * w).sum(-1)
+    y = (x[:, None, :] * w.float()).sum(-1)  # a float16 weight (a GGUF's F16 dt_proj) widened in the loop
     return y + lin.bias if lin.bias is not None else y
 
 

@@ -401,7 +401,11 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
         # Other block-quantized matrices (Q8_0, Q6_K, Q5_x) are kept in bf16 rather than float32:
         # their own quantization error is larger than bf16's rounding, and it halves their memory.
         narrow = dtype is None and owner in linears and info.ggml_type not in FLOAT_TYPES
-        t = gf.tensor(name, torch.bfloat16 if narrow else torch.float32)
+        # Mamba's dt_proj stays F16 when stored so (llama.cpp's converters write it so): every decode step reads it,
+        # and runtime/ssm.py widens it where it is used, exactly (the same logits bit for bit; a float32 copy
+        # read twice the bytes: mamba-130m's step p25 6.67 -> 6.15 ms, in-process A/B)
+        keep16 = dtype is None and info.ggml_type == 1 and hf.endswith(".dt_proj.weight")
+        t = gf.tensor(name, torch.float16 if keep16 else torch.bfloat16 if narrow else torch.float32)
         weights[hf] = h.gguf_tensor_transform(hf, rows(t) if rows else t, args).to(dest(hf))
     embeds = [k for k in int4 if isinstance(mods.get(k), nn.Embedding)]
     if args.tie_word_embeddings and embeds and "lm_head" in linears:  # the head reads the embedding's blocks

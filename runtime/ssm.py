@@ -320,6 +320,8 @@ class MambaMixer(nn.Module):
         small = few_rows_linear(dt, self.dt_proj) if one_token else None
         if small is not None:
             dt = F.softplus(small)
+        elif self.dt_proj.weight.dtype == torch.float16 and dt.dtype == torch.float32:  # F16 as stored: widened
+            dt = F.softplus(F.linear(dt, self.dt_proj.weight.float(), self.dt_proj.bias))
         else:
             dt = F.softplus(self.dt_proj(dt.to(input_dtype(self.dt_proj))).float())
         return dt, B.float(), C.float()

@@ -463,3 +463,28 @@ def test_quantize_command_file_and_quality_report(tmp_path, capsys):
     quality_report(str(folder), out, text.read_text(), text, 12, 8, "cpu", 0.0)
     short = " ".join(capsys.readouterr().err.split())
     assert "each score 11 tokens (2 windows of up to 8)" in short and "quality on 11 tokens" in short
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_f16_dt_proj_stays_f16_and_decodes_the_same(name, quant_dir):
+    """A GGUF's F16 dt_proj (as llama.cpp's converters write it) is kept as stored, half the bytes a decode step
+    reads, and widened where used: prefill and compiled decode steps give the same logits, bit for bit, as the
+    same model with a float32 copy."""
+    _, path = _written(quant_dir, name, "q4_0")
+    logits = []
+    for widen in (False, True):
+        m = load_model(path, device="cpu")
+        mixers = [mod for mod in m.module.modules() if hasattr(mod, "dt_proj")]
+        assert mixers and all(x.dt_proj.weight.dtype == torch.float16 for x in mixers)
+        if widen:
+            for x in mixers:
+                x.dt_proj.weight = torch.nn.Parameter(x.dt_proj.weight.float(), requires_grad=False)
+        m.compile()
+        cache = m.make_cache(1)
+        with torch.inference_mode():
+            out = [m.forward(torch.tensor([list(range(3, 40))]), cache)]
+            for t in (5, 9, 2):
+                out.append(m.forward(torch.tensor([[t]]), cache))
+        logits.append(out)
+    for a, b in zip(*logits, strict=True):
+        assert torch.equal(a, b)
