@@ -186,11 +186,11 @@ def test_short_rows_of_32_blocks(t):
 
 
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
-@pytest.mark.parametrize("k", [32, 96, 800])
+@pytest.mark.parametrize("k", [32, 64, 96, 800, 832])
 @pytest.mark.parametrize("scale", ["normal", "zero", "subnormal", "extreme"])
 def test_one_token_odd_block_counts(t, k, scale):
-    """One activation row (the 4-bit one-token kernel takes two blocks at a time): an odd number of blocks,
-    four-row groups and a leftover row."""
+    """One activation row (the 4-bit one-token kernel takes two blocks at a time, odd block counts the general
+    kernel): odd and even numbers of blocks, four-row groups and a leftover row."""
     check(t, 9, k, 1, seed=k, scale=scale)
 
 

@@ -353,9 +353,10 @@ struct DQ8_0 {
 // weights stream from memory once and the unpacking and summing per block bound the speed. Two rows share a
 // vector (row a in the low 128 bits, row b in the high): one load, and and a shift unpack both rows' 32 quants
 // into their low and high nibbles, met by the activation block's halves (each repeated in both 128-bit
-// lanes); the two maddubs are summed in int16 (at most 2 x 2 x 15 x 127). Two blocks at a time, the four
-// rows' integer sums end in one vector of 8 (rows 0, 2 / 1, 3 of blocks i and i + 1, below), converted and
-// scaled once: ~25% fewer instructions a block and row than dot32's four rows of one block.
+// lanes); the two maddubs are summed in int16 (at most 2 x 2 x 15 x 127). Two blocks at a time (K a multiple
+// of 64, as every width here: dot32 takes the rest), the four rows' integer sums end in one vector of 8 (rows
+// 0, 2 / 1, 3 of blocks i and i + 1, below), converted and scaled once: ~25% fewer instructions a block and
+// row than dot32's four rows of one block.
 template <class D>
 void dot_nib4(int64_t nb, const uint8_t* const* wr, const uint8_t* act, const float* dx, const float* sx,
               float* out, int64_t ahead) {
@@ -385,8 +386,7 @@ void dot_nib4(int64_t nb, const uint8_t* const* wr, const uint8_t* act, const fl
     return _mm256_permute_ps(_mm256_castpd_ps(_mm256_set1_pd(d)), 0x50);
   };
   __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 <= nb; i += 2) {
+  for (int64_t i = 0; i < nb; i += 2) {  // nb even (dot32 takes odd counts)
     const int64_t j = i + 1;
     _mm_prefetch((const char*)(w0 + i) + ahead, _MM_HINT_T1);
     _mm_prefetch((const char*)(w1 + i) + ahead, _MM_HINT_T1);
@@ -403,19 +403,6 @@ void dot_nib4(int64_t nb, const uint8_t* const* wr, const uint8_t* act, const fl
       const __m256 mw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].m, (short)w2[i].m, (short)w0[j].m,
                                                        (short)w2[j].m, (short)w1[i].m, (short)w3[i].m,
                                                        (short)w1[j].m, (short)w3[j].m));
-      accm = _mm256_fmadd_ps(mw, sxv, accm);
-    }
-  }
-  if (i < nb) {  // an odd last block: lanes of j are zero
-    __m256 isum = _mm256_cvtepi32_ps(_mm256_hadd_epi32(block(i), _mm256_setzero_si256()));
-    const __m256 sxv = _mm256_setr_ps(sx[i], sx[i], 0.f, 0.f, sx[i], sx[i], 0.f, 0.f);
-    if constexpr (D::kOffset != 0) isum = _mm256_fnmadd_ps(sxv, _mm256_set1_ps((float)D::kOffset), isum);
-    const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].d, (short)w2[i].d, 0, 0, (short)w1[i].d,
-                                                     (short)w3[i].d, 0, 0));
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx[i])), isum, acc);
-    if constexpr (D::kMin) {
-      const __m256 mw = _mm256_cvtph_ps(_mm_setr_epi16((short)w0[i].m, (short)w2[i].m, 0, 0, (short)w1[i].m,
-                                                       (short)w3[i].m, 0, 0));
       accm = _mm256_fmadd_ps(mw, sxv, accm);
     }
   }
@@ -448,8 +435,10 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
     for (int r = 0; r < R; ++r) mins[c][r] = 0.f;
 #ifdef MC_AVX2
   if constexpr (RW == 4 && R == 1 && (std::is_same_v<D, DQ4_0> || std::is_same_v<D, DQ4_1>)) {
-    dot_nib4<D>(nb, wr, act[0], dx[0], sx[0], out, 4 * ahead);  // one token
-    return;
+    if (nb % 2 == 0) {  // one token (rows of an odd block count, rare, go on below)
+      dot_nib4<D>(nb, wr, act[0], dx[0], sx[0], out, 4 * ahead);
+      return;
+    }
   }
   constexpr bool kUnsigned = D::kMin || D::kOffset != 0;  // weight bytes maddubs takes as they are
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
