@@ -11,6 +11,7 @@ and a skip would only hide that a check did not run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,6 +91,18 @@ class calls_bounded:
 
     def __exit__(self, *exc) -> None:
         sys.setprofile(self._outer)
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """torch's intra-op threads set to n inside the block (None: left as they are), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import torch
 from quant import native
 from quant.formats import GGML_BLOCKS, QK_K, GGMLType, dequantize, quantize, to_int4
 from tests import ggml_oracle
-from tests.fixtures import calls_bounded, missing_oracle
+from tests.fixtures import calls_bounded, missing_oracle, num_threads
 
 F16_FIELDS = {  # byte ranges of the fp16 numbers in each block
     GGMLType.Q4_0: [(0, 2)], GGMLType.Q4_1: [(0, 4)], GGMLType.Q5_0: [(0, 2)], GGMLType.Q5_1: [(0, 4)],
@@ -121,14 +121,10 @@ def test_native_packers_equal_the_torch_port_and_llama_cpp(qtype: GGMLType) -> N
         missing_oracle(f"native kernels: {native.load()}")
     x = torch.cat([weights(seed=s) for s in range(3)])
     want = quantize(x, qtype)
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with num_threads(n):
             got = native.quantize(x.reshape(-1, GGML_BLOCKS[qtype][0]), int(qtype))
-            assert torch.equal(got.reshape(want.shape), want)
-    finally:
-        torch.set_num_threads(threads)
+        assert torch.equal(got.reshape(want.shape), want)
     if importlib.util.find_spec("llama_cpp") is not None:
         assert np.array_equal(want.numpy().reshape(-1), ggml_oracle.quantize(x.numpy(), int(qtype)).reshape(-1))
 

@@ -9,15 +9,13 @@ quants and packed scales) with chosen scales: ordinary, zero, subnormal and the 
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
 from quant import native
 from quant.formats import GGML_BLOCKS, GGMLType, dequantize
-from tests.fixtures import missing_oracle
+from tests.fixtures import missing_oracle, num_threads
 
 
 @pytest.fixture(autouse=True)
@@ -99,18 +97,6 @@ def reference(x: torch.Tensor, w: torch.Tensor, t: GGMLType) -> tuple[np.ndarray
     xq = (q * d[..., None]).reshape(x.shape[0], k)
     terms = np.abs(wd)[None] * np.abs(xq)[:, None]
     return xq @ wd.T, terms.sum(-1) + 1e-30
-
-
-@contextlib.contextmanager
-def num_threads(n: int | None):
-    """torch's intra-op threads set to n inside the block (None: left as they are), restored after."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check(t, n, k, m, seed=0, scale="normal", threads=None):
