@@ -125,6 +125,11 @@ def test_direct_calls_skip_dynamo_and_fall_back_when_the_call_differs():
     compiled = decode(m, n=10, prompt=STEP - 5)
     direct = {k: v - before.get(k, 0) for k, v in comp.direct_calls.items()}
     assert direct.get("ssm_ffn_block_step", 0) > 0 and direct.get("attn_kv_step", 0) > 0, direct
+    from runtime.layers import attn_kv_step
+    from runtime.ssm import ssm_ffn_block_step
+    captured = [d for f in (attn_kv_step, ssm_ffn_block_step) for ds in f.direct.values() for d in ds]
+    # the step graphs' calls skip aot_autograd's wrappers too: inductor's entry, called with the inputs
+    assert captured and all(d.inner is not None for d in captured)
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
     # a batch of two: new shapes, through dynamo (a recompile), then direct again
     cache = m.make_cache(2)
@@ -185,6 +190,40 @@ def test_direct_call_misses_when_a_parameter_is_replaced():
     del lin, d
     gc.collect()
     assert not g.direct  # dropped with the module: its parameters are not kept alive
+
+
+def test_direct_call_enters_inductor_only_where_aot_passes_through():
+    """DirectCall calls inductor's entry itself (no aot_autograd wrappers) when those wrappers handed that
+    entry the call's inputs and returned its outputs unchanged, e.g. with a state updated in place inside the
+    graph; a graph that returns a view of an input (aot rebuilds it from the caller's tensor after the graph)
+    keeps the wrappers. Either way the direct calls compute what eager does."""
+
+    @comp.graph
+    def update(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        state.mul_(0.5).add_(x)
+        return state * 2
+
+    @comp.graph
+    def passthrough(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.view(8), x + y
+
+    comp.setup()
+    with torch.inference_mode():
+        x, state = torch.randn(1, 8), torch.zeros(1, 8)
+        ref = torch.zeros(1, 8)
+        for _ in range(3):  # the first call through dynamo, the others direct
+            out = update(x, state)
+            ref = ref * 0.5 + x
+            assert torch.allclose(state, ref, atol=1e-6) and torch.allclose(out, ref * 2, atol=1e-6)
+        ((d,),) = update.direct.values()
+        assert d.inner is not None
+        a, b = torch.randn(1, 8), torch.randn(1, 8)
+        passthrough(a, b)
+        ((p,),) = passthrough.direct.values()
+        assert p.inner is None
+        c = torch.randn(1, 8)
+        view, total = passthrough(c, b)
+        assert view.data_ptr() == c.data_ptr() and torch.equal(view, c.view(8)) and torch.equal(total, c + b)
 
 
 def native_moe(renormalize: bool, seed: int):
