@@ -377,6 +377,8 @@ def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
     if on:
         setup()
     marked = []
+    module.compiled_head = bool(on and _on_cpu(getattr(module, "lm_head", None)))
+    module.compiled_embed = bool(on and _on_cpu(module.input_embedding()))
     for i, layer in enumerate(module.layers):
         dev = next(layer.parameters()).device
         layer.compiled_step = bool(on and dev.type == "cpu")
@@ -386,6 +388,11 @@ def enable(module: torch.nn.Module, on: bool = True) -> list[int]:
             if hasattr(sub, "keep_decode_A"):  # Mamba-1: A computed once, not in every step's graph
                 sub.keep_decode_A(layer.compiled_step)
     return marked
+
+
+def _on_cpu(mod: torch.nn.Module | None) -> bool:
+    tensors = [*mod.parameters(), *mod.buffers()] if mod is not None else []
+    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
 def warm_up(m) -> None:

@@ -499,3 +499,15 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     if moe:
         return ffn_block_step(norm_ff, ffn, attn_out(attn, h, out))
     return attn_out_ffn(attn, h, out, norm_ff, ffn)  # one graph for the output projection and the MLP
+
+
+@graph
+def norm_head_step(norm: nn.Module, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A one-token step's final norm and vocabulary head as one graph: float32 logits."""
+    return head(norm(h).to(norm.weight.dtype)).float()
+
+
+@graph
+def embed_step(embed: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A one-token step's embedding lookup as one graph."""
+    return embed(tokens)

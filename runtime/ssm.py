@@ -435,15 +435,14 @@ class SSMModel(LanguageModel):
 
     def forward(self, tokens: Tensor, cache: list | None = None, last_only: bool = False) -> Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
-        h = self.backbone.embeddings(tokens)
+        h = self.embed(tokens)
         if self.args.residual_in_fp32:
             h = h.float()
         for i, layer in enumerate(self.backbone.layers):
             h = layer(h, cache[i] if cache is not None else None)
         if last_only:
             h = h[:, -1:]
-        h = self.backbone.norm_f(h)
-        return self.lm_head(h.to(self.backbone.norm_f.weight.dtype)).float()
+        return self.head_logits(self.backbone.norm_f, h)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         return [layer.mixer.make_state(batch) for layer in self.backbone.layers]

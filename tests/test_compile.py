@@ -27,8 +27,9 @@ LLAMA_CASES = ("mistral-window", "llama-mha-bias", "mixtral-4x-window")
 CASES = {**{f"llama:{k}": v for k, v in LLAMA.items() if k in LLAMA_CASES},
          **{f"ssm:{k}": v for k, v in MAMBA.items() if k in ("mamba-k4", "falcon-k3", "mamba2-g2")},
          **{f"jamba:{k}": v for k, v in JAMBA.items() if k == "jamba-p2-x4-top2-gqa2"}}
-# Graphs each case must run: a plain KV cache takes the one-graph attention block (attn_kv_*), a
-# sliding-window ring the two graphs around an eager append.
+# Graphs each case must run (besides the embedding lookup's and the final norm and head's): a plain KV
+# cache takes the one-graph attention block (attn_kv_*), a sliding-window ring the two graphs around an
+# eager append.
 EXPECT = {"llama:llama-mha-bias": {"attn_kv_ffn_step"}, "llama:mistral-window": {"attn_in", "attn_out_ffn"},
           "llama:mixtral-4x-window": {"attn_in", "attn_out"}, "ssm": {"ssm_block_step"},
           "jamba": {"attn_kv_step", "ssm_ffn_block_step"}}
@@ -62,7 +63,7 @@ def test_compiled_decode_equals_eager(case):
     assert m.compile() is None, comp.failures
     compiled = decode(m)
     ran = {k for k, v in comp.compiled_calls.items() if v > before.get(k, 0)}
-    assert EXPECT.get(case, EXPECT.get(case.split(":")[0])) <= ran, ran
+    assert EXPECT.get(case, EXPECT.get(case.split(":")[0])) | {"embed_step", "norm_head_step"} <= ran, ran
     err = float((compiled - eager).abs().max() / eager.abs().max())
     assert err < 1e-5, err
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))

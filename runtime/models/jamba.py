@@ -187,12 +187,12 @@ class Model(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
-        h = self.model.embed_tokens(tokens)
+        h = self.embed(tokens)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cache[i] if cache is not None else None)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.final_layernorm(h)).float()
+        return self.head_logits(self.model.final_layernorm, h)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a, caches = self.args, []

@@ -144,15 +144,14 @@ class Model(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
-        h = self.model.embed_tokens(tokens)
+        h = self.embed(tokens)
         pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
         rope = self.rope(pos, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, rope, cache[i] if cache is not None else None)
         if last_only:
             h = h[:, -1:]
-        h = self.model.norm(h)
-        return self.lm_head(h).float()
+        return self.head_logits(self.model.norm, h)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a = self.args
