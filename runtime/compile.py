@@ -55,6 +55,12 @@ def setup() -> None:
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(cfg, name, max(getattr(cfg, name), 16))
+    # float attributes (a norm's eps) as constants: by default a second value seen (another model in the
+    # process: SmolLM2's 1e-5 after jamba's 1e-6) turns them into graph inputs of 0-d tensors that
+    # DirectCall does not take, and every later call of that graph went through dynamo (SmolLM2 decode
+    # 72 -> 32 tok/s after jamba in one process, measured)
+    if hasattr(cfg, "specialize_float"):
+        cfg.specialize_float = True
 
 
 def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callable:

@@ -71,6 +71,24 @@ def test_compiled_decode_equals_eager(case):
     assert torch.equal(decode(m), eager)  # turned off: the eager path again, bit for bit
 
 
+def test_direct_calls_after_another_model_and_prefills_of_any_length():
+    """A second model whose norms have another eps still decodes through direct calls (dynamo keeps float
+    attributes constants instead of turning them into graph inputs a DirectCall does not take); prefills of
+    new lengths do not run (or recompile) the one-token head graph."""
+    cls, cfg = CASES["llama:llama-mha-bias"]
+    for eps in (1e-5, 1e-6):
+        m = load_model(build_tiny(cls, {**cfg, "rms_norm_eps": eps}), device="cpu")
+        assert m.compile() is None, comp.failures
+        before = dict(comp.direct_calls)
+        decode(m, n=4)
+        direct = {k: v - before.get(k, 0) for k, v in comp.direct_calls.items()}
+        assert direct.get("attn_kv_ffn_step", 0) > 0 and direct.get("norm_head_step", 0) > 0, direct
+    heads = comp.compiled_calls.get("norm_head_step", 0)
+    for n in (3, 7, 12):
+        m.forward(torch.arange(5, 5 + n).view(1, n), m.make_cache(1), last_only=True)
+    assert comp.compiled_calls.get("norm_head_step", 0) == heads
+
+
 def test_compiled_attention_across_kv_growth():
     """The one-graph attention block serves every KV length: across the cache's growth (STEP = 256
     positions), compiled decoding still equals eager, from one compiled graph per function."""

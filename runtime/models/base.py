@@ -70,7 +70,8 @@ class LanguageModel(nn.Module):
         """float32 logits of lm_head(norm(h)) (norm's output in its weight's dtype), as one compiled graph in
         a compiled one-token step: eager, its ~10 ops ran after a step's weight stream had evicted their
         code and data (~150-250 us a step measured, against ~25 us warm)."""
-        if self.compiled_head and h.shape[1] == 1:
+        # a decode step's h, not a prefill's last position (a view whose batch stride would make a new graph)
+        if self.compiled_head and h.shape[1] == 1 and h.is_contiguous() and h.stride(0) == h.shape[-1]:
             from runtime.layers import norm_head_step
 
             return norm_head_step(norm, self.lm_head, h)
