@@ -39,6 +39,21 @@ def test_rolling_cache_memory_stops_at_window():
     assert cache[0].offset == 130
 
 
+@pytest.mark.parametrize("name", ["llama-mha-bias", "mistral-window"])
+def test_prompt_leaves_a_spare_slot_for_the_first_step(name):
+    """A prompt of a whole number of growth steps (STEP positions) leaves room for the next token: the first
+    decode step writes into the buffers as they are instead of regrowing them and copying every position."""
+    from runtime.cache import STEP
+
+    cfg = {**LLAMA[name][1], "sliding_window": 4 * STEP} if name == "mistral-window" else LLAMA[name][1]
+    m = load_model(build_tiny(LLAMA[name][0], cfg), device="cpu")
+    cache = m.make_cache()
+    m.forward(prompt(STEP), cache)
+    buffers = [(c.k.data_ptr(), c.v.data_ptr()) for c in cache]
+    m.forward(prompt(1, 3), cache)
+    assert [(c.k.data_ptr(), c.v.data_ptr()) for c in cache] == buffers
+
+
 def test_session_prefills_only_new_tokens(model):
     m = model
     ids = prompt(30, 6)[0].tolist()
