@@ -99,9 +99,13 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
         try:
             out = c(*args)
         except Exception as e:
-            from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile by now (setup())
+            from torch._dynamo import exc  # loaded by torch.compile by now (setup())
 
-            if not isinstance(e, TorchDynamoException):
+            if isinstance(e, getattr(exc, "FailOnRecompileLimitHit", ())):  # not a TorchDynamoException
+                # this call's kinds of inputs would make one graph too many: this call eager, the graphs
+                # compiled so far still serve theirs
+                return fn(*args)
+            if not isinstance(e, exc.TorchDynamoException):
                 raise
             # a compile-time failure (graph break, no compiler, an op inductor refuses): nothing ran yet
             failures[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

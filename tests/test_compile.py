@@ -89,6 +89,34 @@ def test_direct_calls_after_another_model_and_prefills_of_any_length():
     assert comp.compiled_calls.get("norm_head_step", 0) == heads
 
 
+def test_graphs_past_dynamos_recompile_limit_run_eagerly():
+    """A graph function called with more kinds of inputs than dynamo compiles graphs for (16 per function) runs
+    the extra calls eagerly, keeps its compiled graphs for the kinds it has, and is not marked failed; a compiled
+    model decodes batches of 1 to 20 rows (its embedding and head graphs take one sequence only)."""
+
+    @comp.graph
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    comp.setup()
+    with torch.inference_mode():
+        for n in range(1, 21):
+            x = torch.randn(n)
+            assert torch.equal(double(x), x * 2 + 1)
+        assert double.__qualname__ not in comp.failures
+        before = comp.direct_calls.get(double.__qualname__, 0)
+        double(torch.randn(3))
+        assert comp.direct_calls.get(double.__qualname__, 0) == before + 1  # a compiled kind: still direct
+    cls, cfg = CASES["llama:llama-mha-bias"]
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    assert m.compile() is None, comp.failures
+    for b in range(1, 21):
+        cache = m.make_cache(b)
+        m.forward(torch.randint(5, 300, (b, 4), generator=torch.Generator().manual_seed(b)), cache)
+        m.forward(torch.randint(5, 300, (b, 1), generator=torch.Generator().manual_seed(b)), cache)
+    assert not comp.failures, comp.failures
+
+
 def test_compiled_attention_across_kv_growth():
     """The one-graph attention block serves every KV length: across the cache's growth (STEP = 256
     positions), compiled decoding still equals eager, from one compiled graph per function."""

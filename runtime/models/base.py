@@ -59,8 +59,9 @@ class LanguageModel(nn.Module):
     compiled_embed = False  # and its embedding lookup
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The input embedding of tokens; one compiled graph in a compiled one-token step (head_logits)."""
-        if self.compiled_embed and tokens.shape[-1] == 1:
+        """The input embedding of tokens; one compiled graph in a compiled one-token step of one sequence
+        (head_logits; batched steps stay eager: a graph of static shapes would compile once per batch size)."""
+        if self.compiled_embed and tokens.shape[-1] == 1 and tokens.numel() == 1:
             from runtime.layers import embed_step
 
             return embed_step(self.input_embedding(), tokens)
@@ -71,7 +72,7 @@ class LanguageModel(nn.Module):
         a compiled one-token step: eager, its ~10 ops ran after a step's weight stream had evicted their
         code and data (~150-250 us a step measured, against ~25 us warm)."""
         # a decode step's h, not a prefill's last position (a view whose batch stride would make a new graph)
-        if self.compiled_head and h.shape[1] == 1 and h.is_contiguous() and h.stride(0) == h.shape[-1]:
+        if self.compiled_head and h.shape[:2] == (1, 1) and h.is_contiguous() and h.stride(0) == h.shape[-1]:
             from runtime.layers import norm_head_step
 
             return norm_head_step(norm, self.lm_head, h)
