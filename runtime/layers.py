@@ -501,10 +501,15 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     return attn_out_ffn(attn, h, out, norm_ff, ffn)  # one graph for the output projection and the MLP
 
 
+def final_logits(norm: nn.Module, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits of head(norm(h)), norm's output in its weight's dtype."""
+    return head(norm(h).to(norm.weight.dtype)).float()
+
+
 @graph
 def norm_head_step(norm: nn.Module, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """A one-token step's final norm and vocabulary head as one graph: float32 logits."""
-    return head(norm(h).to(norm.weight.dtype)).float()
+    """A one-token step's final norm and vocabulary head as one graph."""
+    return final_logits(norm, head, h)
 
 
 @graph

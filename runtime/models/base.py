@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.layers import embed_step, final_logits, norm_head_step
+
 REQUIRED = ("Args", "Model", "GGUF_NAMES", "config_from_gguf", "gguf_metadata")
 
 
@@ -61,9 +63,7 @@ class LanguageModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The input embedding of tokens; one compiled graph in a compiled one-token step of one sequence
         (head_logits; batched steps stay eager: a graph of static shapes would compile once per batch size)."""
-        if self.compiled_embed and tokens.shape[-1] == 1 and tokens.numel() == 1:
-            from runtime.layers import embed_step
-
+        if self.compiled_embed and tokens.numel() == 1:
             return embed_step(self.input_embedding(), tokens)
         return self.input_embedding()(tokens)
 
@@ -73,10 +73,8 @@ class LanguageModel(nn.Module):
         code and data (~150-250 us a step measured, against ~25 us warm)."""
         # a decode step's h, not a prefill's last position (a view whose batch stride would make a new graph)
         if self.compiled_head and h.shape[:2] == (1, 1) and h.is_contiguous() and h.stride(0) == h.shape[-1]:
-            from runtime.layers import norm_head_step
-
             return norm_head_step(norm, self.lm_head, h)
-        return self.lm_head(norm(h).to(norm.weight.dtype)).float()
+        return final_logits(norm, self.lm_head, h)
 
     def input_embedding(self) -> nn.Module:
         """The token embedding (placement puts it, and the ids, with the first layer)."""
