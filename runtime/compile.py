@@ -63,11 +63,12 @@ def setup() -> None:
         cfg.specialize_float = True
 
 
-def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callable:
+def graph(fn: Callable | None = None, *, dynamic: bool | None = False, inductor: dict | None = None) -> Callable:
     """fn, compiled (one whole graph) the first time it is called with compile on.
 
     Static shapes unless `dynamic=None`: then sizes the caller marks with `torch._dynamo.
     maybe_mark_dynamic` (a KV cache's length) stay symbolic, so one graph serves every length.
+    `inductor`: inductor config settings for compiling this function's graphs.
     Callers decide when (block.compiled_step); this wrapper only compiles and falls back.
 
     After a call through torch.compile, later calls with the same modules and tensors of the same kind
@@ -75,7 +76,7 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
     ~110 us a call here, a third of a small model's layer.
     """
     if fn is None:
-        return functools.partial(graph, dynamic=dynamic)
+        return functools.partial(graph, dynamic=dynamic, inductor=inductor)
     name = fn.__qualname__
     holder: dict[str, Callable] = {}
     direct: dict[tuple, list[DirectCall]] = {}  # the modules' ids -> calls captured with them
@@ -94,7 +95,8 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False) -> Callab
                 return out
         c = holder.get("c")
         if c is None:
-            c = holder["c"] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=_backend)
+            backend = functools.partial(_backend, inductor=inductor) if inductor else _backend
+            c = holder["c"] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=backend)
         _ran.clear()
         try:
             out = c(*args)
@@ -174,13 +176,14 @@ class _Ran:
         self.args, self.out, self.inner_args, self.inner_out = (), None, None, None
 
 
-def _backend(gm: torch.fx.GraphModule, example_inputs):
+def _backend(gm: torch.fx.GraphModule, example_inputs, inductor: dict | None = None):
     """Inductor, with a record of each call (`_ran`) so that `graph()` can capture it as a DirectCall."""
     from torch._inductor.compile_fx import compile_fx
 
     # no size, stride and alignment asserts in the generated wrapper: 20-odd Python calls (~20 us) on every
     # call of a graph whose inputs DirectCall or dynamo's guards have already checked
-    with torch._inductor.config.patch(size_asserts=False, alignment_asserts=False, scalar_asserts=False):
+    with torch._inductor.config.patch(size_asserts=False, alignment_asserts=False, scalar_asserts=False,
+                                      **(inductor or {})):
         compiled = compile_fx(gm, example_inputs)
     sources, shapes = [], []
     for node in gm.graph.nodes:

@@ -132,7 +132,16 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split([nq, nk, nk], dim=-1)
+            qkv = self.qkv_proj(x)
+            if rope is not None:
+                # queries and keys rotated as one tensor (one pass); in a compiled decode step that tensor, with
+                # two users, is computed once into a buffer (ATTENTION_INDUCTOR) instead of inside the attention's
+                # loop over positions, which recomputed the queries' rotation for every cached key
+                qk, v = qkv.split([nq + nk, nk], dim=-1)
+                qk = apply_rope(qk.view(b, t, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2), *rope)
+                v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+                return qk[:, : self.n_heads], qk[:, self.n_heads :], v
+            q, k, v = qkv.split([nq, nk, nk], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -165,17 +174,19 @@ class Attention(nn.Module):
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None
+    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None. v may be a dims-major view (a CPU
+    # KVCache's values: stride 1 along S), which torch's SDPA kernels take 2.5-3x slower than a copy.
     b, h, t, d = q.shape
     hk = k.shape[1]
-    if t == 1 and mask is None and d <= 64 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        # One query in a compiled CPU decode step: scores, softmax and the weighted sum as plain reductions that
-        # inductor fuses into its loops (torch's flash kernel does ~25 us of fixed work a call at these sizes:
-        # SmolLM2's step 10.94 -> 10.54 ms at 100-400 positions, in-process A/B). Heads of 128 stay on the
-        # flash kernel: inductor's loops were 3-4x slower there.
-        qg = q.view(b, hk, h // hk, 1, d) * d**-0.5
-        p = torch.softmax((qg * k[:, :, None]).sum(-1), dim=-1)  # (B, Hk, H/Hk, S)
-        return (p[..., None] * v[:, :, None]).sum(-2).view(b, h, 1, d)
+    by_dim = v.stride(-1) != 1 and v.stride(-2) == 1 and v.shape[-1] > 1
+    if t == 1 and mask is None and q.device.type == "cpu" and (by_dim or d <= 64) and torch.compiler.is_compiling():
+        return one_query_attention(q, k, v, by_dim)
+    if by_dim and t == 1 and mask is None:
+        # one query, eagerly: two matmuls, which take the dims-major values as they are (no copy)
+        qg = q.view(b, hk, h // hk, d) * d**-0.5
+        return torch.matmul(torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1), v).view(b, h, 1, d)
+    if by_dim:
+        v = v.contiguous()
     if t == 1 and hk != h and (mask is not None or (h // hk >= 4 and q.device.type == "cpu")):
         # One query per head: the H/Hk heads sharing a kv head become that kv head's queries, so any SDPA
         # kernel takes a mask (a static cache's decode step) without repeating keys and values, and torch's
@@ -185,6 +196,27 @@ def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(q.reshape(b, hk, h // hk, d), k, v, attn_mask=mask).view(b, h, 1, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def one_query_attention(q, k, v, by_dim: bool) -> torch.Tensor:
+    """One query per head in a compiled CPU decode step: scores, softmax and the weighted sum as plain
+    reductions that inductor turns into its loops (torch's flash kernel does ~25 us of fixed work a call).
+
+    Each reduction runs along a contiguous axis, so inductor vectorizes it: the scores over a key's dims,
+    the weighted sum over positions of dims-major values (`by_dim`; position-major values made it walk
+    every value row once per 8 dims, through a scalar chain). The softmax's division comes after the sum.
+    Measured per layer, 750 positions, 2 threads, caches evicted as by a step's weight stream: SmolLM2's
+    9/3 heads of 64 123 -> 90 us, Mistral's 32/8 of 128 651 (torch's kernel) -> 478 us."""
+    b, h, _, d = q.shape
+    hk = k.shape[1]
+    qg = q.view(b, hk, h // hk, 1, d) * d**-0.5
+    s = (qg * k[:, :, None]).sum(-1)  # (B, Hk, H/Hk, S)
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    if by_dim:
+        out = (e[:, :, :, None, :] * v.transpose(-1, -2)[:, :, None]).sum(-1)  # (B, Hk, H/Hk, D)
+    else:
+        out = (e[..., None] * v[:, :, None]).sum(-2)
+    return (out / e.sum(-1, keepdim=True)).view(b, h, 1, d)
 
 
 # ---------------------------------------------------------------- fused projections
@@ -462,13 +494,19 @@ def attend_kv(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torc
     return h + attn.merge(sdpa(q, k_all, v_all, None, causal=False))
 
 
-@graph(dynamic=None)
+# Inductor inlines a pointwise tensor into each consumer unless it has several users and more than
+# `realize_reads_threshold` (4) loads; the rotated queries + keys (Attention.project) have 4. At 3 they become
+# a buffer: SmolLM2's step at 700 positions 11.7 -> 11.0 ms (in-process A/B, p25).
+ATTENTION_INDUCTOR = {"realize_reads_threshold": 3}
+
+
+@graph(dynamic=None, inductor=ATTENTION_INDUCTOR)
 def attn_kv_step(norm: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
                  v_all: torch.Tensor) -> torch.Tensor:
     return attend_kv(norm, attn, h, rope, k_all, v_all)
 
 
-@graph(dynamic=None)
+@graph(dynamic=None, inductor=ATTENTION_INDUCTOR)
 def attn_kv_ffn_step(norm_in: RMSNorm, attn: Attention, h: torch.Tensor, rope, k_all: torch.Tensor,
                      v_all: torch.Tensor, norm_ff: RMSNorm, ffn: nn.Module) -> torch.Tensor:
     """attend_kv and then the feed-forward block, as one graph."""
