@@ -179,9 +179,9 @@ def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     b, h, t, d = q.shape
     hk = k.shape[1]
     by_dim = v.stride(-1) != 1 and v.stride(-2) == 1 and v.shape[-1] > 1
-    if t == 1 and mask is None and q.device.type == "cpu" and (by_dim or d <= 64) and torch.compiler.is_compiling():
-        return one_query_attention(q, k, v, by_dim)
     if by_dim and t == 1 and mask is None:
+        if q.device.type == "cpu" and torch.compiler.is_compiling():
+            return one_query_attention(q, k, v)
         # one query, eagerly: two matmuls, which take the dims-major values as they are (no copy)
         qg = q.view(b, hk, h // hk, d) * d**-0.5
         return torch.matmul(torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1), v).view(b, h, 1, d)
@@ -198,24 +198,22 @@ def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-def one_query_attention(q, k, v, by_dim: bool) -> torch.Tensor:
-    """One query per head in a compiled CPU decode step: scores, softmax and the weighted sum as plain
-    reductions that inductor turns into its loops (torch's flash kernel does ~25 us of fixed work a call).
+def one_query_attention(q, k, v) -> torch.Tensor:
+    """One query per head in a compiled CPU decode step over dims-major values (a CPU KVCache's): scores,
+    softmax and the weighted sum as plain reductions that inductor turns into its loops (torch's flash kernel
+    does ~25 us of fixed work a call and takes such values 2.5-3x slower).
 
-    Each reduction runs along a contiguous axis, so inductor vectorizes it: the scores over a key's dims,
-    the weighted sum over positions of dims-major values (`by_dim`; position-major values made it walk
-    every value row once per 8 dims, through a scalar chain). The softmax's division comes after the sum.
-    Measured per layer, 750 positions, 2 threads, caches evicted as by a step's weight stream: SmolLM2's
-    9/3 heads of 64 123 -> 90 us, Mistral's 32/8 of 128 651 (torch's kernel) -> 478 us."""
+    Each reduction runs along a contiguous axis, so inductor vectorizes it: the scores over a key's dims, the
+    weighted sum over positions (position-major values made it walk every value row once per 8 dims, through
+    a scalar chain). The softmax's division comes after the sum. Measured per layer, 750 positions, 2
+    threads, caches evicted as by a step's weight stream: SmolLM2's 9/3 heads of 64 123 -> 90 us, Mistral's
+    32/8 of 128 651 (torch's kernel on position-major values) -> 478 us."""
     b, h, _, d = q.shape
     hk = k.shape[1]
     qg = q.view(b, hk, h // hk, 1, d) * d**-0.5
     s = (qg * k[:, :, None]).sum(-1)  # (B, Hk, H/Hk, S)
     e = torch.exp(s - s.amax(-1, keepdim=True))
-    if by_dim:
-        out = (e[:, :, :, None, :] * v.transpose(-1, -2)[:, :, None]).sum(-1)  # (B, Hk, H/Hk, D)
-    else:
-        out = (e[..., None] * v[:, :, None]).sum(-2)
+    out = (e[:, :, :, None, :] * v.transpose(-1, -2)[:, :, None]).sum(-1)  # (B, Hk, H/Hk, D)
     return (out / e.sum(-1, keepdim=True)).view(b, h, 1, d)
 
 
