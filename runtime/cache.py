@@ -233,6 +233,7 @@ class SSMState:
         self.conv = conv
         self.ssm = ssm
         self.offset = 0
+        self.bound = None  # a compiled one-token step bound to these tensors (runtime/ssm.py bound_step)
 
     @property
     def nbytes(self) -> int:

@@ -29,12 +29,15 @@ The modules the SSM architectures share are built on these kernels:
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.cache import SSMState
-from runtime.compile import graph
+from runtime.compile import MISS, Chain, graph
 from runtime.layers import RMSNorm, embedding, few_rows_linear, input_dtype, rms_normalize
 from runtime.models.base import LanguageModel
 
@@ -384,6 +387,20 @@ def ssm_ffn_block_step(norm: RMSNorm, mixer: nn.Module, h: Tensor, conv: Tensor,
     return h + ffn(norm_ff(h))
 
 
+def bound_step(step: Callable, cache: SSMState, args: tuple) -> Tensor:
+    """step(*args) for a compiled one-token SSM block step whose third argument is the activations: through
+    the Bound call kept on the layer's state (runtime/compile.py), which skips the module-call and input
+    checks of a direct call where every other argument is the same object as before; bound again after
+    any other call (a new state, a recompile)."""
+    if cache.bound is not None:
+        out = cache.bound(args)
+        if out is not MISS:
+            return out
+    out = step(*args)
+    cache.bound = step.bind(args, 2, out)
+    return out
+
+
 class SSMBlock(nn.Module):
     def __init__(self, a, mixer: nn.Module):
         super().__init__()
@@ -395,7 +412,7 @@ class SSMBlock(nn.Module):
     def forward(self, h: Tensor, cache: SSMState | None) -> Tensor:
         if self.compiled_step and cache is not None and h.shape[1] == 1:
             cache.offset += 1
-            return ssm_block_step(self.norm, self.mixer, h, cache.conv, cache.ssm)
+            return bound_step(ssm_block_step, cache, (self.norm, self.mixer, h, cache.conv, cache.ssm))
         return h + self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
 
 
@@ -418,6 +435,8 @@ class SSMModel(LanguageModel):
         super().__init__()
         self.args = args
         self.backbone = SSMBackbone(args, self.make_mixer)
+        # a compiled decode step's Chain, keyed by the first layer's state (dropped with the states)
+        self._chains: weakref.WeakKeyDictionary[SSMState, Chain | None] = weakref.WeakKeyDictionary()
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
@@ -438,14 +457,34 @@ class SSMModel(LanguageModel):
         h = self.embed(tokens)
         if self.args.residual_in_fp32:
             h = h.float()
-        for i, layer in enumerate(self.backbone.layers):
-            h = layer(h, cache[i] if cache is not None else None)
+        out = self._chained(h, cache) if cache is not None and h.shape[1] == 1 else MISS
+        if out is not MISS:
+            h = out
+        else:
+            for i, layer in enumerate(self.backbone.layers):
+                h = layer(h, cache[i] if cache is not None else None)
+            if cache is not None and h.shape[1] == 1 and self.backbone.layers[0].compiled_step:
+                same = tuple(x for layer, c in zip(self.backbone.layers, cache, strict=True)
+                             for x in (layer.norm, layer.mixer, c.conv, c.ssm))
+                self._chains[cache[0]] = Chain.of([c.bound for c in cache], same)
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.backbone.norm_f, h)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
+
+    def _chained(self, h: Tensor, cache: list):
+        """A compiled one-token step's layers through one Chain of the states' Bound calls (runtime/compile.py),
+        or MISS: no Chain for these states yet, or they (or anything it checks) changed."""
+        chain = self._chains.get(cache[0]) if cache else None
+        if chain is None:
+            return MISS
+        out = chain(h, tuple(x for c in cache for x in (c.conv, c.ssm)))
+        if out is not MISS:
+            for c in cache:
+                c.offset += 1
+        return out
 
     @staticmethod
     def sanitize(weights: dict[str, Tensor], args) -> dict[str, Tensor]:

@@ -344,3 +344,93 @@ def test_moe_on_native_experts_decodes_in_one_graph(renormalize, rows):
     assert comp.compiled_calls.get("ffn_residual", 0) - before[0] == 6
     assert comp.direct_calls.get("ffn_residual", 0) - before[1] == 5  # all but the first, through dynamo
     assert comp.compiled_calls.get("moe_expert", 0) == experts  # no expert graphs
+
+
+def test_ssm_decode_steps_run_as_one_chain():
+    """A compiled SSM model's decode step calls its layers' graphs through one Chain (runtime/compile.py)
+    once the first steps have bound each layer's graph to its state; the logits equal eager's, and a
+    parameter replaced, a state tensor swapped or a new cache each send the step back through the layers
+    (and a new Chain), still equal to eager."""
+    from runtime.compile import Chain
+
+    cls, cfg = MAMBA["mamba2-g2"]
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    eager = decode(m)
+    assert m.compile() is None, comp.failures
+    n_layers = len(m.module.layers)
+    with torch.inference_mode():
+        cache = m.make_cache(1)
+        ids = torch.randint(5, 320, (1, 20), generator=torch.Generator().manual_seed(1))
+        out = [m.forward(ids, cache)[0, -1]]
+        for i in range(8):
+            if i == 3:
+                chain = m.module._chains.get(cache[0])
+                assert isinstance(chain, Chain)
+                before = comp.direct_calls.get("ssm_block_step", 0)
+            out.append(m.forward(out[-1].argmax().view(1, 1), cache)[0, -1])
+        assert comp.direct_calls["ssm_block_step"] - before == 5 * n_layers
+        assert m.module._chains.get(cache[0]) is chain  # the same Chain served the last five steps
+        assert [c.offset for c in cache] == [28] * n_layers
+    compiled = torch.stack(out)
+    assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
+
+    def continued(model, cache, tok, n=3):
+        return torch.stack([model.forward(tok, cache)[0, -1] for _ in range(n)])
+
+    # a state tensor swapped (same values): the Chain misses, the layers bind again, a new Chain
+    ref_m = load_model(build_tiny(cls, cfg), device="cpu")
+    ref_cache = ref_m.make_cache(1)
+    for c, r in zip(cache, ref_cache, strict=True):
+        r.conv.copy_(c.conv), r.ssm.copy_(c.ssm)
+        r.offset = c.offset
+    tok = out[-1].argmax().view(1, 1)
+    expect = continued(ref_m, ref_cache, tok)
+    with torch.inference_mode():
+        cache[1].ssm = cache[1].ssm.clone()
+        got = continued(m, cache, tok)
+    assert torch.allclose(got, expect, rtol=0, atol=1e-5 * float(expect.abs().max()))
+    assert isinstance(m.module._chains.get(cache[0]), Chain) and m.module._chains[cache[0]] is not chain
+    # a parameter replaced: the next step computes with the new one
+    with torch.no_grad():
+        d = m.module.layers[0].mixer.D
+        m.module.layers[0].mixer.D = torch.nn.Parameter(d * 0.5, requires_grad=False)
+        ref_m.module.layers[0].mixer.D.mul_(0.5)
+    expect = continued(ref_m, ref_cache, tok)
+    got = continued(m, cache, tok)
+    assert torch.allclose(got, expect, rtol=0, atol=1e-5 * float(expect.abs().max()))
+    # the Chain goes with its states
+    del cache, chain
+    gc.collect()
+    assert len(m.module._chains) == 0
+
+
+def test_bound_call_refuses_other_arguments():
+    """A Bound call (a direct call with all arguments but one fixed) answers MISS for other objects in the
+    fixed arguments, another kind of open tensor, grad mode on, or after a parameter was replaced."""
+    lin = torch.nn.Linear(8, 8)
+
+    @comp.graph
+    def f(layer: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        state.mul_(0.5)
+        return layer(x) + state
+
+    comp.setup()
+    with torch.inference_mode():
+        x, state = torch.randn(1, 8), torch.randn(1, 8)
+        out = f(lin, x, state)
+        b = f.bind((lin, x, state), 1, out)
+        assert b is not None and b.kinds[0] == b.kinds[1]
+        x2 = torch.randn(1, 8)
+        want = lin(x2) + state * 0.5
+        assert torch.allclose(b((lin, x2, state)), want, atol=1e-6)
+        assert torch.allclose(state, want - lin(x2), atol=1e-6)  # the state was updated in place
+        assert b((lin, x2, state.clone())) is comp.MISS
+        assert b((torch.nn.Linear(8, 8), x2, state)) is comp.MISS
+        assert b((lin, torch.randn(2, 8), state)) is comp.MISS
+        assert b((lin, x2.double(), state)) is comp.MISS
+        assert b((lin, x2, state, state)) is comp.MISS
+    assert b((lin, torch.randn(1, 8), state)) is comp.MISS  # grad mode on
+    with torch.inference_mode():
+        lin.weight = torch.nn.Parameter(torch.randn(8, 8))
+        assert b((lin, x2, state)) is comp.MISS
+        assert f.bind((lin, x2, state), 0, out) is None  # not a tensor

@@ -43,7 +43,7 @@ from runtime.layers import (
     stack_experts,
 )
 from runtime.models.base import LanguageModel, require
-from runtime.ssm import MambaMixer, ssm_block_step, ssm_ffn_block_step
+from runtime.ssm import MambaMixer, bound_step, ssm_block_step, ssm_ffn_block_step
 
 
 @dataclass
@@ -155,9 +155,9 @@ class Block(nn.Module):
         cache.offset += 1
         ffn = self.feed_forward
         if ffn_in_one_graph(ffn):  # the block as one graph
-            return ssm_ffn_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm,
-                                      self.pre_ff_layernorm, ffn)
-        h = ssm_block_step(self.input_layernorm, self.mamba, h, cache.conv, cache.ssm)
+            return bound_step(ssm_ffn_block_step, cache, (self.input_layernorm, self.mamba, h, cache.conv, cache.ssm,
+                                                          self.pre_ff_layernorm, ffn))
+        h = bound_step(ssm_block_step, cache, (self.input_layernorm, self.mamba, h, cache.conv, cache.ssm))
         return ffn_block_step(self.pre_ff_layernorm, ffn, h)
 
 
