@@ -317,6 +317,9 @@ class DirectCall:
                                   dynamic_dims_strides=[list(st) for _, (_, _, st) in tensors]).check
         self.n_tensors = len(tensors)
         self.symbolic = symbolic  # input indices of symbolic sizes and strides (each must be >= 2)
+        # what the inputs other than module parameters are (for Row): sources, and kinds where tensors
+        self.open = (tuple((names[i], _kind(t, sz, st)) for i, (t, sz, st) in tensors)
+                     + tuple(names[i] for i in symbolic))
         self.other = other  # [(argument index, its value's structure)]: arguments neither tensor nor module
         self.single = single  # the function returns one tensor (else a tuple)
         self.grad = grad
@@ -491,10 +494,66 @@ class Chain:
         return x
 
 
-def _kind(t) -> tuple | None:
+class Row:
+    """One graph's direct calls for a row of layers run back to back in a decode step, each on the output of
+    the one before: attention blocks, whose other open inputs (the layer's key and value views, a step's
+    RoPE tables) change every step, so no Bound fits them.
+
+    The first call is checked as DirectCall checks it; every later call takes the same kinds of inputs besides
+    its modules' parameters (checked when the row is made) and runs on the previous call's output and on
+    arguments the caller vouches are of the first call's kinds (caches alike: same sizes, strides and dtype),
+    so they are only gathered. The modules are the
+    ones each layer's direct call was captured with (keyed by their ids); replacing a parameter or submodule
+    bumps _generation, after which the row serves no more. SmolLM2's step spent ~40 us a layer in the Python
+    around its graph (module call, KV append, marking sizes dynamic, DirectCall's checks) once the weight
+    stream had evicted that code and data.
+    """
+
+    def __init__(self, calls: list[DirectCall], chained: int, name: str):
+        self.calls, self.chained, self.name = calls, chained, name
+        self.generation = _generation[0]
+
+    @classmethod
+    def of(cls, fn: Callable, rows: list[tuple], chained: int) -> Row | None:
+        """A Row of the direct calls graph-wrapped `fn` captured for each layer's modules (as in `rows`, one
+        argument tuple a layer; the newest capture each), or None where one is missing, calls inductor's
+        entry through aot's wrappers, or takes other kinds of inputs than the first (besides the modules'
+        parameters: layers of other weight types run graphs of their own, fed alike)."""
+        calls = []
+        for args in rows:
+            ds = fn.direct.get(tuple(id(a) for a in args if isinstance(a, torch.nn.Module)))
+            if not ds or ds[0].inner is None or not ds[0].single:
+                return None
+            calls.append(ds[0])
+        if any(d.params != calls[0].params or d.open != calls[0].open for d in calls):
+            return None
+        return cls(calls, chained, fn.__qualname__)
+
+    def __call__(self, rows: list[tuple]):
+        """The last call's output, or MISS (nothing ran) when the first call's arguments differ from what its
+        graph was captured with or something changed since the row was made. rows[i]: call i's arguments
+        (its chained argument is replaced by the previous output for i > 0)."""
+        if _generation[0] != self.generation or len(rows) != len(self.calls):
+            return MISS
+        first = self.calls[0]
+        got = first._inputs(rows[0])
+        if got is MISS:
+            return MISS
+        x = first.inner(list(got))[0]
+        key = first.params[self.chained]
+        for d, args in zip(self.calls[1:], rows[1:], strict=True):
+            local = dict(zip(d.params, args, strict=False))
+            local[key] = x
+            x = d.inner(list(d.gather(local, d.fixed)))[0]
+        _count(self.name, len(self.calls))
+        return x
+
+
+def _kind(t, sizes: tuple | None = None, strides: tuple | None = None) -> tuple | None:
+    """A tensor's dtype, device, sizes, strides (given: with None where symbolic) and inference flag."""
     if not isinstance(t, torch.Tensor):
         return None
-    return t.dtype, t.device, tuple(t.shape), t.stride(), t.is_inference()
+    return t.dtype, t.device, sizes or tuple(t.shape), strides or t.stride(), t.is_inference()
 
 
 def _count(name: str, n: int) -> None:

@@ -434,3 +434,43 @@ def test_bound_call_refuses_other_arguments():
         lin.weight = torch.nn.Parameter(torch.randn(8, 8))
         assert b((lin, x2, state)) is comp.MISS
         assert f.bind((lin, x2, state), 0, out) is None  # not a tensor
+
+
+def test_attention_decode_steps_run_as_one_row():
+    """A compiled Llama-style model on plain KV caches runs a decode step's blocks as one Row (runtime/compile.py)
+    once every block's direct call is captured: the logits equal eager's across a KV growth (the row misses,
+    the blocks run, a new row is made), and a step the row refuses (grad mode on) appends nothing twice."""
+    from runtime.cache import STEP
+    from runtime.compile import Row
+
+    cls, cfg = CASES["llama:llama-mha-bias"]
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    eager = decode(m, n=12, prompt=STEP - 6)  # the KV buffers grow during the steps
+    assert m.compile() is None, comp.failures
+    before = comp.direct_calls.get("attn_kv_ffn_step", 0)
+    compiled = decode(m, n=12, prompt=STEP - 6)
+    assert isinstance(m.module._row, Row)
+    n_layers = len(m.module.layers)
+    assert comp.direct_calls["attn_kv_ffn_step"] - before == 12 * n_layers  # every step direct, most in the row
+    assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+    cache = m.make_cache(1)
+    ids = torch.randint(5, 320, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        m.forward(ids, cache)
+        for _ in range(3):
+            m.forward(ids[:, :1], cache)
+    row, offsets = m.module._row, [c.offset for c in cache]
+    out = m.module._row_step(m.module.embed(ids[:, :1]), m.module.rope(torch.tensor([offsets[0]]), torch.float32),
+                             cache)  # grad mode on here: the first call's check refuses
+    assert out is comp.MISS and [c.offset for c in cache] == offsets and m.module._row is row
+    with torch.inference_mode():
+        step = m.forward(ids[:, :1], cache)[0, -1]
+    assert [c.offset for c in cache] == [o + 1 for o in offsets]
+    m.compile(False)
+    ref_cache = m.make_cache(1)
+    m.forward(ids, ref_cache)
+    for _ in range(4):
+        ref = m.forward(ids[:, :1], ref_cache)[0, -1]
+    assert torch.allclose(step, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))

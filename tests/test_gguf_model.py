@@ -19,6 +19,7 @@ from tests.fixtures import (
     check_converted_matches_transformers,
     convert_with_llama_cpp,
     llama_cpp,
+    prompt,
     smollm2_gguf,
     spm_model_folder,
 )
@@ -164,6 +165,36 @@ def smol_q4_k_m(smol, tmp_path_factory):
     out = tmp_path_factory.mktemp("q4km") / "SmolLM2-Q4_K_M.gguf"
     write_gguf(plan_from_source(smol), out, "q4_k_m")
     return out
+
+
+def test_q4_k_m_layers_of_several_types_decode_as_one_row(smol_q4_k_m, monkeypatch):
+    """A Q4_K_M file's layers mix weight types (Q5_0 / Q4_K / Q6_K / Q8_0 projections), so their compiled
+    decode steps are several graphs; a step still runs all the blocks as one Row (runtime/compile.py: they
+    take the same kinds of inputs besides their weights), with the logits of the step without it."""
+    from runtime import compile as comp
+
+    monkeypatch.delenv("MAMBA_CLI_NO_COMPILE", raising=False)
+    if comp.unavailable():
+        pytest.skip(f"decode-step compilation unavailable here: {comp.unavailable()}")
+    m = load_model(smol_q4_k_m, device="cpu")
+    assert m.compile() is None, comp.failures
+
+    def steps(n: int = 4) -> torch.Tensor:
+        cache = m.make_cache(1)
+        m.forward(prompt(24), cache)
+        tok = torch.tensor([[7]])
+        out = []
+        for _ in range(n):
+            out.append(m.forward(tok, cache)[0, -1])
+            tok = out[-1].argmax().view(1, 1)
+        return torch.stack(out)
+
+    with_row = steps()
+    row = m.module._row
+    assert isinstance(row, comp.Row) and len({id(d.inner) for d in row.calls}) > 1  # several graphs, one row
+    monkeypatch.setattr(type(m.module), "_row_step", lambda self, h, rope, cache: comp.MISS)
+    without = steps()
+    assert torch.allclose(with_row, without, rtol=0, atol=1e-5 * float(without.abs().max()))
 
 
 @pytest.mark.llamacpp

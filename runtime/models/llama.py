@@ -25,7 +25,19 @@ from torch import nn
 
 from runtime import gguf_names
 from runtime.cache import KVCache, RollingKVCache, cache_positions
-from runtime.layers import Attention, MoE, RMSNorm, RoPE, SwiGLU, attention_block_step, embedding, stack_experts
+from runtime.compile import MISS, Row
+from runtime.layers import (
+    Attention,
+    MoE,
+    RMSNorm,
+    RoPE,
+    SwiGLU,
+    attention_block_step,
+    attn_kv_ffn_step,
+    embedding,
+    ffn_in_one_graph,
+    stack_experts,
+)
 from runtime.models.base import LanguageModel, require
 
 
@@ -108,8 +120,11 @@ class Block(nn.Module):
 
     compiled_step = False  # runtime/compile.py: one-token steps through compiled graphs
 
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+
     def forward(self, h: torch.Tensor, rope, cache) -> torch.Tensor:
-        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        ffn = self.ffn()
         if self.compiled_step and cache is not None and h.shape[1] == 1:
             return attention_block_step(h, rope, cache, self.input_layernorm, self.self_attn,
                                         self.post_attention_layernorm, ffn)
@@ -134,6 +149,8 @@ class Model(LanguageModel):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._row: Row | None = None  # a compiled decode step's attention blocks as one Row (runtime/compile.py)
+        self._row_modules: list[tuple] = []  # each block's modules, as the Row's calls take them
 
     def input_embedding(self) -> nn.Module:
         return self.model.embed_tokens
@@ -147,11 +164,53 @@ class Model(LanguageModel):
         h = self.embed(tokens)
         pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
         rope = self.rope(pos, h.dtype)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, cache[i] if cache is not None else None)
+        out = self._row_step(h, rope, cache) if cache is not None and tokens.shape[1] == 1 else MISS
+        if out is not MISS:
+            h = out
+        else:
+            for i, layer in enumerate(self.model.layers):
+                h = layer(h, rope, cache[i] if cache is not None else None)
+            if cache is not None and tokens.shape[1] == 1:
+                self._make_row(cache)
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.model.norm, h)
+
+    def _make_row(self, cache: list) -> None:
+        """After a one-token step through the blocks: their graphs as one Row where every block took the
+        one-graph attention step (compiled, a plain KV cache, its feed-forward inside the graph)."""
+        self._row = None
+        layers = self.model.layers
+        if not all(layer.compiled_step and type(c) is KVCache and ffn_in_one_graph(layer.ffn())
+                   for layer, c in zip(layers, cache, strict=True)):
+            return
+        mods = [(layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.ffn())
+                for layer in layers]
+        self._row = Row.of(attn_kv_ffn_step, [(n, a, None, None, None, None, nf, f) for n, a, nf, f in mods], 2)
+        self._row_modules = mods
+
+    def _row_step(self, h: torch.Tensor, rope, cache: list):
+        """A one-token step's blocks through the Row, or MISS (nothing appended): no Row, or caches that are
+        not all alike plain KV caches with room for the new position (the Row's calls after the first take
+        their arguments unchecked, as the first one's kinds)."""
+        row = self._row
+        if row is None or len(cache) != len(self._row_modules) or type(cache[0]) is not KVCache:
+            return MISS
+        c0 = cache[0]
+        like = (c0.shape, c0.dtype, c0.device, c0.by_dim, c0.capacity, c0.offset)
+        if c0.offset + 2 > c0.capacity or any(
+                type(c) is not KVCache or (c.shape, c.dtype, c.device, c.by_dim, c.capacity, c.offset) != like
+                for c in cache):
+            return MISS
+        rows = []
+        for (norm_in, attn, norm_ff, ffn), c in zip(self._row_modules, cache, strict=True):
+            k, v = c.append_one()
+            rows.append((norm_in, attn, h, rope, k, v, norm_ff, ffn))
+        out = row(rows)
+        if out is MISS:
+            for c in cache:
+                c.offset -= 1
+        return out
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a = self.args
