@@ -406,18 +406,21 @@ def cached_spm_merges(pieces: list[str], scores: list[float], types: list[int]) 
             ids = array("i", payload)
     except (OSError, ValueError):
         pass
-    if ids is not None and len(ids) % 2 == 0 and (not ids or 0 <= min(ids) and max(ids) < len(pieces)):
-        pairs = list(zip(ids[::2], ids[1::2], strict=True))
-    else:
-        pairs = _spm_merge_ids(pieces, scores, types)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if ids is not None and len(ids) % 2 == 0 and (not ids or min(ids) >= 0):
+        piece = pieces.__getitem__  # pairs of strings built in C (a list comprehension: ~35 vs ~17 ms for 59k)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            payload = array("i", [i for pair in pairs for i in pair]).tobytes()
-            tmp.write_bytes(payload + hashlib.sha256(payload).digest())
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+            return list(zip(map(piece, ids[::2]), map(piece, ids[1::2]), strict=True))
+        except IndexError:  # an id past this vocabulary: recomputed below
+            pass
+    pairs = _spm_merge_ids(pieces, scores, types)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = array("i", [i for pair in pairs for i in pair]).tobytes()
+        tmp.write_bytes(payload + hashlib.sha256(payload).digest())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
     return [(pieces[a], pieces[b]) for a, b in pairs]
 
 

@@ -6,9 +6,11 @@ and byte-level pieces never prints a replacement character.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import shutil
+from array import array
 from pathlib import Path
 
 import mistral_common
@@ -211,12 +213,17 @@ def test_spm_merges_cache(tmp_path, monkeypatch):
     computed = []
     real = tokenizer_module._spm_merge_ids
     monkeypatch.setattr(tokenizer_module, "_spm_merge_ids", lambda *a: computed.append(1) or real(*a))
-    for damage, recomputes in ((None, 1), (None, 0), ("empty", 1), ("torn", 1), ("flipped", 1), (None, 0)):
+    for damage, recomputes in ((None, 1), (None, 0), ("empty", 1), ("torn", 1), ("flipped", 1), ("past", 1),
+                               ("negative", 1), (None, 0)):
         files = list(tokenizer_module.merges_cache_dir().glob("*.bin"))
         if damage is not None:
             blob = files[0].read_bytes()
+            ids = array("i", blob[:-32])
+            ids[5] = 10**6 if damage == "past" else -3  # a whole file (its digest matches) naming no piece
+            valid = ids.tobytes() + hashlib.sha256(ids.tobytes()).digest()
             files[0].write_bytes({"empty": b"", "torn": blob[: len(blob) // 2],
-                                  "flipped": blob[:8] + bytes([blob[8] ^ 1]) + blob[9:]}[damage])
+                                  "flipped": blob[:8] + bytes([blob[8] ^ 1]) + blob[9:],
+                                  "past": valid, "negative": valid}[damage])
         computed.clear()
         tok = Tokenizer.from_gguf_metadata(gguf_meta(path))
         assert len(computed) == recomputes
