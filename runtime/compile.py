@@ -115,7 +115,7 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False, inductor:
         compiled_calls[name] = compiled_calls.get(name, 0) + 1
         ran, _ran[:] = list(_ran), []
         if len(ran) == 1 and DIRECT and len(direct.get(key, ())) < 4:
-            d = DirectCall.capture(ran[0], dict(zip(params, args, strict=False)), args, out)
+            d = DirectCall.capture(ran[0], dict(zip(params, args, strict=False)), args, out, name)
             if d is not None:
                 if key not in direct and key:  # dropped with the modules (d holds their parameters)
                     weakref.finalize(next(a for a in args if isinstance(a, torch.nn.Module)), direct.pop, key, None)
@@ -137,8 +137,14 @@ def graph(fn: Callable | None = None, *, dynamic: bool | None = False, inductor:
                 return b
         return None
 
+    def latest(modules: tuple) -> DirectCall | None:
+        """The newest direct call captured with these modules (in argument order), or None."""
+        ds = direct.get(tuple(id(m) for m in modules))
+        return ds[0] if ds and name not in failures else None
+
     run.direct = direct  # for tests: the captured direct calls
     run.bind = bind
+    run.latest = latest
     return run
 
 
@@ -317,7 +323,7 @@ class DirectCall:
                                   dynamic_dims_strides=[list(st) for _, (_, _, st) in tensors]).check
         self.n_tensors = len(tensors)
         self.symbolic = symbolic  # input indices of symbolic sizes and strides (each must be >= 2)
-        # what the inputs other than module parameters are (for Row): sources, and kinds where tensors
+        # what the inputs other than module parameters are (for Chain): sources, and kinds where tensors
         self.open = (tuple((names[i], _kind(t, sz, st)) for i, (t, sz, st) in tensors)
                      + tuple(names[i] for i in symbolic))
         self.other = other  # [(argument index, its value's structure)]: arguments neither tensor nor module
@@ -325,7 +331,7 @@ class DirectCall:
         self.grad = grad
 
     @classmethod
-    def capture(cls, ran: _Ran, local: dict, args: tuple, out) -> DirectCall | None:
+    def capture(cls, ran: _Ran, local: dict, args: tuple, out, fn_name: str = "") -> DirectCall | None:
         """A DirectCall for calls like this one, or None when one cannot be made safely: a graph input
         whose source is not a plain expression, inputs the sources do not reproduce exactly, or a result
         that is not the graph's own outputs (dynamo rebuilt it)."""
@@ -368,8 +374,11 @@ class DirectCall:
         passes = (ran.inner is not None and ran.inner_args == [id(a) for a in ran.args]
                   and isinstance(ran.inner_out, (list, tuple)) and len(ran.inner_out) == len(outs)
                   and all(a is b for a, b in zip(ran.inner_out, outs, strict=True)))
-        return cls(ran.inner if passes else None, ran.compiled, list(local), len(args), names, fixed, tensors,
-                   symbolic, other, single, torch.is_grad_enabled())
+        d = cls(ran.inner if passes else None, ran.compiled, list(local), len(args), names, fixed, tensors,
+                symbolic, other, single, torch.is_grad_enabled())
+        d.out_kind = _kind(out)  # for Chain: what a call of these kinds gives
+        d.name = fn_name  # the counters' key
+        return d
 
     def __call__(self, args: tuple):
         """The compiled graph's result for these arguments, or MISS when they differ from the capture's."""
@@ -378,6 +387,11 @@ class DirectCall:
             return MISS
         out = self.inner(list(got)) if self.inner is not None else self.compiled(*got)
         return out[0] if self.single else tuple(out)
+
+    def kind_of(self, index: int) -> tuple | None:
+        """The kind (_kind) of tensor argument `index` as this call takes it, or None."""
+        name = f"L[{self.params[index]!r}]"
+        return next((k for n, k in self.open if n == name), None)
 
     def bind(self, args: tuple, free: int, name: str, out) -> Bound | None:
         """A Bound call for these arguments with args[free] left open, or None: they do not match this
@@ -448,104 +462,82 @@ class Bound:
 
 
 class Chain:
-    """Bound calls run in a row, each on the output of the one before: an SSM model's layers in a decode step.
+    """A decode step's layers as compiled calls run back to back, each on the output of the one before, checked
+    once a step instead of once a call.
 
-    Checked once for the row, not once a call: the tensors among the calls' other arguments (identity; the
-    modules were checked when the row was made, and replacing a module's parameters or submodules bumps
-    _generation), _generation, the grad mode, and the first call's input; each later call's input is the
-    previous graph's output, whose kind (static shapes) was checked to be what it takes when the row was
-    made. Python's cost of a call chain is paid after a decode step's weight stream has evicted its code
-    and data: a block call (module call, DirectCall's gathering and checks) ~38 us a layer, a Bound's
-    checks ~13 us (mamba2-130m's step p25 7.10 -> 6.26 ms through a Chain, in-process A/B).
+    Two kinds of links: a `Bound` call (a Mamba layer: every argument the same object each step but the
+    activations) and an open one, a DirectCall whose other arguments change every step (an attention layer:
+    its key and value views, a step's RoPE tables), given per step by the caller. Checked once: _generation
+    (replacing any module's parameters or submodules bumps it; the modules were checked when the chain was
+    made), the grad mode, the Bound links' other tensors (identity), the first input's kind against the first
+    link, and the first open link's arguments as DirectCall checks them (with the step's input standing in
+    for the activations: the chain was made only where every link takes and gives activations of one kind).
+    The caller vouches that every later open link's arguments are of its first one's kinds (caches alike), so
+    they are only gathered; open links run graphs that take the same kinds of inputs besides their weights
+    (layers of other weight types run graphs of their own).
+
+    Python's cost around a layer's call is paid after a decode step's weight stream has evicted its code and
+    data: ~38 us a layer through a block (module call, DirectCall's gathering and checks), ~13 us for a Bound's
+    checks; through a Chain mamba2-130m's step p25 went 8.80 -> 7.63 ms, SmolLM2's 11.90 -> 10.31 (in-process A/B).
     """
 
-    def __init__(self, bounds: list[Bound]):
-        self.calls = tuple((b.inner, b.got, b.slot) for b in bounds)
-        self.tensors = tuple(o for b in bounds for o in b.same if isinstance(o, torch.Tensor))
-        self.first, self.generation, self.grad = bounds[0], bounds[0].generation, bounds[0].grad
-        self.names = [b.name for b in bounds]
+    def __init__(self, links: list, chained: int):
+        self.calls = tuple((b.inner, b.got, b.slot, None) if isinstance(b, Bound) else (b.inner, None, 0, b)
+                           for b in links)
+        self.tensors = tuple(o for b in links if isinstance(b, Bound) for o in b.same if isinstance(o, torch.Tensor))
+        self.first_bound = next((b for b in links if isinstance(b, Bound)), None)
+        self.first_open = next((b for b in links if isinstance(b, DirectCall)), None)
+        self.chained = chained
+        self.generation, self.grad = _generation[0], links[0].grad
+        self.names = [b.name for b in links]
 
     @classmethod
-    def of(cls, bounds: list, same: tuple) -> Chain | None:
-        """A Chain of these Bounds, bound with `same` (all their other arguments, in order); None where one is
-        missing, bound with other objects or before a change (_generation), or they do not fit in a row."""
-        if not bounds or any(b is None or not b.single or b.generation != _generation[0] for b in bounds):
+    def of(cls, links: list, same: tuple, chained: int = 2) -> Chain | None:
+        """A Chain of these links (each a Bound, a DirectCall, or None where a layer has neither), or None
+        where one is missing, a Bound was bound with other objects than `same` (the Bounds' other arguments,
+        in order) or before a change (_generation), a DirectCall calls inductor's entry through aot's
+        wrappers, the open links take other kinds of inputs than the first, or activations of one kind do not
+        flow through them all. `chained`: the activations' position among an open link's arguments."""
+        if not links or any(b is None or not b.single or b.inner is None for b in links):
             return None
-        bound_with = tuple(o for b in bounds for o in b.same)
+        if any(isinstance(b, Bound) and b.generation != _generation[0] for b in links):
+            return None
+        bound_with = tuple(o for b in links if isinstance(b, Bound) for o in b.same)
         if len(bound_with) != len(same) or not all(map(operator.is_, bound_with, same)):
             return None
-        if any(b.grad != bounds[0].grad or b.kinds[0] != a.kinds[1] for a, b in zip(bounds, bounds[1:], strict=False)):
+        opened = [b for b in links if isinstance(b, DirectCall)]
+        if any(d.params != opened[0].params or d.open != opened[0].open for d in opened):
             return None
-        return cls(bounds)
+        kinds = [b.kinds if isinstance(b, Bound) else (b.kind_of(chained), b.out_kind) for b in links]
+        if any(k[0] is None or k[0] != k[1] or k != kinds[0] for k in kinds) or any(
+                b.grad != links[0].grad for b in links):
+            return None
+        return cls(links, chained)
 
-    def __call__(self, x: torch.Tensor, tensors: tuple):
-        """The last graph's output, or MISS when `tensors` (the tensors among the calls' other arguments, in
-        order) or x differ from the bound ones."""
+    def __call__(self, x: torch.Tensor, tensors: tuple, opens: list[tuple] = ()):
+        """The last link's output, or MISS (nothing ran) when something differs from what the chain was made
+        with. `tensors`: the tensors among the Bound links' other arguments, in order; `opens`: each open
+        link's arguments, in order (their activations are the previous link's output)."""
         if (_generation[0] != self.generation or torch.is_grad_enabled() != self.grad
                 or len(tensors) != len(self.tensors) or not all(map(operator.is_, tensors, self.tensors))
-                or not self.first.check(x)):
+                or (self.first_bound is not None and not self.first_bound.check(x))):
             return MISS
-        for inner, got, slot in self.calls:
-            args = got.copy()
-            args[slot] = x
+        if self.first_open is not None:
+            c = self.chained
+            if not opens or self.first_open._inputs(opens[0][:c] + (x,) + opens[0][c + 1:]) is MISS:
+                return MISS
+        opens = iter(opens)
+        for inner, got, slot, d in self.calls:
+            if d is None:
+                args = got.copy()
+                args[slot] = x
+            else:
+                local = dict(zip(d.params, next(opens), strict=False))
+                local[d.params[self.chained]] = x
+                args = list(d.gather(local, d.fixed))
             x = inner(args)[0]
         for name in self.names:
             _count(name, 1)
-        return x
-
-
-class Row:
-    """One graph's direct calls for a row of layers run back to back in a decode step, each on the output of
-    the one before: attention blocks, whose other open inputs (the layer's key and value views, a step's
-    RoPE tables) change every step, so no Bound fits them.
-
-    The first call is checked as DirectCall checks it; every later call takes the same kinds of inputs besides
-    its modules' parameters (checked when the row is made) and runs on the previous call's output and on
-    arguments the caller vouches are of the first call's kinds (caches alike: same sizes, strides and dtype),
-    so they are only gathered. The modules are the
-    ones each layer's direct call was captured with (keyed by their ids); replacing a parameter or submodule
-    bumps _generation, after which the row serves no more. SmolLM2's step spent ~40 us a layer in the Python
-    around its graph (module call, KV append, marking sizes dynamic, DirectCall's checks) once the weight
-    stream had evicted that code and data.
-    """
-
-    def __init__(self, calls: list[DirectCall], chained: int, name: str):
-        self.calls, self.chained, self.name = calls, chained, name
-        self.generation = _generation[0]
-
-    @classmethod
-    def of(cls, fn: Callable, rows: list[tuple], chained: int) -> Row | None:
-        """A Row of the direct calls graph-wrapped `fn` captured for each layer's modules (as in `rows`, one
-        argument tuple a layer; the newest capture each), or None where one is missing, calls inductor's
-        entry through aot's wrappers, or takes other kinds of inputs than the first (besides the modules'
-        parameters: layers of other weight types run graphs of their own, fed alike)."""
-        calls = []
-        for args in rows:
-            ds = fn.direct.get(tuple(id(a) for a in args if isinstance(a, torch.nn.Module)))
-            if not ds or ds[0].inner is None or not ds[0].single:
-                return None
-            calls.append(ds[0])
-        if any(d.params != calls[0].params or d.open != calls[0].open for d in calls):
-            return None
-        return cls(calls, chained, fn.__qualname__)
-
-    def __call__(self, rows: list[tuple]):
-        """The last call's output, or MISS (nothing ran) when the first call's arguments differ from what its
-        graph was captured with or something changed since the row was made. rows[i]: call i's arguments
-        (its chained argument is replaced by the previous output for i > 0)."""
-        if _generation[0] != self.generation or len(rows) != len(self.calls):
-            return MISS
-        first = self.calls[0]
-        got = first._inputs(rows[0])
-        if got is MISS:
-            return MISS
-        x = first.inner(list(got))[0]
-        key = first.params[self.chained]
-        for d, args in zip(self.calls[1:], rows[1:], strict=True):
-            local = dict(zip(d.params, args, strict=False))
-            local[key] = x
-            x = d.inner(list(d.gather(local, d.fixed)))[0]
-        _count(self.name, len(self.calls))
         return x
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.cache import KVCache, attention_mask
-from runtime.compile import graph
+from runtime.cache import KVCache, SSMState, attention_mask
+from runtime.compile import MISS, graph
 
 
 def rms_normalize(x: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -535,6 +535,53 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     if moe:
         return ffn_block_step(norm_ff, ffn, attn_out(attn, h, out))
     return attn_out_ffn(attn, h, out, norm_ff, ffn)  # one graph for the output projection and the MLP
+
+
+def kv_appends(caches: list) -> list | None:
+    """For a decode step's Chain (runtime/compile.py): every KV cache's keys and values with one more position
+    (SSM states skipped), or None (nothing appended) unless all are plain KV caches alike (size, dtype, device,
+    layout, capacity, offset: views of one kind, as the Chain's attention links after the first take them
+    unchecked) with room for it."""
+    kv = [c for c in caches if not isinstance(c, SSMState)]
+    if not kv:
+        return []
+    c0 = kv[0]
+    like = (c0.shape, c0.dtype, c0.device, c0.by_dim, c0.capacity, c0.offset) if type(c0) is KVCache else None
+    if like is None or c0.offset + 2 > c0.capacity or any(
+            type(c) is not KVCache or (c.shape, c.dtype, c.device, c.by_dim, c.capacity, c.offset) != like for c in kv):
+        return None
+    return [c.append_one() for c in kv]
+
+
+def kv_unappend(caches: list) -> None:
+    """Undo kv_appends (a Chain that did not run)."""
+    for c in caches:
+        if not isinstance(c, SSMState):
+            c.offset -= 1
+
+
+def chained_step(entry: tuple | None, h: torch.Tensor, cache: list, rope=None):
+    """A compiled one-token step's layers through one Chain (runtime/compile.py), or MISS (the caches as they
+    were). entry: (the Chain, each attention layer's modules as attn_kv_ffn_step takes them), made by the model
+    after a step through its blocks; its Bound links come from the SSM states, its open links are the attention
+    layers, fed this step's key and value views (kv_appends) and RoPE tables."""
+    if entry is None or entry[0] is None:
+        return MISS
+    chain, mods = entry
+    kv = kv_appends(cache)
+    if kv is None:
+        return MISS
+    ssm = [c for c in cache if isinstance(c, SSMState)]
+    out = MISS
+    if len(kv) == len(mods):
+        out = chain(h, tuple(t for c in ssm for t in (c.conv, c.ssm)),
+                    [(n, a, None, rope, k, v, nf, f) for (n, a, nf, f), (k, v) in zip(mods, kv, strict=True)])
+    if out is MISS:
+        kv_unappend(cache)
+        return MISS
+    for c in ssm:
+        c.offset += 1
+    return out
 
 
 def final_logits(norm: nn.Module, head: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from runtime.cache import SSMState
 from runtime.compile import MISS, Chain, graph
-from runtime.layers import RMSNorm, embedding, few_rows_linear, input_dtype, rms_normalize
+from runtime.layers import RMSNorm, chained_step, embedding, few_rows_linear, input_dtype, rms_normalize
 from runtime.models.base import LanguageModel
 
 MAMBA1_CHUNK = 32  # power of two (the in-chunk scan is a Blelloch tree); small chunks stay in cache
@@ -435,8 +435,9 @@ class SSMModel(LanguageModel):
         super().__init__()
         self.args = args
         self.backbone = SSMBackbone(args, self.make_mixer)
-        # a compiled decode step's Chain, keyed by the first layer's state (dropped with the states)
-        self._chains: weakref.WeakKeyDictionary[SSMState, Chain | None] = weakref.WeakKeyDictionary()
+        # a compiled decode step's Chain (runtime/layers.py chained_step), keyed by the first layer's state
+        # (dropped with the states)
+        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
@@ -457,34 +458,23 @@ class SSMModel(LanguageModel):
         h = self.embed(tokens)
         if self.args.residual_in_fp32:
             h = h.float()
-        out = self._chained(h, cache) if cache is not None and h.shape[1] == 1 else MISS
+        one = cache is not None and h.shape[1] == 1 and len(cache) > 0
+        out = chained_step(self._chains.get(cache[0]), h, cache) if one else MISS
         if out is not MISS:
             h = out
         else:
             for i, layer in enumerate(self.backbone.layers):
                 h = layer(h, cache[i] if cache is not None else None)
-            if cache is not None and h.shape[1] == 1 and self.backbone.layers[0].compiled_step:
+            if one and self.backbone.layers[0].compiled_step:
                 same = tuple(x for layer, c in zip(self.backbone.layers, cache, strict=True)
                              for x in (layer.norm, layer.mixer, c.conv, c.ssm))
-                self._chains[cache[0]] = Chain.of([c.bound for c in cache], same)
+                self._chains[cache[0]] = (Chain.of([c.bound for c in cache], same), [])
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.backbone.norm_f, h)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
-
-    def _chained(self, h: Tensor, cache: list):
-        """A compiled one-token step's layers through one Chain of the states' Bound calls (runtime/compile.py),
-        or MISS: no Chain for these states yet, or they (or anything it checks) changed."""
-        chain = self._chains.get(cache[0]) if cache else None
-        if chain is None:
-            return MISS
-        out = chain(h, tuple(x for c in cache for x in (c.conv, c.ssm)))
-        if out is not MISS:
-            for c in cache:
-                c.offset += 1
-        return out
 
     @staticmethod
     def sanitize(weights: dict[str, Tensor], args) -> dict[str, Tensor]:

@@ -364,12 +364,12 @@ def test_ssm_decode_steps_run_as_one_chain():
         out = [m.forward(ids, cache)[0, -1]]
         for i in range(8):
             if i == 3:
-                chain = m.module._chains.get(cache[0])
+                chain = m.module._chains.get(cache[0])[0]
                 assert isinstance(chain, Chain)
                 before = comp.direct_calls.get("ssm_block_step", 0)
             out.append(m.forward(out[-1].argmax().view(1, 1), cache)[0, -1])
         assert comp.direct_calls["ssm_block_step"] - before == 5 * n_layers
-        assert m.module._chains.get(cache[0]) is chain  # the same Chain served the last five steps
+        assert m.module._chains[cache[0]][0] is chain  # the same Chain served the last five steps
         assert [c.offset for c in cache] == [28] * n_layers
     compiled = torch.stack(out)
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
@@ -389,7 +389,7 @@ def test_ssm_decode_steps_run_as_one_chain():
         cache[1].ssm = cache[1].ssm.clone()
         got = continued(m, cache, tok)
     assert torch.allclose(got, expect, rtol=0, atol=1e-5 * float(expect.abs().max()))
-    assert isinstance(m.module._chains.get(cache[0]), Chain) and m.module._chains[cache[0]] is not chain
+    assert isinstance(m.module._chains[cache[0]][0], Chain) and m.module._chains[cache[0]][0] is not chain
     # a parameter replaced: the next step computes with the new one
     with torch.no_grad():
         d = m.module.layers[0].mixer.D
@@ -436,12 +436,14 @@ def test_bound_call_refuses_other_arguments():
         assert f.bind((lin, x2, state), 0, out) is None  # not a tensor
 
 
-def test_attention_decode_steps_run_as_one_row():
-    """A compiled Llama-style model on plain KV caches runs a decode step's blocks as one Row (runtime/compile.py)
-    once every block's direct call is captured: the logits equal eager's across a KV growth (the row misses,
-    the blocks run, a new row is made), and a step the row refuses (grad mode on) appends nothing twice."""
+def test_attention_decode_steps_run_as_one_chain():
+    """A compiled Llama-style model on plain KV caches runs a decode step's blocks as one Chain of open links
+    (runtime/compile.py) once every block's direct call is captured: the logits equal eager's across a KV growth
+    (the chain misses, the blocks run, the chain is made again), and a step the chain refuses (grad mode on)
+    appends nothing twice."""
     from runtime.cache import STEP
-    from runtime.compile import Row
+    from runtime.compile import Chain
+    from runtime.layers import chained_step
 
     cls, cfg = CASES["llama:llama-mha-bias"]
     m = load_model(build_tiny(cls, cfg), device="cpu")
@@ -449,9 +451,8 @@ def test_attention_decode_steps_run_as_one_row():
     assert m.compile() is None, comp.failures
     before = comp.direct_calls.get("attn_kv_ffn_step", 0)
     compiled = decode(m, n=12, prompt=STEP - 6)
-    assert isinstance(m.module._row, Row)
     n_layers = len(m.module.layers)
-    assert comp.direct_calls["attn_kv_ffn_step"] - before == 12 * n_layers  # every step direct, most in the row
+    assert comp.direct_calls["attn_kv_ffn_step"] - before == 12 * n_layers  # every step direct, most chained
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
@@ -461,10 +462,11 @@ def test_attention_decode_steps_run_as_one_row():
         m.forward(ids, cache)
         for _ in range(3):
             m.forward(ids[:, :1], cache)
-    row, offsets = m.module._row, [c.offset for c in cache]
-    out = m.module._row_step(m.module.embed(ids[:, :1]), m.module.rope(torch.tensor([offsets[0]]), torch.float32),
-                             cache)  # grad mode on here: the first call's check refuses
-    assert out is comp.MISS and [c.offset for c in cache] == offsets and m.module._row is row
+    entry, offsets = m.module._chains[cache[0]], [c.offset for c in cache]
+    assert isinstance(entry[0], Chain) and entry[0].first_open is not None
+    out = chained_step(entry, m.module.embed(ids[:, :1]), cache,
+                       m.module.rope(torch.tensor([offsets[0]]), torch.float32))  # grad mode on: refused
+    assert out is comp.MISS and [c.offset for c in cache] == offsets and m.module._chains[cache[0]] is entry
     with torch.inference_mode():
         step = m.forward(ids[:, :1], cache)[0, -1]
     assert [c.offset for c in cache] == [o + 1 for o in offsets]
@@ -474,3 +476,33 @@ def test_attention_decode_steps_run_as_one_row():
     for _ in range(4):
         ref = m.forward(ids[:, :1], ref_cache)[0, -1]
     assert torch.allclose(step, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_jamba_decode_steps_run_as_one_chain_of_both_kinds():
+    """Jamba without expert layers on the host: a decode step's Mamba blocks (bound to their states) and
+    attention blocks (open links, fed their key and value views) run as one Chain; logits equal eager's."""
+    from runtime.compile import Bound, Chain, DirectCall
+    from tests.configs import jamba
+
+    cls, cfg = jamba(4, 2, 1, 8, 7, 4, 2, 4, 2, hidden_size=64, intermediate_size=64, mamba_d_state=8,
+                     mamba_d_conv=4, mamba_expand=2)  # attention in layers 1 and 3, no experts
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    eager = decode(m, n=10)
+    assert m.compile() is None, comp.failures
+    before = {k: comp.direct_calls.get(k, 0) for k in ("attn_kv_ffn_step", "ssm_ffn_block_step")}
+    cache = m.make_cache(1)
+    ids = torch.randint(5, 320, (1, 20), generator=torch.Generator().manual_seed(1))
+    out = [m.forward(ids, cache)[0, -1]]
+    for _ in range(10):
+        out.append(m.forward(out[-1].argmax().view(1, 1), cache)[0, -1])
+        if len(out) == 4:
+            chain = m.module._chains[cache[0]][0]
+    assert isinstance(chain, Chain) and m.module._chains[cache[0]][0] is chain
+    assert [type(d) for *_, d in chain.calls] == [type(None), DirectCall, type(None), DirectCall]
+    assert isinstance(chain.first_bound, Bound) and chain.first_open is chain.calls[1][3]
+    direct = {k: comp.direct_calls[k] - v for k, v in before.items()}
+    assert direct == {"attn_kv_ffn_step": 20, "ssm_ffn_block_step": 20}  # every step direct (2 + 2 layers)
+    assert [c.offset for c in cache] == [30] * 4
+    compiled = torch.stack(out)
+    assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))

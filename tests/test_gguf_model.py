@@ -167,11 +167,12 @@ def smol_q4_k_m(smol, tmp_path_factory):
     return out
 
 
-def test_q4_k_m_layers_of_several_types_decode_as_one_row(smol_q4_k_m, monkeypatch):
+def test_q4_k_m_layers_of_several_types_decode_as_one_chain(smol_q4_k_m, monkeypatch):
     """A Q4_K_M file's layers mix weight types (Q5_0 / Q4_K / Q6_K / Q8_0 projections), so their compiled
-    decode steps are several graphs; a step still runs all the blocks as one Row (runtime/compile.py: they
-    take the same kinds of inputs besides their weights), with the logits of the step without it."""
+    decode steps are several graphs; a step still runs all the blocks as one Chain (runtime/compile.py: they
+    take the same kinds of inputs besides their weights), with the logits of the steps through the blocks."""
     from runtime import compile as comp
+    from runtime.models import llama
 
     monkeypatch.delenv("MAMBA_CLI_NO_COMPILE", raising=False)
     if comp.unavailable():
@@ -187,14 +188,15 @@ def test_q4_k_m_layers_of_several_types_decode_as_one_row(smol_q4_k_m, monkeypat
         for _ in range(n):
             out.append(m.forward(tok, cache)[0, -1])
             tok = out[-1].argmax().view(1, 1)
+        steps.chain = m.module._chains.get(cache[0])
         return torch.stack(out)
 
-    with_row = steps()
-    row = m.module._row
-    assert isinstance(row, comp.Row) and len({id(d.inner) for d in row.calls}) > 1  # several graphs, one row
-    monkeypatch.setattr(type(m.module), "_row_step", lambda self, h, rope, cache: comp.MISS)
-    without = steps()
-    assert torch.allclose(with_row, without, rtol=0, atol=1e-5 * float(without.abs().max()))
+    chained = steps()
+    chain = steps.chain[0]
+    assert isinstance(chain, comp.Chain) and len({id(inner) for inner, *_ in chain.calls}) > 1  # several graphs
+    monkeypatch.setattr(llama, "chained_step", lambda *a: comp.MISS)
+    through_blocks = steps()
+    assert torch.allclose(chained, through_blocks, rtol=0, atol=1e-5 * float(through_blocks.abs().max()))
 
 
 @pytest.mark.llamacpp

@@ -17,6 +17,7 @@ Legend: B batch, T tokens, E hidden, V vocab.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from runtime import gguf_names
 from runtime.cache import KVCache, RollingKVCache, cache_positions
-from runtime.compile import MISS, Row
+from runtime.compile import MISS, Chain
 from runtime.layers import (
     Attention,
     MoE,
@@ -34,6 +35,7 @@ from runtime.layers import (
     SwiGLU,
     attention_block_step,
     attn_kv_ffn_step,
+    chained_step,
     embedding,
     ffn_in_one_graph,
     stack_experts,
@@ -149,8 +151,9 @@ class Model(LanguageModel):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._row: Row | None = None  # a compiled decode step's attention blocks as one Row (runtime/compile.py)
-        self._row_modules: list[tuple] = []  # each block's modules, as the Row's calls take them
+        # a compiled decode step's blocks as one Chain (runtime/layers.py chained_step), keyed by the first
+        # layer's cache (dropped with it)
+        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def input_embedding(self) -> nn.Module:
         return self.model.embed_tokens
@@ -164,53 +167,29 @@ class Model(LanguageModel):
         h = self.embed(tokens)
         pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
         rope = self.rope(pos, h.dtype)
-        out = self._row_step(h, rope, cache) if cache is not None and tokens.shape[1] == 1 else MISS
+        one = cache is not None and tokens.shape[1] == 1 and len(cache) > 0
+        out = chained_step(self._chains.get(cache[0]), h, cache, rope) if one else MISS
         if out is not MISS:
             h = out
         else:
             for i, layer in enumerate(self.model.layers):
                 h = layer(h, rope, cache[i] if cache is not None else None)
-            if cache is not None and tokens.shape[1] == 1:
-                self._make_row(cache)
+            if one:
+                self._make_chain(cache)
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.model.norm, h)
 
-    def _make_row(self, cache: list) -> None:
-        """After a one-token step through the blocks: their graphs as one Row where every block took the
-        one-graph attention step (compiled, a plain KV cache, its feed-forward inside the graph)."""
-        self._row = None
-        layers = self.model.layers
+    def _make_chain(self, cache: list) -> None:
+        """After a one-token step through the blocks: their direct calls as one Chain where every block took
+        the one-graph attention step (compiled, a plain KV cache, its feed-forward inside the graph)."""
         if not all(layer.compiled_step and type(c) is KVCache and ffn_in_one_graph(layer.ffn())
-                   for layer, c in zip(layers, cache, strict=True)):
+                   for layer, c in zip(self.model.layers, cache, strict=True)):
+            self._chains.pop(cache[0], None)
             return
         mods = [(layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.ffn())
-                for layer in layers]
-        self._row = Row.of(attn_kv_ffn_step, [(n, a, None, None, None, None, nf, f) for n, a, nf, f in mods], 2)
-        self._row_modules = mods
-
-    def _row_step(self, h: torch.Tensor, rope, cache: list):
-        """A one-token step's blocks through the Row, or MISS (nothing appended): no Row, or caches that are
-        not all alike plain KV caches with room for the new position (the Row's calls after the first take
-        their arguments unchecked, as the first one's kinds)."""
-        row = self._row
-        if row is None or len(cache) != len(self._row_modules) or type(cache[0]) is not KVCache:
-            return MISS
-        c0 = cache[0]
-        like = (c0.shape, c0.dtype, c0.device, c0.by_dim, c0.capacity, c0.offset)
-        if c0.offset + 2 > c0.capacity or any(
-                type(c) is not KVCache or (c.shape, c.dtype, c.device, c.by_dim, c.capacity, c.offset) != like
-                for c in cache):
-            return MISS
-        rows = []
-        for (norm_in, attn, norm_ff, ffn), c in zip(self._row_modules, cache, strict=True):
-            k, v = c.append_one()
-            rows.append((norm_in, attn, h, rope, k, v, norm_ff, ffn))
-        out = row(rows)
-        if out is MISS:
-            for c in cache:
-                c.offset -= 1
-        return out
+                for layer in self.model.layers]
+        self._chains[cache[0]] = (Chain.of([attn_kv_ffn_step.latest(m) for m in mods], ()), mods)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a = self.args
