@@ -560,14 +560,23 @@ def kv_unappend(caches: list) -> None:
             c.offset -= 1
 
 
+def chainable(layers: nn.ModuleList) -> bool:
+    """Whether a step may run these blocks as one Chain, skipping their module calls: no block has forward
+    hooks (a --gpu-layers split moves each block's inputs to its device in one)."""
+    from torch.nn.modules import module
+
+    return not (module._global_forward_hooks or module._global_forward_pre_hooks) and not any(
+        layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+
+
 def chained_step(entry: tuple | None, h: torch.Tensor, cache: list, rope=None):
     """A compiled one-token step's layers through one Chain (runtime/compile.py), or MISS (the caches as they
-    were). entry: (the Chain, each attention layer's modules as attn_kv_ffn_step takes them), made by the model
-    after a step through its blocks; its Bound links come from the SSM states, its open links are the attention
-    layers, fed this step's key and value views (kv_appends) and RoPE tables."""
-    if entry is None or entry[0] is None:
+    were). entry: (the Chain, each attention layer's modules as attn_kv_ffn_step takes them, the blocks), made
+    by the model after a step through its blocks; its Bound links come from the SSM states, its open links are
+    the attention layers, fed this step's key and value views (kv_appends) and RoPE tables."""
+    if entry is None or entry[0] is None or not chainable(entry[2]):  # hooks added since it was made
         return MISS
-    chain, mods = entry
+    chain, mods, _ = entry
     kv = kv_appends(cache)
     if kv is None:
         return MISS

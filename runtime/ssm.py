@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from runtime.cache import SSMState
 from runtime.compile import MISS, Chain, graph
-from runtime.layers import RMSNorm, chained_step, embedding, few_rows_linear, input_dtype, rms_normalize
+from runtime.layers import RMSNorm, chainable, chained_step, embedding, few_rows_linear, input_dtype, rms_normalize
 from runtime.models.base import LanguageModel
 
 MAMBA1_CHUNK = 32  # power of two (the in-chunk scan is a Blelloch tree); small chunks stay in cache
@@ -465,10 +465,10 @@ class SSMModel(LanguageModel):
         else:
             for i, layer in enumerate(self.backbone.layers):
                 h = layer(h, cache[i] if cache is not None else None)
-            if one and self.backbone.layers[0].compiled_step:
+            if one and self.backbone.layers[0].compiled_step and chainable(self.backbone.layers):
                 same = tuple(x for layer, c in zip(self.backbone.layers, cache, strict=True)
                              for x in (layer.norm, layer.mixer, c.conv, c.ssm))
-                self._chains[cache[0]] = (Chain.of([c.bound for c in cache], same), [])
+                self._chains[cache[0]] = (Chain.of([c.bound for c in cache], same), [], self.backbone.layers)
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.backbone.norm_f, h)

@@ -506,3 +506,26 @@ def test_jamba_decode_steps_run_as_one_chain_of_both_kinds():
     compiled = torch.stack(out)
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+
+def test_blocks_with_forward_hooks_are_not_chained():
+    """A step with forward hooks on its blocks (a --gpu-layers split moves inputs in one) keeps calling the
+    blocks: no Chain is made, and every hook runs."""
+    cls, cfg = MAMBA["mamba2-g2"]
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    assert m.compile() is None, comp.failures
+    cache = m.make_cache(1)
+    tok = torch.tensor([[7]])
+    m.forward(torch.tensor([[5, 6, 7, 8]]), cache)
+    for _ in range(3):
+        m.forward(tok, cache)
+    assert m.module._chains[cache[0]][0] is not None  # chained from here on, were it not for the hooks
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda _m, args: calls.append(1)) for layer in m.module.layers]
+    for _ in range(4):
+        m.forward(tok, cache)
+    assert len(calls) == 4 * len(m.module.layers)  # every step, every block
+    decode(m, n=6)  # a new cache: no chain is made
+    assert len(calls) == 11 * len(m.module.layers)
+    for h in handles:
+        h.remove()

@@ -40,6 +40,7 @@ from runtime.layers import (
     SwiGLU,
     attention_block_step,
     attn_kv_ffn_step,
+    chainable,
     chained_step,
     embedding,
     ffn_block_step,
@@ -211,22 +212,23 @@ class Model(LanguageModel):
         """After a one-token step through the blocks: their compiled calls as one Chain (runtime/layers.py
         chained_step) where every block ran as one graph: a Mamba block's call bound to its state, an
         attention block's direct call on a plain KV cache."""
+        self._chains.pop(cache[0], None)
+        if not chainable(self.model.layers):
+            return
         links, same, mods = [], [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             ffn = layer.feed_forward
             if not (layer.compiled_step and ffn_in_one_graph(ffn)):
-                self._chains.pop(cache[0], None)
                 return
             if hasattr(layer, "self_attn"):
                 if type(c) is not KVCache:
-                    self._chains.pop(cache[0], None)
                     return
                 mods.append((layer.input_layernorm, layer.self_attn, layer.pre_ff_layernorm, ffn))
                 links.append(attn_kv_ffn_step.latest(mods[-1]))
             else:
                 links.append(c.bound)
                 same += [layer.input_layernorm, layer.mamba, c.conv, c.ssm, layer.pre_ff_layernorm, ffn]
-        self._chains[cache[0]] = (Chain.of(links, tuple(same)), mods)
+        self._chains[cache[0]] = (Chain.of(links, tuple(same)), mods, self.model.layers)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a, caches = self.args, []

@@ -35,6 +35,7 @@ from runtime.layers import (
     SwiGLU,
     attention_block_step,
     attn_kv_ffn_step,
+    chainable,
     chained_step,
     embedding,
     ffn_in_one_graph,
@@ -183,13 +184,14 @@ class Model(LanguageModel):
     def _make_chain(self, cache: list) -> None:
         """After a one-token step through the blocks: their direct calls as one Chain where every block took
         the one-graph attention step (compiled, a plain KV cache, its feed-forward inside the graph)."""
-        if not all(layer.compiled_step and type(c) is KVCache and ffn_in_one_graph(layer.ffn())
-                   for layer, c in zip(self.model.layers, cache, strict=True)):
+        if not chainable(self.model.layers) or not all(
+                layer.compiled_step and type(c) is KVCache and ffn_in_one_graph(layer.ffn())
+                for layer, c in zip(self.model.layers, cache, strict=True)):
             self._chains.pop(cache[0], None)
             return
         mods = [(layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.ffn())
                 for layer in self.model.layers]
-        self._chains[cache[0]] = (Chain.of([attn_kv_ffn_step.latest(m) for m in mods], ()), mods)
+        self._chains[cache[0]] = (Chain.of([attn_kv_ffn_step.latest(m) for m in mods], ()), mods, self.model.layers)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a = self.args
