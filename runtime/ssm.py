@@ -29,7 +29,6 @@ The modules the SSM architectures share are built on these kernels:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from runtime.cache import SSMState
 from runtime.compile import MISS, Chain, graph
-from runtime.layers import RMSNorm, chainable, chained_step, embedding, few_rows_linear, input_dtype, rms_normalize
+from runtime.layers import RMSNorm, embedding, few_rows_linear, input_dtype, rms_normalize
 from runtime.models.base import LanguageModel
 
 MAMBA1_CHUNK = 32  # power of two (the in-chunk scan is a Blelloch tree); small chunks stay in cache
@@ -435,9 +434,6 @@ class SSMModel(LanguageModel):
         super().__init__()
         self.args = args
         self.backbone = SSMBackbone(args, self.make_mixer)
-        # a compiled decode step's Chain (runtime/layers.py chained_step), keyed by the first layer's state
-        # (dropped with the states)
-        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
@@ -458,23 +454,21 @@ class SSMModel(LanguageModel):
         h = self.embed(tokens)
         if self.args.residual_in_fp32:
             h = h.float()
-        one = cache is not None and h.shape[1] == 1 and len(cache) > 0
-        out = chained_step(self._chains.get(cache[0]), h, cache) if one else MISS
-        if out is not MISS:
-            h = out
-        else:
-            for i, layer in enumerate(self.backbone.layers):
-                h = layer(h, cache[i] if cache is not None else None)
-            if one and self.backbone.layers[0].compiled_step and chainable(self.backbone.layers):
-                same = tuple(x for layer, c in zip(self.backbone.layers, cache, strict=True)
-                             for x in (layer.norm, layer.mixer, c.conv, c.ssm))
-                self._chains[cache[0]] = (Chain.of([c.bound for c in cache], same), [], self.backbone.layers)
+        h = self.through_blocks(h, cache, lambda layer, h, c: layer(h, c))
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.backbone.norm_f, h)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         return [layer.mixer.make_state(batch) for layer in self.backbone.layers]
+
+    def make_chain(self, cache: list) -> tuple | None:
+        """Every block's compiled step bound to its state (bound_step), as one Chain."""
+        if not self.backbone.layers[0].compiled_step:
+            return None
+        same = tuple(x for layer, c in zip(self.backbone.layers, cache, strict=True)
+                     for x in (layer.norm, layer.mixer, c.conv, c.ssm))
+        return Chain.of([c.bound for c in cache], same), [], self.backbone.layers
 
     @staticmethod
     def sanitize(weights: dict[str, Tensor], args) -> dict[str, Tensor]:

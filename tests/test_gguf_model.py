@@ -172,7 +172,7 @@ def test_q4_k_m_layers_of_several_types_decode_as_one_chain(smol_q4_k_m, monkeyp
     decode steps are several graphs; a step still runs all the blocks as one Chain (runtime/compile.py: they
     take the same kinds of inputs besides their weights), with the logits of the steps through the blocks."""
     from runtime import compile as comp
-    from runtime.models import llama
+    from runtime.models import base
 
     monkeypatch.delenv("MAMBA_CLI_NO_COMPILE", raising=False)
     if comp.unavailable():
@@ -194,7 +194,7 @@ def test_q4_k_m_layers_of_several_types_decode_as_one_chain(smol_q4_k_m, monkeyp
     chained = steps()
     chain = steps.chain[0]
     assert isinstance(chain, comp.Chain) and len({id(inner) for inner, *_ in chain.calls}) > 1  # several graphs
-    monkeypatch.setattr(llama, "chained_step", lambda *a: comp.MISS)
+    monkeypatch.setattr(base, "chained_step", lambda *a: comp.MISS)
     through_blocks = steps()
     assert torch.allclose(chained, through_blocks, rtol=0, atol=1e-5 * float(through_blocks.abs().max()))
 

@@ -28,6 +28,7 @@ and, optionally (hooks() fills in the defaults below):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.layers import embed_step, final_logits, norm_head_step
+from runtime.compile import MISS
+from runtime.layers import chainable, chained_step, embed_step, final_logits, norm_head_step
 
 REQUIRED = ("Args", "Model", "GGUF_NAMES", "config_from_gguf", "gguf_metadata")
 
@@ -56,6 +58,34 @@ class LanguageModel(nn.Module):
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         raise NotImplementedError
+
+    def __init__(self):
+        super().__init__()
+        # a compiled decode step's blocks as one Chain (make_chain), keyed by the first layer's cache (dropped
+        # with it)
+        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def through_blocks(self, h: torch.Tensor, cache: list | None, call: Callable, rope=None) -> torch.Tensor:
+        """h through the blocks, call(block, h, its cache entry) each; a compiled one-token step through one
+        Chain instead once make_chain has made one for these caches (runtime/layers.py chained_step)."""
+        one = cache is not None and h.shape[1] == 1 and len(cache) > 0
+        out = chained_step(self._chains.get(cache[0]), h, cache, rope) if one else MISS
+        if out is not MISS:
+            return out
+        for i, layer in enumerate(self.layers):
+            h = call(layer, h, cache[i] if cache is not None else None)
+        if one:
+            self._chains.pop(cache[0], None)
+            if chainable(self.layers):
+                entry = self.make_chain(cache)
+                if entry is not None:
+                    self._chains[cache[0]] = entry
+        return h
+
+    def make_chain(self, cache: list) -> tuple | None:
+        """After a one-token step through the blocks: (a Chain of their compiled calls, each attention layer's
+        modules as attn_kv_ffn_step takes them, the blocks) for chained_step, or None."""
+        return None
 
     compiled_head = False  # runtime/compile.py: a one-token step's final norm and head as one compiled graph
     compiled_embed = False  # and its embedding lookup

@@ -23,7 +23,6 @@ Cache: a list with a KVCache for each attention layer and an SSMState for each M
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from runtime import gguf_names
 from runtime.cache import KVCache
-from runtime.compile import MISS, Chain
+from runtime.compile import Chain
 from runtime.layers import (
     Attention,
     MoE,
@@ -40,8 +39,6 @@ from runtime.layers import (
     SwiGLU,
     attention_block_step,
     attn_kv_ffn_step,
-    chainable,
-    chained_step,
     embedding,
     ffn_block_step,
     ffn_in_one_graph,
@@ -182,8 +179,6 @@ class Model(LanguageModel):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # a compiled decode step's blocks as one Chain, keyed by the first layer's cache (dropped with it)
-        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def input_embedding(self) -> nn.Module:
         return self.model.embed_tokens
@@ -195,40 +190,28 @@ class Model(LanguageModel):
     def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
         h = self.embed(tokens)
-        one = cache is not None and tokens.shape[1] == 1 and len(cache) > 0
-        out = chained_step(self._chains.get(cache[0]), h, cache) if one else MISS
-        if out is not MISS:
-            h = out
-        else:
-            for i, layer in enumerate(self.model.layers):
-                h = layer(h, cache[i] if cache is not None else None)
-            if one:
-                self._make_chain(cache)
+        h = self.through_blocks(h, cache, lambda layer, h, c: layer(h, c))
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.model.final_layernorm, h)
 
-    def _make_chain(self, cache: list) -> None:
-        """After a one-token step through the blocks: their compiled calls as one Chain (runtime/layers.py
-        chained_step) where every block ran as one graph: a Mamba block's call bound to its state, an
-        attention block's direct call on a plain KV cache."""
-        self._chains.pop(cache[0], None)
-        if not chainable(self.model.layers):
-            return
+    def make_chain(self, cache: list) -> tuple | None:
+        """The blocks' compiled calls as one Chain where every block ran as one graph: a Mamba block's call
+        bound to its state, an attention block's direct call on a plain KV cache."""
         links, same, mods = [], [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             ffn = layer.feed_forward
             if not (layer.compiled_step and ffn_in_one_graph(ffn)):
-                return
+                return None
             if hasattr(layer, "self_attn"):
                 if type(c) is not KVCache:
-                    return
+                    return None
                 mods.append((layer.input_layernorm, layer.self_attn, layer.pre_ff_layernorm, ffn))
                 links.append(attn_kv_ffn_step.latest(mods[-1]))
             else:
                 links.append(c.bound)
                 same += [layer.input_layernorm, layer.mamba, c.conv, c.ssm, layer.pre_ff_layernorm, ffn]
-        self._chains[cache[0]] = (Chain.of(links, tuple(same)), mods, self.model.layers)
+        return Chain.of(links, tuple(same)), mods, self.model.layers
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a, caches = self.args, []

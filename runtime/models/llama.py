@@ -17,7 +17,6 @@ Legend: B batch, T tokens, E hidden, V vocab.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from runtime import gguf_names
 from runtime.cache import KVCache, RollingKVCache, cache_positions
-from runtime.compile import MISS, Chain
+from runtime.compile import Chain
 from runtime.layers import (
     Attention,
     MoE,
@@ -35,8 +34,6 @@ from runtime.layers import (
     SwiGLU,
     attention_block_step,
     attn_kv_ffn_step,
-    chainable,
-    chained_step,
     embedding,
     ffn_in_one_graph,
     stack_experts,
@@ -152,9 +149,6 @@ class Model(LanguageModel):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # a compiled decode step's blocks as one Chain (runtime/layers.py chained_step), keyed by the first
-        # layer's cache (dropped with it)
-        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def input_embedding(self) -> nn.Module:
         return self.model.embed_tokens
@@ -168,30 +162,20 @@ class Model(LanguageModel):
         h = self.embed(tokens)
         pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
         rope = self.rope(pos, h.dtype)
-        one = cache is not None and tokens.shape[1] == 1 and len(cache) > 0
-        out = chained_step(self._chains.get(cache[0]), h, cache, rope) if one else MISS
-        if out is not MISS:
-            h = out
-        else:
-            for i, layer in enumerate(self.model.layers):
-                h = layer(h, rope, cache[i] if cache is not None else None)
-            if one:
-                self._make_chain(cache)
+        h = self.through_blocks(h, cache, lambda layer, h, c: layer(h, rope, c), rope)
         if last_only:
             h = h[:, -1:]
         return self.head_logits(self.model.norm, h)
 
-    def _make_chain(self, cache: list) -> None:
-        """After a one-token step through the blocks: their direct calls as one Chain where every block took
-        the one-graph attention step (compiled, a plain KV cache, its feed-forward inside the graph)."""
-        if not chainable(self.model.layers) or not all(
-                layer.compiled_step and type(c) is KVCache and ffn_in_one_graph(layer.ffn())
-                for layer, c in zip(self.model.layers, cache, strict=True)):
-            self._chains.pop(cache[0], None)
-            return
+    def make_chain(self, cache: list) -> tuple | None:
+        """The blocks' direct calls as one Chain where every block took the one-graph attention step
+        (compiled, a plain KV cache, its feed-forward inside the graph)."""
+        if not all(layer.compiled_step and type(c) is KVCache and ffn_in_one_graph(layer.ffn())
+                   for layer, c in zip(self.model.layers, cache, strict=True)):
+            return None
         mods = [(layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.ffn())
                 for layer in self.model.layers]
-        self._chains[cache[0]] = (Chain.of([attn_kv_ffn_step.latest(m) for m in mods], ()), mods, self.model.layers)
+        return Chain.of([attn_kv_ffn_step.latest(m) for m in mods], ()), mods, self.model.layers
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         a = self.args
