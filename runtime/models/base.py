@@ -10,6 +10,7 @@ An architecture is one module (registered in runtime/registry.py) with:
     Model(LanguageModel)          built from Args on the meta device, then loaded over:
         forward(tokens, cache=None, last_only=False) -> float32 logits (B, T, V); a cache advances
         make_cache(batch, max_len=None) -> one typed cache per layer (runtime/cache.py)
+        make_chain(cache)         optional: a compiled decode step's blocks as one Chain (through_blocks)
         sanitize(weights, args)   checkpoint quirks -> exactly the module's state_dict names
         layers                    the blocks (placement and compile work per block)
         input_embedding()         the token embedding module
@@ -48,6 +49,12 @@ class LanguageModel(nn.Module):
 
     args: Any
 
+    def __init__(self):
+        super().__init__()
+        # a compiled decode step's blocks as one Chain (make_chain), keyed by the first layer's cache (dropped
+        # with it)
+        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
     @property
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
@@ -58,12 +65,6 @@ class LanguageModel(nn.Module):
 
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         raise NotImplementedError
-
-    def __init__(self):
-        super().__init__()
-        # a compiled decode step's blocks as one Chain (make_chain), keyed by the first layer's cache (dropped
-        # with it)
-        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def through_blocks(self, h: torch.Tensor, cache: list | None, call: Callable, rope=None) -> torch.Tensor:
         """h through the blocks, call(block, h, its cache entry) each; a compiled one-token step through one
@@ -76,10 +77,9 @@ class LanguageModel(nn.Module):
             h = call(layer, h, cache[i] if cache is not None else None)
         if one:
             self._chains.pop(cache[0], None)
-            if chainable(self.layers):
-                entry = self.make_chain(cache)
-                if entry is not None:
-                    self._chains[cache[0]] = entry
+            entry = self.make_chain(cache)
+            if entry is not None and chainable(self.layers):
+                self._chains[cache[0]] = entry
         return h
 
     def make_chain(self, cache: list) -> tuple | None:
