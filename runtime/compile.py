@@ -595,6 +595,8 @@ def warm_up(m) -> None:
     one = torch.zeros(1, 1, dtype=torch.long)
     m.forward(torch.zeros(1, 2, dtype=torch.long), cache)  # a KV length of 1 would be specialized
     m.forward(one, cache)
+    with torch.inference_mode():  # token ids made under inference mode (the server's worker) are another kind
+        m.forward(torch.zeros(1, 1, dtype=torch.long), cache)
     with torch.inference_mode():  # as forward() allocates: the graphs guard on tensor kind
         for c in cache:
             if isinstance(c, KVCache):

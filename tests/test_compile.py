@@ -529,3 +529,19 @@ def test_blocks_with_forward_hooks_are_not_chained():
     assert len(calls) == 11 * len(m.module.layers)
     for h in handles:
         h.remove()
+
+
+def test_warm_up_captures_token_ids_of_both_kinds():
+    """After compile()'s warm-up, a one-token step calls every graph directly whether its token ids were made
+    under inference mode (the server's worker) or not (a chat): no call through dynamo mid-conversation."""
+    cls, cfg = CASES["llama:llama-mha-bias"]
+    m = load_model(build_tiny(cls, cfg), device="cpu")
+    assert m.compile() is None, comp.failures
+    cache = m.make_cache(1)
+    m.forward(torch.tensor([[5, 6, 7, 8, 9]]), cache)
+    for inference in (True, False, True):
+        before = sum(comp.compiled_calls.values()) - sum(comp.direct_calls.values())
+        with torch.inference_mode(inference):
+            tok = torch.tensor([[7]])
+        m.forward(tok, cache)
+        assert sum(comp.compiled_calls.values()) - sum(comp.direct_calls.values()) == before
