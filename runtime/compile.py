@@ -16,6 +16,7 @@ good, its reason kept in `failures`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import operator
@@ -489,7 +490,7 @@ class Chain:
         self.first_open = next((b for b in links if isinstance(b, DirectCall)), None)
         self.chained = chained
         self.generation, self.grad = _generation[0], links[0].grad
-        self.names = [b.name for b in links]
+        self.counts = collections.Counter(b.name for b in links)  # calls a step, per graph function
 
     @classmethod
     def of(cls, links: list, same: tuple, chained: int = 2) -> Chain | None:
@@ -536,8 +537,8 @@ class Chain:
                 local[d.params[self.chained]] = x
                 args = list(d.gather(local, d.fixed))
             x = inner(args)[0]
-        for name in self.names:
-            _count(name, 1)
+        for name, n in self.counts.items():
+            _count(name, n)
         return x
 
 

@@ -537,27 +537,20 @@ def attention_block_step(h: torch.Tensor, rope, cache, norm_in: RMSNorm, attn: A
     return attn_out_ffn(attn, h, out, norm_ff, ffn)  # one graph for the output projection and the MLP
 
 
-def kv_appends(caches: list) -> list | None:
-    """For a decode step's Chain (runtime/compile.py): every KV cache's keys and values with one more position
-    (SSM states skipped), or None (nothing appended) unless all are plain KV caches alike (size, dtype, device,
-    layout, capacity, offset: views of one kind, as the Chain's attention links after the first take them
-    unchecked) with room for it."""
-    kv = [c for c in caches if not isinstance(c, SSMState)]
+def kv_appends(kv: list) -> list | None:
+    """For a decode step's Chain (runtime/compile.py): each KV cache's keys and values with one more position,
+    or None (nothing appended) unless all are plain KV caches alike (size, dtype, device, layout, capacity,
+    offset: views of one kind, as the Chain's attention links after the first take them unchecked) with room."""
     if not kv:
         return []
-    c0 = kv[0]
-    like = (c0.shape, c0.dtype, c0.device, c0.by_dim, c0.capacity, c0.offset) if type(c0) is KVCache else None
-    if like is None or c0.offset + 2 > c0.capacity or any(
-            type(c) is not KVCache or (c.shape, c.dtype, c.device, c.by_dim, c.capacity, c.offset) != like for c in kv):
+
+    def kind(c) -> tuple | None:
+        return (c.shape, c.dtype, c.device, c.by_dim, c.capacity, c.offset) if type(c) is KVCache else None
+
+    like = kind(kv[0])
+    if like is None or kv[0].offset + 2 > kv[0].capacity or any(kind(c) != like for c in kv):
         return None
     return [c.append_one() for c in kv]
-
-
-def kv_unappend(caches: list) -> None:
-    """Undo kv_appends (a Chain that did not run)."""
-    for c in caches:
-        if not isinstance(c, SSMState):
-            c.offset -= 1
 
 
 def chainable(layers: nn.ModuleList) -> bool:
@@ -577,16 +570,18 @@ def chained_step(entry: tuple | None, h: torch.Tensor, cache: list, rope=None):
     if entry is None or entry[0] is None or not chainable(entry[2]):  # hooks added since it was made
         return MISS
     chain, mods, _ = entry
-    kv = kv_appends(cache)
+    ssm = [c for c in cache if isinstance(c, SSMState)]
+    kv_caches = [c for c in cache if not isinstance(c, SSMState)]
+    kv = kv_appends(kv_caches)
     if kv is None:
         return MISS
-    ssm = [c for c in cache if isinstance(c, SSMState)]
     out = MISS
     if len(kv) == len(mods):
         out = chain(h, tuple(t for c in ssm for t in (c.conv, c.ssm)),
                     [(n, a, None, rope, k, v, nf, f) for (n, a, nf, f), (k, v) in zip(mods, kv, strict=True)])
     if out is MISS:
-        kv_unappend(cache)
+        for c in kv_caches:  # undo the appends
+            c.offset -= 1
         return MISS
     for c in ssm:
         c.offset += 1
