@@ -73,7 +73,7 @@ def test_cpu_kv_cache_keeps_values_dims_major():
     assert back.v.stride(2) == 1 and torch.equal(back.v[:, :, : back.offset], values)
 
 
-@pytest.mark.parametrize("h,hk,d", [(9, 3, 64), (8, 2, 128), (4, 4, 16)])
+@pytest.mark.parametrize("h,hk,d", [(9, 3, 64), (8, 2, 128), (16, 2, 32), (4, 4, 16)])
 @pytest.mark.parametrize("t", [1, 6])
 def test_attention_takes_dims_major_values(h, hk, d, t):
     """sdpa() on a KVCache's dims-major values equals it on the same values laid out position-major: one query
