@@ -60,6 +60,9 @@ def rss_mib() -> tuple[float, float]:
     return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+SETTLE_S = 0.5  # seconds before each timed load (main(): the other engine's threads go idle)
+
+
 def child(engine: str, f: str, threads: int) -> None:
     """One engine in this (fresh) process: load, a 64-token prefill and 16 decode steps; JSON to stdout."""
     torch.set_num_threads(threads)
@@ -123,10 +126,16 @@ def main() -> None:
 
     rows = []
     for f in a.files:
+        # Each load is timed once the other engine's threads have gone idle: llama.cpp's pool and libgomp's
+        # spin-wait a while after a run, and a load timed right after the previous file's llama.cpp run
+        # paid for that on 2 cores (mamba-130m 0.66 vs 0.32 s: each small parallel op of the load waited
+        # for a time slice, e.g. 10 ms for each of 24 F16 -> float32 conversions).
+        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         m = load_model(f, device="cpu")
         ours_load = time.perf_counter() - t0
         m.compile(not a.no_compile)
+        time.sleep(SETTLE_S)
         t0 = time.perf_counter()
         llm = Llama(model_path=f, n_ctx=a.p + a.n + 8, n_batch=a.p + a.n + 8, n_threads=a.threads,
                     logits_all=False, verbose=False)

@@ -429,10 +429,7 @@ def spm_tokenizer(m: SpmModel) -> HFTokenizer:
 
     One known difference: user-defined pieces (none in Mistral's vocabularies) split the raw text and
     the text after one gets its own '▁' prefix, as in llama.cpp; SentencePiece adds no prefix there."""
-    vocab = {}
-    for i, p in enumerate(m.pieces):
-        vocab.setdefault(p, i)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=cached_spm_merges(m.pieces, m.scores, m.types),
+    tok = HFTokenizer(models.BPE(vocab=first_ids(m.pieces), merges=cached_spm_merges(m.pieces, m.scores, m.types),
                                  unk_token=m.pieces[m.unk_id], fuse_unk=True, byte_fallback=m.byte_fallback))
     steps: list[normalizers.Normalizer] = []
     if m.charsmap:
@@ -482,9 +479,7 @@ def _gpt2_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre:
         raise ModelFormatError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported "
                                f"(known: {', '.join(sorted(GGUF_PRE))})")
     regexes, ignore_merges = GGUF_PRE[pre]
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
+    vocab = first_ids(tokens)
     pairs = []
     for m in merges:
         left, sep, right = m.partition(" ")
@@ -500,10 +495,18 @@ def _gpt2_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre:
     return tok
 
 
+def first_ids(pieces: list[str]) -> dict[str, int]:
+    """piece -> its first id (a repeated piece keeps the first): the later pairs of the reversed list win."""
+    return dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1)))
+
+
 def _add_token_types(tok: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control and unknown pieces become special added tokens; user-defined ones plain added tokens
     (matched in any text, as SentencePiece and llama.cpp match them)."""
-    kinds = list(zip(tokens, types, strict=True))
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in kinds
+    if len(tokens) != len(types):
+        raise ValueError(f"{len(tokens)} tokens but {len(types)} token types")
+    others = [(i, k) for i, k in enumerate(types) if k != NORMAL]  # few: one pass over the types only
+    tok.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i, k in others
                             if k in (CONTROL, UNKNOWN)])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in kinds if k == USER_DEFINED])
+    tok.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i, k in others
+                    if k == USER_DEFINED])

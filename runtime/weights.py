@@ -441,21 +441,39 @@ class _Cursor:
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
 
     def strings(self, n: int, what: str) -> list[str]:
-        """n strings in a row (vocabularies: ~100k of them), with take()'s checks inlined for speed."""
+        """n strings in a row (vocabularies: ~100k of them). A loop without take()'s checks first (SmolLM2's
+        49k: 45 -> 25 ms); where it meets something wrong, the checked loop reads them again and says what."""
         buf, pos, end = self.buf, self.pos, len(self.buf)
         out: list[str] = []
         append, length = out.append, _U64.unpack_from
+        try:
+            for _ in range(n):
+                (k,) = length(buf, pos)  # struct.error past the end
+                if k > MAX_ARRAY_STRING:
+                    break
+                pos += 8 + k
+                append(str(buf[pos - k:pos], "utf-8", "surrogateescape"))  # decoded from the mapped bytes
+        except struct.error:
+            pass
+        if len(out) == n and pos <= end:  # a string cut off by the end decoded short: pos tells
+            self.pos = pos
+            return out
+        return self.checked_strings(n, what)
+
+    def checked_strings(self, n: int, what: str) -> list[str]:
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        out: list[str] = []
         for i in range(n):
             if 8 > end - pos:
                 raise self.short(f"{what}[{i}] length", 8, pos)
-            (k,) = length(buf, pos)
+            (k,) = _U64.unpack_from(buf, pos)
             pos += 8
             if k > MAX_ARRAY_STRING:
                 self.pos = pos - 8
                 raise self.fail(f"{what}[{i}] is {k} bytes long, over the limit of {MAX_ARRAY_STRING}")
             if k > end - pos:
                 raise self.short(f"{what}[{i}]", k, pos)
-            append(str(buf[pos:pos + k], "utf-8", "surrogateescape"))  # decoded from the mapped bytes, no copy
+            out.append(str(buf[pos:pos + k], "utf-8", "surrogateescape"))
             pos += k
         self.pos = pos
         return out

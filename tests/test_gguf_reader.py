@@ -396,6 +396,13 @@ HOSTILE = {
     "tensor name too long": (_header(1, 0) + struct.pack("<Q", 64) + b"x" * 64 + b"\0" * 32, "at most 63"),
     "unknown array element type": (_header(0, 1) + _kv("k", 9) + struct.pack("<IQ", 13, 1) + b"\0" * 8,
                                    "unknown element type 13"),
+    # a string array's element: too long, running past the end, its length cut off
+    "array string over the limit": (_header(0, 1) + _kv("k", 9) + struct.pack("<IQQ", 8, 2, 1) + b"a"
+                                    + struct.pack("<Q", 70000) + b"\0" * 8, "'k'[1] is 70000 bytes long"),
+    "array string past the end": (_header(0, 1) + _kv("k", 9) + struct.pack("<IQQ", 8, 2, 1) + b"a"
+                                  + struct.pack("<Q", 9) + b"abc", "'k'[1] needs 9 bytes"),
+    "array string length cut off": (_header(0, 1) + _kv("k", 9) + struct.pack("<IQQ", 8, 2, 8) + b"abcdefgh"
+                                    + b"\0" * 4, "'k'[1] length needs 8 bytes"),
 }
 
 
