@@ -497,7 +497,7 @@ def _gpt2_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre:
 
 def first_ids(pieces: list[str]) -> dict[str, int]:
     """piece -> its first id (a repeated piece keeps the first): the later pairs of the reversed list win."""
-    return dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1)))
+    return dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1), strict=True))
 
 
 def _add_token_types(tok: HFTokenizer, tokens: list[str], types: list[int]) -> None:
