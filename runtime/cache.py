@@ -508,6 +508,7 @@ def _expected_state(fresh, offset: int) -> dict[str, tuple[tuple[int, ...] | Non
     return {"conv": (tuple(fresh.conv.shape), fresh.conv.dtype), "ssm": (tuple(fresh.ssm.shape), fresh.ssm.dtype)}
 
 
+KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
@@ -569,7 +570,10 @@ def check_state(path, table: dict[str, tuple[str, list[int]]], layers: list, fre
             if not low <= ring <= high:
                 raise StateFileError(f"{path}: layer {layer} has {ring} ring slots; the model needs {low}..{high}")
             shape = tuple(ring if s is None else s for s in shape)
-        if tuple(got_shape) != shape or _ST_DTYPES.get(got_dtype) != dtype:
+        got = _ST_DTYPES.get(got_dtype)
+        if got in KV_DTYPES and dtype in KV_DTYPES and name.rsplit(".", 1)[1] in ("k", "v"):
+            got = dtype  # keys and values convert on reading (a float32 state into a float16 cache, or back)
+        if tuple(got_shape) != shape or got != dtype:
             raise StateFileError(f"{path}: tensor {name} is {got_dtype} {list(got_shape)}, the model needs "
                                  f"{str(dtype).removeprefix('torch.')} {list(shape)}")
 

@@ -176,12 +176,16 @@ class Attention(nn.Module):
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None. v may be a dims-major view (a CPU
     # KVCache's values: stride 1 along S), which torch's SDPA kernels take 2.5-3x slower than a copy.
+    # k/v may be stored narrower than q (a float16 cache of a 4-bit model): the compiled one-query loops widen
+    # them as they read; everything else widens them first.
     b, h, t, d = q.shape
     hk = k.shape[1]
     by_dim = v.stride(-1) != 1 and v.stride(-2) == 1 and v.shape[-1] > 1
+    if by_dim and t == 1 and mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return one_query_attention(q, k, v)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)  # v keeps its layout (preserve_format)
     if by_dim and t == 1 and mask is None:
-        if q.device.type == "cpu" and torch.compiler.is_compiling():
-            return one_query_attention(q, k, v)
         # one query, eagerly: two matmuls, which take the dims-major values as they are (no copy)
         qg = q.view(b, hk, h // hk, d) * d**-0.5
         return torch.matmul(torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1), v).view(b, h, 1, d)

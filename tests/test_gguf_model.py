@@ -107,6 +107,47 @@ def test_smollm2_answers_in_chat_format(smol):
     assert "Berlin" in reply
 
 
+
+def test_4bit_files_keep_keys_and_values_in_float16(smol, monkeypatch, tmp_path):
+    """A 4-bit GGUF's attention caches hold float16 on the CPU, as llama.cpp's (MAMBA_CLI_KV_CACHE=f32 keeps
+    float32): prefill in chunks and decode steps pick the tokens the float32 cache picks, logits within the
+    rounding of keys and values; a saved conversation reloads into either (keys and values convert)."""
+    from runtime.cache import load_cache, save_cache
+    from runtime.errors import MambaCliError
+
+    def run(m, cache) -> torch.Tensor:  # the same tokens into both: two chunks of prompt, then 8 steps
+        ids = torch.tensor([m.tokenizer.encode(TEXT)[:48]])
+        out = [m.forward(ids[:, :24], cache)[0], m.forward(ids[:, 24:40], cache)[0]]
+        out += [m.forward(ids[:, i : i + 1], cache)[0] for i in range(40, 48)]
+        return torch.cat(out)
+
+    monkeypatch.delenv("MAMBA_CLI_KV_CACHE", raising=False)
+    m16 = load_model(smol, device="cpu")
+    monkeypatch.setenv("MAMBA_CLI_KV_CACHE", "f32")
+    m32 = load_model(smol, device="cpu")
+    c16, c32 = m16.make_cache(1), m32.make_cache(1)
+    assert {c.k.dtype for c in c16} == {torch.float16} and {c.k.dtype for c in c32} == {torch.float32}
+    with torch.inference_mode():
+        a, b = run(m16, c16), run(m32, c32)
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    rel = float((a - b).norm() / b.norm())
+    ids = torch.tensor(m16.tokenizer.encode(TEXT)[1:49])
+
+    def nll(logits):  # mean negative log-likelihood of the text's next tokens
+        return float(-torch.log_softmax(logits.double(), -1)[torch.arange(48), ids].mean())
+
+    print(f"float16 vs float32 cache: top-1 {agree:.3f}, logits {rel:.4f} apart, nll {nll(a):.4f} vs {nll(b):.4f}")
+    # the rounding of keys and values moves SmolLM2's sharp attention's logits by ~3%, not what it predicts
+    assert agree >= 0.95 and rel < 0.06 and abs(nll(a) - nll(b)) < 0.02, (agree, rel)
+    for saved, into in ((c32, m16), (c16, m32)):
+        save_cache(tmp_path / "s.safetensors", saved, {"tokens": list(range(48))})
+        back, _ = load_cache(tmp_path / "s.safetensors", into.layer_devices(), into.make_cache(1))
+        assert back[0].k.dtype == into.make_cache(1)[0].k.dtype
+        assert torch.allclose(back[0].k[:, :, :48].float(), saved[0].k[:, :, :48].float(), rtol=1e-3, atol=1e-3)
+    monkeypatch.setenv("MAMBA_CLI_KV_CACHE", "f8")
+    with pytest.raises(MambaCliError, match="MAMBA_CLI_KV_CACHE"):
+        load_model(smol, device="cpu")
+
 MULTILINGUAL = (
     "La ville est née d'un petit village au bord du fleuve, où les marchands s'arrêtaient pour échanger "
     "leurs marchandises. Heute ist sie bekannt für ihre Altstadt, ihre Museen und ihr Essen. "

@@ -75,17 +75,19 @@ def test_cpu_kv_cache_keeps_values_dims_major():
 
 @pytest.mark.parametrize("h,hk,d", [(9, 3, 64), (8, 2, 128), (16, 2, 32), (4, 4, 16)])
 @pytest.mark.parametrize("t", [1, 6])
-def test_attention_takes_dims_major_values(h, hk, d, t):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_attention_takes_dims_major_values(h, hk, d, t, kv_dtype):
     """sdpa() on a KVCache's dims-major values equals it on the same values laid out position-major: one query
-    eagerly and in a compiled step (inductor's reductions), several queries through torch's kernels."""
+    eagerly and in a compiled step (inductor's reductions), several queries through torch's kernels; keys and
+    values stored in float16 (a 4-bit model's cache) as their float32 values."""
     from runtime.layers import sdpa
 
     g = torch.Generator().manual_seed(h + d + t)
     s = 37
-    q, k = torch.randn(1, h, t, d, generator=g), torch.randn(1, hk, s, d, generator=g)
-    v = torch.randn(1, hk, d, 64, generator=g).transpose(2, 3)[:, :, :s]  # as KVCache.v[:, :, :s]
+    q, k = torch.randn(1, h, t, d, generator=g), torch.randn(1, hk, s, d, generator=g).to(kv_dtype)
+    v = torch.randn(1, hk, d, 64, generator=g).to(kv_dtype).transpose(2, 3)[:, :, :s]  # as KVCache.v[:, :, :s]
     mask = None if t == 1 else torch.ones(t, s, dtype=torch.bool).tril(s - t)
-    ref = sdpa(q, k, v.contiguous(), mask, causal=False)
+    ref = sdpa(q, k.float(), v.float().contiguous(), mask, causal=False)
     assert rel(sdpa(q, k, v, mask, causal=False), ref) < 1e-5
     from runtime.compile import unavailable
 

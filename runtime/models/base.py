@@ -66,6 +66,14 @@ class LanguageModel(nn.Module):
     def make_cache(self, batch: int = 1, max_len: int | None = None) -> list:
         raise NotImplementedError
 
+    # The dtype of the attention layers' keys and values on the CPU; None: the layer's compute dtype. The loader
+    # sets float16 for 4-bit GGUF files (runtime/loader.py kv_cache_dtype), as llama.cpp keeps its cache.
+    kv_dtype: torch.dtype | None = None
+
+    def kv_cache_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        """The dtype of the keys and values of a layer whose compute dtype and device `weight` has."""
+        return self.kv_dtype if self.kv_dtype is not None and weight.device.type == "cpu" else weight.dtype
+
     def through_blocks(self, h: torch.Tensor, cache: list | None, call: Callable, rope=None) -> torch.Tensor:
         """h through the blocks, call(block, h, its cache entry) each; a compiled one-token step through one
         Chain instead once make_chain has made one for these caches (runtime/layers.py chained_step)."""

@@ -218,7 +218,8 @@ class Model(LanguageModel):
         for layer in self.model.layers:
             if hasattr(layer, "self_attn"):
                 w = layer.input_layernorm.weight  # the layer's compute dtype and device
-                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, w.dtype, w.device, max_len))
+                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, self.kv_cache_dtype(w), w.device,
+                                      max_len))
             else:
                 caches.append(layer.mamba.make_state(batch))
         return caches

@@ -184,9 +184,10 @@ class Model(LanguageModel):
             w = layer.input_layernorm.weight  # the layer's compute dtype and device
             if a.sliding_window:
                 caches.append(RollingKVCache(batch, a.num_key_value_heads, a.head_dim, a.sliding_window,
-                                             w.dtype, w.device))
+                                             self.kv_cache_dtype(w), w.device))
             else:
-                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, w.dtype, w.device, max_len))
+                caches.append(KVCache(batch, a.num_key_value_heads, a.head_dim, self.kv_cache_dtype(w), w.device,
+                                      max_len))
         return caches
 
     @staticmethod
