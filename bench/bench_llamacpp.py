@@ -63,6 +63,14 @@ def rss_mib() -> tuple[float, float]:
 SETTLE_S = 0.5  # seconds before each timed load (main(): the other engine's threads go idle)
 
 
+def read_through(f: str) -> None:
+    """Read the file once (16 MiB at a time), so that its pages are in the page cache."""
+    with open(f, "rb", buffering=0) as fh:
+        buf = bytearray(16 << 20)
+        while fh.readinto(buf):
+            pass
+
+
 def child(engine: str, f: str, threads: int) -> None:
     """One engine in this (fresh) process: load, a 64-token prefill and 16 decode steps; JSON to stdout."""
     torch.set_num_threads(threads)
@@ -93,6 +101,7 @@ def memory(files: list[str], threads: int) -> None:
     for f in files:
         r = {}
         for engine in ("ours", "llama.cpp"):
+            read_through(f)  # each from the page cache (main())
             out = subprocess.run([sys.executable, "-m", "bench.bench_llamacpp", "--child", engine, f, "--threads",
                                   str(threads)], capture_output=True, text=True, check=True,
                                  cwd=Path(__file__).resolve().parents[1])
@@ -126,6 +135,9 @@ def main() -> None:
 
     rows = []
     for f in a.files:
+        # Both engines load from the page cache: ours loads first, and had paid for reading whatever of the
+        # file the system had evicted since (mamba-130m: 24 tiny tensors taking ~2 ms each to first touch).
+        read_through(f)
         # Each load is timed once the other engine's threads have gone idle: llama.cpp's pool and libgomp's
         # spin-wait a while after a run, and a load timed right after the previous file's llama.cpp run
         # paid for that on 2 cores (mamba-130m 0.66 vs 0.32 s: each small parallel op of the load waited
