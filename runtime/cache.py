@@ -173,8 +173,8 @@ class RollingKVCache:
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         slots = positions % self.window
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
+        self.k[:, :, slots] = k.to(self.k.dtype)  # an index write takes no other dtype (a float16 cache)
+        self.v[:, :, slots] = v.to(self.v.dtype)
         self.pos[slots] = positions
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -303,8 +303,8 @@ class BatchKVCache:
         self.reserve(max(self.host_lens[:n]) + 1)
         col = lens % self.window if self.window is not None else lens
         rows = torch.arange(n, device=k.device)
-        self.k[rows, :, col] = k[:, :, 0]
-        self.v[rows, :, col] = v[:, :, 0]
+        self.k[rows, :, col] = k[:, :, 0].to(self.k.dtype)  # an index write takes no other dtype
+        self.v[rows, :, col] = v[:, :, 0].to(self.v.dtype)
         lens += 1
         self.host_lens[:n] = [x + 1 for x in self.host_lens[:n]]
         width = self.columns(max(self.host_lens[:n]))
@@ -369,8 +369,8 @@ class StaticKVCache(KVCache):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if k.shape[2] != 1:
             return super().update(k, v)
-        self.k.index_copy_(2, self.cursor, k)
-        self.v.index_copy_(2, self.cursor, v)
+        self.k.index_copy_(2, self.cursor, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.cursor, v.to(self.v.dtype))
         self.offset += 1
         mask = (torch.arange(self.span, device=self.k.device) <= self.cursor)[None]  # (1, S)
         return self.k[:, :, : self.span], self.v[:, :, : self.span], mask
@@ -395,8 +395,8 @@ class StaticRollingKVCache(RollingKVCache):
         if k.shape[2] != 1:
             return super().update(k, v)
         slot = self.cursor % self.window
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
         self.pos.index_copy_(0, slot, self.cursor)
         self.offset += 1
         # every written slot holds a position in (cursor - window, cursor]: the ring overwrote older ones
