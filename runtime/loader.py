@@ -315,7 +315,7 @@ def build_module(arch_mod, args, weights: dict[str, torch.Tensor], dtype: torch.
 KV_CACHE_ENV = "MAMBA_CLI_KV_CACHE"  # f16, f32 or auto (the default: f16 for 4-bit GGUF files, else f32)
 
 
-def kv_cache_dtype(four_bit: bool) -> torch.dtype | None:
+def chosen_kv_dtype(four_bit: bool) -> torch.dtype | None:
     """The dtype of the attention layers' keys and values on the CPU (LanguageModel.kv_dtype; None: the compute
     dtype). float16 for 4-bit GGUF files, as llama.cpp keeps its cache: half the memory a position, and the
     one-query attention loops of a decode step read half the bytes (a layer of Mistral's 32/8 heads of 128 at
@@ -430,7 +430,7 @@ def _load_gguf(path: Path, device: str, dtype: torch.dtype | None, gpu_layers: i
     if device != "cpu":
         int4 = {k: _moved(f, dest(k + ".weight" if k in linears else k)) for k, f in int4.items()}
     module = build_module(arch_mod, args, weights, dtype, where, int4, module=skeleton)
-    module.kv_dtype = kv_cache_dtype(four_bit=bool(int4))
+    module.kv_dtype = chosen_kv_dtype(four_bit=bool(int4))
     del weights, int4, skeleton, mods
     swap.narrow_modules(module)
     place(module, device, gpu_layers)
@@ -506,7 +506,7 @@ def _load_folder(folder: Path, device: str, dtype: torch.dtype | None, gpu_layer
     itemsize = dtype.itemsize if dtype is not None else size / max(1, numel)
     check_placement(bytes_by_device(skeleton, where, itemsize), folder.name)
     module = build_module(arch_mod, args, stream_weights(files, dtype, where), dtype, str(folder), module=skeleton)
-    module.kv_dtype = kv_cache_dtype(four_bit=False)
+    module.kv_dtype = chosen_kv_dtype(four_bit=False)
     del skeleton
     place(module, device, gpu_layers)
     gen_path = folder / "generation_config.json"

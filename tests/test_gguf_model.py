@@ -107,11 +107,10 @@ def test_smollm2_answers_in_chat_format(smol):
     assert "Berlin" in reply
 
 
-
 def test_4bit_files_keep_keys_and_values_in_float16(smol, monkeypatch, tmp_path):
     """A 4-bit GGUF's attention caches hold float16 on the CPU, as llama.cpp's (MAMBA_CLI_KV_CACHE=f32 keeps
-    float32): prefill in chunks and decode steps pick the tokens the float32 cache picks, logits within the
-    rounding of keys and values; a saved conversation reloads into either (keys and values convert)."""
+    float32): prefill in chunks and decode steps, fed the same tokens, mostly pick what the float32 cache picks
+    and predict the text as well; a saved conversation reloads into either (keys and values convert)."""
     from runtime.cache import load_cache, save_cache
     from runtime.errors import MambaCliError
 
@@ -147,6 +146,7 @@ def test_4bit_files_keep_keys_and_values_in_float16(smol, monkeypatch, tmp_path)
     monkeypatch.setenv("MAMBA_CLI_KV_CACHE", "f8")
     with pytest.raises(MambaCliError, match="MAMBA_CLI_KV_CACHE"):
         load_model(smol, device="cpu")
+
 
 MULTILINGUAL = (
     "La ville est née d'un petit village au bord du fleuve, où les marchands s'arrêtaient pour échanger "

@@ -67,7 +67,7 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     # The dtype of the attention layers' keys and values on the CPU; None: the layer's compute dtype. The loader
-    # sets float16 for 4-bit GGUF files (runtime/loader.py kv_cache_dtype), as llama.cpp keeps its cache.
+    # sets float16 for 4-bit GGUF files (runtime/loader.py chosen_kv_dtype), as llama.cpp keeps its cache.
     kv_dtype: torch.dtype | None = None
 
     def kv_cache_dtype(self, weight: torch.Tensor) -> torch.dtype:
