@@ -674,7 +674,11 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
   for (int64_t i = 0; i < nb; ++i) {
     __m256i sumi[RW][R], sc16[RW];  // sc16: the 16 scales as int16
     for (int c = 0; c < RW; ++c) {
-      _mm_prefetch((const char*)(w[c] + i + 8), _MM_HINT_T1);
+      // every cache line of the block 32 ahead (a 210-byte block spans 4 lines; one prefetch a block left
+      // 3 in 4 lines to the hardware prefetcher): one token, 2 threads, from memory, in process,
+      // 4096 x 14336 15-18 -> 26-28 GB/s, 32000 x 4096 15-18 -> 27-29, 32000 x 768 12-15 -> 22-26
+      const char* ahead = (const char*)(w[c] + i + 32);
+      for (int o = 0; o < 256; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
       sc16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[c][i].scales));
       for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
         const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
