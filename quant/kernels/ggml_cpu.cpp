@@ -349,6 +349,19 @@ struct DQ8_0 {
 };
 
 #ifdef MC_AVX2
+// A stretch of weight rows read as one stream, prefetched `ahead` bytes on, kStep bytes a step (from step
+// i's place): every cache line of it, once. The 32-block types' one-token kernels read RW consecutive rows
+// (a group: one block of each per step) and prefetch the group as one stretch; per-row prefetches (one a
+// row and block) made RW interleaved streams of a row's length each, which short rows paid for: two threads
+// from memory, in process, Q8_0 49152 x 576 18.0 -> 23.4 GB/s, 24576 x 1152 22.1 -> 25.0; Q4_0 768 x 1536
+// 15.2 -> 18.5, 3072 x 768 16.3 -> 19.4, 14336 x 4096 24.2 -> 27.8; Q4_1 576 x 1536 13.4 -> 15.9, 3072 x 576
+// 20.1 -> 21.2. Q6_K's one row a block: its 210-byte block spans up to 4 lines.
+template <size_t kStep, decltype(_MM_HINT_T1) kHint = _MM_HINT_T1>
+inline void group_prefetch(const void* row0, int64_t ahead, int64_t i) {
+  const char* p = (const char*)row0 + ahead + i * (int64_t)kStep;
+  for (size_t o = 0; o < kStep; o += 64) _mm_prefetch(p + o, kHint);
+}
+
 // One activation row against 4 weight rows of 4-bit quants (Q4_0, Q4_1): the one-token product, where the
 // weights stream from memory once and the unpacking and summing per block bound the speed. Two rows share a
 // vector (row a in the low 128 bits, row b in the high): one load, and and a shift unpack both rows' 32 quants
@@ -357,18 +370,6 @@ struct DQ8_0 {
 // of 64, as every width here: dot32 takes the rest), the four rows' integer sums end in one vector of 8 (rows
 // 0, 2 / 1, 3 of blocks i and i + 1, below), converted and scaled once: ~25% fewer instructions a block and
 // row than dot32's four rows of one block.
-// The weight rows of a group (RW consecutive rows: one block of each per step) are one contiguous stretch
-// of memory: prefetch it as one stream, `ahead` bytes on, the bytes of one step's blocks a step (kStep
-// bytes from step i's place). Per-row prefetches (one a row and block) made RW interleaved streams of a
-// row's length each, which short rows paid for: two threads from memory, in process, Q8_0 49152 x 576
-// 18.0 -> 23.4 GB/s, 24576 x 1152 22.1 -> 25.0; Q4_0 768 x 1536 15.2 -> 18.5, 3072 x 768 16.3 -> 19.4,
-// 14336 x 4096 24.2 -> 27.8; Q4_1 576 x 1536 13.4 -> 15.9, 3072 x 576 20.1 -> 21.2.
-template <size_t kStep>
-inline void group_prefetch(const void* row0, int64_t ahead, int64_t i) {
-  const char* p = (const char*)row0 + ahead + i * (int64_t)kStep;
-  for (size_t o = 0; o < kStep; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-}
-
 template <class D>
 void dot_nib4(int64_t nb, const uint8_t* const* wr, const uint8_t* act, const float* dx, const float* sx,
               float* out, int64_t ahead) {
@@ -697,11 +698,10 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
   for (int64_t i = 0; i < nb; ++i) {
     __m256i sumi[RW][R], sc16[RW];  // sc16: the 16 scales as int16
     for (int c = 0; c < RW; ++c) {
-      // every cache line of the block 32 ahead (a 210-byte block spans 4 lines; one prefetch a block left
-      // 3 in 4 lines to the hardware prefetcher): one token, 2 threads, from memory, in process,
+      // every cache line of the block 32 ahead (a 210-byte block spans up to 4 lines; one prefetch a block
+      // left the rest to the hardware prefetcher): one token, 2 threads, from memory, in process,
       // 4096 x 14336 15-18 -> 26-28 GB/s, 32000 x 4096 15-18 -> 27-29, 32000 x 768 12-15 -> 22-26
-      const char* ahead = (const char*)(w[c] + i + 32);
-      for (int o = 0; o < 256; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+      group_prefetch<sizeof(BQ6_K), _MM_HINT_T0>(w[c], 32 * (int64_t)sizeof(BQ6_K), i);
       sc16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[c][i].scales));
       for (int r = 0; r < R; ++r) {  // the -32 offset: 32 * sum_g sc[g] * bsum[g]
         const __m256i bs = _mm256_loadu_si256((const __m256i*)q8[r][i].bsums);
