@@ -52,30 +52,19 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
 class KVCache:
     """Keys/values of every position seen so far, preallocated in steps of STEP positions.
 
-    `k` and `v` are [B, H, S, D]. On the CPU the values are stored dims-major: `v` is a transposed view of a
-    [B, H, D, S] buffer, so that a compiled decode step's weighted sum over positions reads each dimension's
-    values contiguously and vectorizes over positions (runtime/layers.py `sdpa`: SmolLM2's step at ~750
-    positions spent 5.6 of 14 ms in attention with position-major values, walking each value row 8 times).
+    `k` and `v` are [B, H, S, D], position-major (runtime/layers.py `one_query_attention` says why values are
+    not stored dims-major on the CPU).
     """
 
     kind = "kv"
-    values_by_dim = True  # on the CPU (StaticKVCache: its captured steps use torch's SDPA kernels)
 
     def __init__(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_len: int | None = None):
         self.shape = (batch, n_kv, head_dim)
         self.dtype, self.device = dtype, torch.device(device)
-        self.by_dim = self.values_by_dim and self.device.type == "cpu"
         self.k = torch.zeros(batch, n_kv, max_len or 0, head_dim, dtype=dtype, device=device)  # [B, H, S, D]
-        self.v = self._values(max_len or 0)
+        self.v = torch.zeros_like(self.k)
         self.offset = 0
-
-    def _values(self, size: int) -> torch.Tensor:
-        """A zeroed value buffer of `size` positions, as a [B, H, S, D] tensor (a view where dims-major)."""
-        b, h, d = self.shape
-        if self.by_dim:
-            return torch.zeros(b, h, d, size, dtype=self.dtype, device=self.device).transpose(2, 3)
-        return torch.zeros(b, h, size, d, dtype=self.dtype, device=self.device)
 
     @property
     def capacity(self) -> int:
@@ -89,7 +78,7 @@ class KVCache:
         size = ((n + STEP - 1) // STEP) * STEP
         b, h, d = self.shape
         k = torch.zeros(b, h, size, d, dtype=self.dtype, device=self.device)
-        v = self._values(size)
+        v = torch.zeros_like(k)
         k[:, :, : self.offset] = self.k[:, :, : self.offset]
         v[:, :, : self.offset] = self.v[:, :, : self.offset]
         self.k, self.v = k, v
@@ -353,8 +342,6 @@ class StaticKVCache(KVCache):
     """A KVCache allocated whole (capacity `max_len`, never reallocated) whose one-token update writes at
     the device position `cursor` and attends over the first `span` slots through a mask, so a decode
     step captured once (a CUDA graph per span) is right at every position below the span."""
-
-    values_by_dim = False
 
     def __init__(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  max_len: int, cursor: torch.Tensor):

@@ -174,23 +174,15 @@ class Attention(nn.Module):
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None. v may be a dims-major view (a CPU
-    # KVCache's values: stride 1 along S), which torch's SDPA kernels take 2.5-3x slower than a copy.
+    # q : (B, H, T, D), k/v : (B, Hk, S, D), mask : (T, S) bool or None.
     # k/v may be stored narrower than q (a float16 cache of a 4-bit model): the compiled one-query loops widen
     # them as they read; everything else widens them first.
     b, h, t, d = q.shape
     hk = k.shape[1]
-    by_dim = v.stride(-1) != 1 and v.stride(-2) == 1 and v.shape[-1] > 1
-    if by_dim and t == 1 and mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
+    if t == 1 and mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
         return one_query_attention(q, k, v)
     if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)  # v keeps its layout (preserve_format)
-    if by_dim and t == 1 and mask is None:
-        # one query, eagerly: two matmuls, which take the dims-major values as they are (no copy)
-        qg = q.view(b, hk, h // hk, d) * d**-0.5
-        return torch.matmul(torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1), v).view(b, h, 1, d)
-    if by_dim:
-        v = v.contiguous()
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if t == 1 and hk != h and (mask is not None or (h // hk >= 4 and q.device.type == "cpu")):
         # One query per head: the H/Hk heads sharing a kv head become that kv head's queries, so any SDPA
         # kernel takes a mask (a static cache's decode step) without repeating keys and values, and torch's
@@ -203,36 +195,36 @@ def sdpa(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
 
 
 def one_query_attention(q, k, v) -> torch.Tensor:
-    """One query per head in a compiled CPU decode step over dims-major values (a CPU KVCache's): scores,
-    softmax and the weighted sum as plain reductions that inductor turns into its loops (torch's flash kernel
-    does ~25 us of fixed work a call and takes such values 2.5-3x slower).
+    """One query per head in a compiled CPU decode step: scores, softmax and the weighted sum as plain
+    reductions that inductor turns into its loops (torch's flash kernel does ~25 us of fixed work a call).
 
-    Each reduction runs along a contiguous axis, so inductor vectorizes it: the scores over a key's dims, the
-    weighted sum over positions (position-major values made it walk every value row once per 8 dims, through
-    a scalar chain). The softmax's division comes after the sum. Measured per layer, 750 positions, 2
-    threads, caches evicted as by a step's weight stream: SmolLM2's 9/3 heads of 64 123 -> 90 us, Mistral's
-    32/8 of 128 651 (torch's kernel on position-major values) -> 478 us.
+    Keys and values are position-major (a KVCache's). The scores reduce along a key's dims (contiguous); the
+    weighted sum reduces over positions and is vectorized along a value row's dims, one accumulator a vector
+    of dims (values stored dims-major, as they were, reduce along positions instead: inductor's 8-wide loop
+    with one accumulator and a partial float16 load through the stack each step).
 
-    Groups of 4 query heads and more per kv head are unrolled into one reduction per query head over the
-    same loops, which inductor fuses into one loop nest with an accumulator per query head: each key and
-    value row is read once per kv head rather than once per query head. Mistral's 32/8 heads of 128, the
-    attention kernel in a 4-layer step (in-process A/B): 520 -> 433 us at 550 positions; 32 layers' caches in
-    turn at 2,048 positions: 1,990 -> 1,435 us. Groups of 3 (SmolLM2, Jamba: heads of 64, rows that stay in
-    L2) were slower so (116 -> 132 us at 550 positions, and the wrapper's extra views ~15 us a call)."""
+    Groups of fewer than 4 query heads per kv head (SmolLM2's 9/3 heads of 64, Jamba's) repeat the kv heads
+    as an index h // g, so the loops run over query heads: the threads share 9 work items rather than 3
+    (2:1 on 2 threads) and the softmax runs inside that parallel loop rather than on one thread. SmolLM2's
+    layer kernel (cProfile over 200 steps at ~520 positions, ratio to the 4-bit products in the same run):
+    0.87 with dims-major values and kv-head loops -> 0.68. Groups of 4 and more (Mistral's 32/8 heads of 128)
+    are unrolled into one reduction per query head over the same loops, which inductor fuses into one loop
+    nest with an accumulator per query head: each key and value row is read once per kv head (repeating the
+    kv heads there reads each row 4 times: Mistral-7B's layer 245 -> 390 us at 520 positions)."""
     b, h, _, d = q.shape
     hk = k.shape[1]
     g = h // hk
-    qg = q.view(b, hk, g, 1, d) * d**-0.5
     if g < 4:
-        s = (qg * k[:, :, None]).sum(-1)  # (B, Hk, H/Hk, S)
+        kx, vx = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D), as indexes
+        s = (q * d**-0.5 * kx).sum(-1)  # (B, H, S)
         e = torch.exp(s - s.amax(-1, keepdim=True))
-        out = (e[:, :, :, None, :] * v.transpose(-1, -2)[:, :, None]).sum(-1)  # (B, Hk, H/Hk, D)
+        out = (e[..., None] * vx).sum(-2)  # (B, H, D)
     else:
-        s = torch.stack([(qg[:, :, i] * k).sum(-1) for i in range(g)], 2)
+        qg = q.view(b, hk, g, d) * d**-0.5
+        s = torch.stack([(qg[:, :, i, None] * k).sum(-1) for i in range(g)], 2)  # (B, Hk, G, S)
         e = torch.exp(s - s.amax(-1, keepdim=True))
-        vt = v.transpose(-1, -2)  # (B, Hk, D, S): contiguous along positions
-        out = torch.stack([(e[:, :, i, None, :] * vt).sum(-1) for i in range(g)], 2)
-    return (out / e.sum(-1, keepdim=True)).view(b, h, 1, d)
+        out = torch.stack([(e[:, :, i, :, None] * v).sum(-2) for i in range(g)], 2)  # (B, Hk, G, D)
+    return (out / e.sum(-1, keepdim=True)).reshape(b, h, 1, d)
 
 
 # ---------------------------------------------------------------- fused projections
@@ -563,7 +555,7 @@ def kv_appends(kv: list) -> list | None:
         return []
 
     def kind(c) -> tuple | None:
-        return (c.shape, c.dtype, c.device, c.by_dim, c.capacity, c.offset) if type(c) is KVCache else None
+        return (c.shape, c.dtype, c.device, c.capacity, c.offset) if type(c) is KVCache else None
 
     like = kind(kv[0])
     if like is None or kv[0].offset + 2 > kv[0].capacity or any(kind(c) != like for c in kv):
