@@ -265,10 +265,12 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     hg = state.view(b, g, nh // g, p, n)
     decay = torch.exp(dt * A).view(b, g, nh // g, 1)
     dtx = (dt[:, :, None] * x).view(b, g, nh // g, p)
-    # y = new state . C, written from the old state: decay * (h . C) + dtx * (B . C). Then the compiled
-    # step reads the state once and updates it in place in the same pass (reading the new state for y
-    # made inductor write it to a temporary, copy it back and read it again: 2x the time, state-bound)
-    y = decay * (hg * C.view(b, g, 1, 1, n)).sum(-1) + dtx * (B * C).sum(-1).view(b, g, 1, 1)
+    # y = new state . C, written from the old state: h . (decay C) + dtx * (B . C) (reading the new state for y
+    # made inductor write it to a temporary, copy it back and read it again: 2x the time, state-bound). The
+    # decay inside the sum keeps the reduction's loops per head like the update's (pulled out, inductor
+    # merged heads and dims into one loop and could not fuse the two): the compiled step then reads each
+    # state row for y and updates it while it is in L1, one pass over the state instead of two.
+    y = (hg * (decay[..., None] * C.view(b, g, 1, 1, n))).sum(-1) + dtx * (B * C).sum(-1).view(b, g, 1, 1)
     hg.mul_(decay[..., None]).addcmul_(dtx[..., None], B.view(b, g, 1, 1, n))
     return y.view(b, nh, p).addcmul_(x, D[:, None])
 
