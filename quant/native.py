@@ -41,7 +41,7 @@ Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
 KERNEL_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
 PACK_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})  # the types ggml_quantize packs
 
-_state: dict[str, str | None] = {}  # "error": why the kernels are unavailable (None once loaded)
+_state: dict[str, str | bool | None] = {}  # "error": why the kernels are unavailable (None once loaded); "fakes"
 
 
 def _cflags() -> list[str]:
@@ -78,8 +78,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mamba-cli" / "kernels"
 
 
-def _register_fakes() -> None:
-    """Shapes for torch.compile's fake tensors, so compiled graphs call the ops without a break."""
+def register_fakes() -> None:
+    """Shapes for torch.compile's fake tensors, so compiled graphs call the ops without a break. Called by
+    runtime/compile.py's setup() rather than at load: five registrations cost ~20 ms, a tenth of a small
+    model's load, and only compiling needs them."""
+    if _state.get("fakes") or load() is not None:
+        return
+    _state["fakes"] = True
 
     @torch.library.register_fake("mamba_cli::ggml_mm")
     def _(x, w, type, k, rows=None):
@@ -136,7 +141,6 @@ def _load(on_build: Callable[[], AbstractContextManager] | None) -> str | None:
     except Exception as e:  # a compiler error, a broken cache entry: fall back, keep the reason
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         return f"native kernels unavailable: {last} (delete {folder} to rebuild them)"
-    _register_fakes()
     return None
 
 

@@ -53,6 +53,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
 def setup() -> None:
     import torch._dynamo  # not at module top: ~3 s of imports (measured) only compiling needs
 
+    from quant import native
+
+    native.register_fakes()
+
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(cfg, name, max(getattr(cfg, name), 16))
