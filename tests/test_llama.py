@@ -59,7 +59,7 @@ def test_prompt_leaves_a_spare_slot_for_the_first_step(name):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_attention_on_cache_views(h, hk, d, t, kv_dtype):
     """sdpa() on a KVCache's views (the first s positions of a larger buffer) equals it on float32 copies: one
-    query eagerly and in a compiled step (one_query_attention's loops: groups of 1, 2, 4 and 8 query heads per
+    query eagerly and in a compiled step (one_query_attention's loops: groups of 1, 3, 4 and 8 query heads per
     kv head), several queries through torch's kernels; keys and values stored in float16 (a 4-bit model's
     cache) as their float32 values."""
     from runtime.layers import sdpa
