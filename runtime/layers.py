@@ -343,11 +343,18 @@ class MoE(nn.Module):
         ids = idx.reshape(-1)
         rows = x.float().repeat_interleave(k, 0)  # (N * K, E): each token once per chosen expert
 
-        def product(stack: nn.ModuleList, v: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mamba_cli.ggml_mm_id(v, [e.blocks for e in stack], stack[0].ggml_type,
-                                                  stack[0].in_features, ids)
+        def product(stacks: list[nn.ModuleList], v: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mamba_cli.ggml_mm_id(v, [e.blocks for stack in stacks for e in stack],
+                                                  stacks[0][0].ggml_type, stacks[0][0].in_features, by)
 
-        y = product(self.q2, F.silu(product(self.q1, rows)) * product(self.q3, rows))  # (N * K, E)
+        if self.q1[0].ggml_type == self.q3[0].ggml_type:
+            # gate and up in one call: each row twice, the up rows' ids past the gate experts (one parallel
+            # region and one call's fixed cost less a layer: jamba-small's step p25 4.50 -> 4.45 ms, in process)
+            both = product([self.q1, self.q3], rows.repeat(2, 1), torch.cat([ids, ids + len(self.q1)]))
+            gate, up = both.chunk(2)
+        else:
+            gate, up = product([self.q1], rows, ids), product([self.q3], rows, ids)
+        y = product([self.q2], F.silu(gate) * up, ids)  # (N * K, E)
         return (y.view(n, k, -1).to(x.dtype) * weights[..., None]).sum(1)  # as forward's host loop sums
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -273,8 +273,9 @@ def test_direct_call_enters_inductor_only_where_aot_passes_through():
         assert view.data_ptr() == c.data_ptr() and torch.equal(view, c.view(8)) and torch.equal(total, c + b)
 
 
-def native_moe(renormalize: bool, seed: int):
-    """A MoE (64 wide, 4 experts of 96, top 2) on native Q4_0 expert blocks, and a norm before it."""
+def native_moe(renormalize: bool, seed: int, up_type: int = 2):
+    """A MoE (64 wide, 4 experts of 96, top 2) on native Q4_0 expert blocks (the up experts: up_type), and a
+    norm before it."""
     from quant import formats, native
     from quant.linear import BlockLinear
     from runtime.layers import MoE, RMSNorm
@@ -289,7 +290,8 @@ def native_moe(renormalize: bool, seed: int):
             p.normal_(0, 0.3)
     for name in ("w1", "w3", "w2"):
         w = getattr(moe, name)
-        moe.set_int4(name, [BlockLinear(formats.quantize(w[e], 2), 2, w.shape[2]) for e in range(4)])
+        t = up_type if name == "w3" else 2
+        moe.set_int4(name, [BlockLinear(formats.quantize(w[e], t), t, w.shape[2]) for e in range(4)])
     assert moe.routes_by_id()
     return moe, norm
 
@@ -322,14 +324,16 @@ def test_moe_decode_graphs_equal_eager(renormalize, rows):
 
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_moe_on_native_experts_decodes_in_one_graph(renormalize, rows):
+@pytest.mark.parametrize("up_type", [2, 3])
+def test_moe_on_native_experts_decodes_in_one_graph(renormalize, rows, up_type):
     """A MoE whose experts are native block linears routes its decode steps by id (MoE.experts_by_id: the
     kernel picks the chosen experts' blocks, no host sync), so its whole step is one graph (ffn_residual),
     called directly; the result equals the routing with the ids on the host (to float32 rounding: the
-    compiled graph fuses the norm and gates)."""
+    compiled graph fuses the norm and gates). Gate and up experts of one type go through one kernel call,
+    of two types (Q4_0 gates, Q4_1 ups) through one each."""
     from runtime.layers import ffn_block_step
 
-    moe, norm = native_moe(renormalize, seed=1)
+    moe, norm = native_moe(renormalize, seed=1, up_type=up_type)
     comp.setup()
     before = comp.compiled_calls.get("ffn_residual", 0), comp.direct_calls.get("ffn_residual", 0)
     experts = comp.compiled_calls.get("moe_expert", 0)
