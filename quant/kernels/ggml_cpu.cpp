@@ -35,6 +35,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -1219,7 +1220,7 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
   // A permutation of every row is walked in stored order, writing column inv[s] for stored row s: the
   // weight stream stays sequential for the hardware prefetcher. Any other index reads rows[j] for column j.
   if (rows_in.has_value()) {
-    p.rows = rows_in->to(at::kLong).contiguous();
+    p.rows = rows_in->scalar_type() == at::kLong && rows_in->is_contiguous() ? *rows_in : rows_in->to(at::kLong).contiguous();
     TORCH_CHECK(p.rows.dim() == 1, "mamba_cli: rows must be 1-D");
     const int64_t* r = p.rows.data_ptr<int64_t>();
     for (int64_t j = 0; j < p.rows.numel(); ++j)
@@ -1269,12 +1270,26 @@ struct ItemRange {
   int64_t back() { return take(true); }
 };
 
+// What mm_parts keeps per calling thread between calls.
+struct Scratch {
+  std::vector<uint8_t> q8[3];
+  std::vector<float> scales[3];
+  std::vector<std::array<int64_t, 3>> items;
+  std::unique_ptr<ItemRange[]> shares;
+  int64_t n_shares = 0;
+  ItemRange* ranges(int64_t n) {
+    if (n > n_shares) shares.reset(new ItemRange[(size_t)n]), n_shares = n;
+    return shares.get();
+  }
+};
+
 // x (M, K) times every part's rows, the parts' outputs side by side in one (M, sum of N) tensor. The
 // activations are quantized once per format, and all the parts' rows share one parallel region.
 // Parts with a row (ggml_mm_id) all write columns [0, N) of their own output row.
 at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  // (no dispatcher call when x is already float32 and contiguous, as in every decode step)
+  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous() ? x_in : x_in.to(at::kFloat).contiguous();
   int64_t ntot = 0;
   for (Part& p : parts) {
     if (p.row >= 0) {
@@ -1286,9 +1301,11 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   const int64_t m = x.size(0);
   at::Tensor out = at::empty({m, ntot}, x.options());
   if (m == 0 || ntot == 0) return out;
-  // quantized activations per format (Q8_0 / Q8_1 / Q8_K), with each 32-block's d and s as float
-  std::vector<uint8_t> q8[3];
-  std::vector<float> scales[3];
+  // quantized activations per format (Q8_0 / Q8_1 / Q8_K), with each 32-block's d and s as float; these
+  // buffers and the work items below are the calling thread's, kept between calls (no allocation a call)
+  thread_local Scratch scratch;
+  std::vector<uint8_t>* q8 = scratch.q8;
+  std::vector<float>* scales = scratch.scales;
   int64_t row_bytes[3] = {0, 0, 0}, nbk[3] = {0, 0, 0};
   const float* xp = x.data_ptr<float>();
   for (const Part& p : parts) {
@@ -1318,7 +1335,8 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   }
   // Work items: runs of at most `grain` rows of one part (a multiple of 4 rows: the 32-block kernels
   // take 4 weight rows at a time), split between the threads.
-  std::vector<std::array<int64_t, 3>> items;  // part, first row, end row (iteration order)
+  std::vector<std::array<int64_t, 3>>& items = scratch.items;  // part, first row, end row (iteration order)
+  items.clear();
   int64_t grain = std::max<int64_t>(4, std::min<int64_t>(64, ntot / (4 * at::get_num_threads())) & ~int64_t(3));
   for (int64_t pi = 0; pi < (int64_t)parts.size(); ++pi) {
     const int64_t g = tiled(parts[(size_t)pi], m) ? kTileItem : grain;
@@ -1335,7 +1353,7 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
   // rest waiting at the end. Items are independent rows: results do not depend on who computed them.
   const int64_t n_items = (int64_t)items.size();
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
-  std::vector<ItemRange> shares((size_t)workers);
+  ItemRange* shares = scratch.ranges(workers);
   for (int64_t t = 0; t < workers; ++t) shares[(size_t)t].set(n_items * t / workers, n_items * (t + 1) / workers);
   // One call per thread, w0 its share (run inline instead, the one call has w0 = 0 and takes every share).
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t /*end*/) {
