@@ -443,6 +443,20 @@ def cache_offset(cache: list) -> int:
     return next((c.offset for c in cache if c is not None), 0)
 
 
+def cache_start(cache: list | None) -> int | None:
+    """The position of the next token where every sequence is at the same one (no cache, or a plain list of
+    caches): the start of cache_positions' range, as an int. None where positions come otherwise (a
+    BatchKVCache's rows, a StaticCache's device cursor)."""
+    if cache is None:
+        return 0
+    if type(cache) is not list:
+        return None
+    first = next((c for c in cache if c is not None), None)
+    if first is None:
+        return 0
+    return None if isinstance(first, BatchKVCache) else first.offset
+
+
 def cache_positions(cache: list | None, batch: int, t: int, device: torch.device) -> torch.Tensor:
     """Positions of t new tokens: (T,) when the batch shares one length, (B, T) for a BatchKVCache's rows;
     a StaticCache's one-token step reads its device cursor (so a captured step reads it at replay)."""

@@ -93,6 +93,20 @@ class RoPE(nn.Module):
         super().__init__()
         with torch.device("cpu"):  # a plain attribute, not a buffer: models are built on the meta device
             self.inv_freq, self.mscale = rope_inv_freq(head_dim, theta, scaling)
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (dtype, device) -> cos, sin (N, D)
+
+    def span(self, start: int, t: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) of positions start .. start + t - 1 (the same values as forward's): rows of a table
+        kept per dtype and device, grown 1,024 positions at a time. A decode step takes two views of it instead
+        of forward's ~11 ops (arange to sin: 0.18 ms of SmolLM2's ~9 ms step; in-process A/B, step p25 8.95 ->
+        8.66 ms)."""
+        end = start + t
+        key = (dtype, torch.device(device))
+        table = self.tables.get(key)
+        if table is None or table[0].shape[0] < end:
+            n = -(-end // 1024) * 1024
+            table = self.tables[key] = self.forward(torch.arange(n, device=device), dtype)
+        return table[0][start:end], table[1][start:end]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions : (T,)  ->  cos, sin : (T, D);  per-sequence positions (B, T)  ->  (B, 1, T, D)

@@ -82,6 +82,29 @@ def test_attention_on_cache_views(h, hk, d, t, kv_dtype):
         assert rel(step(q, k, v), ref) < 1e-5
 
 
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_table_rows_equal_forward(scaling):
+    """RoPE.span (a step's cos and sin as rows of a table grown 1,024 positions at a time) gives exactly
+    forward's values over the same positions, for each dtype, at the table's edges and across its growth; and
+    the positions of a plain list of caches start where cache_positions' do."""
+    from runtime.cache import KVCache, cache_positions, cache_start
+    from runtime.layers import RoPE
+
+    rope = RoPE(64, 10000.0, scaling)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for start, t in ((0, 1), (517, 1), (1023, 1), (1023, 2), (1024, 5), (40, 2100), (3071, 1)):
+            got = rope.span(start, t, dtype, torch.device("cpu"))
+            want = rope(torch.arange(t) + start, dtype)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (dtype, start, t)
+    assert rope.tables[(torch.float32, torch.device("cpu"))][0].shape == (3072, 64)
+    caches = [KVCache(1, 2, 8, torch.float32, "cpu") for _ in range(2)]
+    for c in caches:
+        c.update(torch.zeros(1, 2, 7, 8), torch.zeros(1, 2, 7, 8))
+    assert cache_start(caches) == 7 and cache_start(None) == 0
+    assert torch.equal(cache_positions(caches, 1, 3, torch.device("cpu")), torch.arange(7, 10))
+
+
 def test_session_prefills_only_new_tokens(model):
     m = model
     ids = prompt(30, 6)[0].tolist()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from runtime import gguf_names
-from runtime.cache import KVCache, RollingKVCache, cache_positions
+from runtime.cache import KVCache, RollingKVCache, cache_positions, cache_start
 from runtime.compile import Chain
 from runtime.layers import (
     Attention,
@@ -160,8 +160,12 @@ class Model(LanguageModel):
     def forward(self, tokens: torch.Tensor, cache: list | None = None, last_only: bool = False) -> torch.Tensor:
         # tokens : (B, T)  ->  logits : (B, T, V) float32
         h = self.embed(tokens)
-        pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
-        rope = self.rope(pos, h.dtype)
+        start = cache_start(cache)
+        if start is not None:  # one range of positions: rows of the RoPE table
+            rope = self.rope.span(start, tokens.shape[1], h.dtype, h.device)
+        else:
+            pos = cache_positions(cache, tokens.shape[0], tokens.shape[1], h.device)  # (T,) or (B, T)
+            rope = self.rope(pos, h.dtype)
         h = self.through_blocks(h, cache, lambda layer, h, c: layer(h, rope, c), rope)
         if last_only:
             h = h[:, -1:]
