@@ -1220,7 +1220,8 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
   // A permutation of every row is walked in stored order, writing column inv[s] for stored row s: the
   // weight stream stays sequential for the hardware prefetcher. Any other index reads rows[j] for column j.
   if (rows_in.has_value()) {
-    p.rows = rows_in->scalar_type() == at::kLong && rows_in->is_contiguous() ? *rows_in : rows_in->to(at::kLong).contiguous();
+    const bool as_is = rows_in->scalar_type() == at::kLong && rows_in->is_contiguous();
+    p.rows = as_is ? *rows_in : rows_in->to(at::kLong).contiguous();
     TORCH_CHECK(p.rows.dim() == 1, "mamba_cli: rows must be 1-D");
     const int64_t* r = p.rows.data_ptr<int64_t>();
     for (int64_t j = 0; j < p.rows.numel(); ++j)
@@ -1289,7 +1290,8 @@ struct Scratch {
 at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
   // (no dispatcher call when x is already float32 and contiguous, as in every decode step)
-  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.is_contiguous() ? x_in : x_in.to(at::kFloat).contiguous();
+  const bool as_is = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
+  const at::Tensor x = as_is ? x_in : x_in.to(at::kFloat).contiguous();
   int64_t ntot = 0;
   for (Part& p : parts) {
     if (p.row >= 0) {
