@@ -1206,6 +1206,12 @@ struct Part {
   int64_t row = -1;           // >= 0: this part multiplies activation row `row` only, into output row `row`
 };
 
+// t itself where it already has `dtype` and is contiguous (as in every decode step: no dispatcher call),
+// else a contiguous copy in `dtype`.
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
 Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional<at::Tensor>& rows_in) {
   Part p;
   p.ti = type_info(type);
@@ -1220,8 +1226,7 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
   // A permutation of every row is walked in stored order, writing column inv[s] for stored row s: the
   // weight stream stays sequential for the hardware prefetcher. Any other index reads rows[j] for column j.
   if (rows_in.has_value()) {
-    const bool as_is = rows_in->scalar_type() == at::kLong && rows_in->is_contiguous();
-    p.rows = as_is ? *rows_in : rows_in->to(at::kLong).contiguous();
+    p.rows = contiguous_as(*rows_in, at::kLong);
     TORCH_CHECK(p.rows.dim() == 1, "mamba_cli: rows must be 1-D");
     const int64_t* r = p.rows.data_ptr<int64_t>();
     for (int64_t j = 0; j < p.rows.numel(); ++j)
@@ -1289,9 +1294,7 @@ struct Scratch {
 // Parts with a row (ggml_mm_id) all write columns [0, N) of their own output row.
 at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "mamba_cli: activations must be (M, ", k, ")");
-  // (no dispatcher call when x is already float32 and contiguous, as in every decode step)
-  const bool as_is = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
-  const at::Tensor x = as_is ? x_in : x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = contiguous_as(x_in, at::kFloat);
   int64_t ntot = 0;
   for (Part& p : parts) {
     if (p.row >= 0) {
@@ -1475,7 +1478,7 @@ at::Tensor ggml_mm_id(const at::Tensor& x, at::TensorList ws, int64_t type, int6
   TORCH_CHECK(!ws.empty(), "mamba_cli: ggml_mm_id needs the experts' weights");
   TORCH_CHECK(x.dim() == 2 && ids_in.dim() == 1 && ids_in.numel() == x.size(0),
               "mamba_cli: ggml_mm_id needs one expert id per activation row");
-  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const at::Tensor ids = contiguous_as(ids_in, at::kLong);
   const int64_t* id = ids.data_ptr<int64_t>();
   if (x.size(0) == 0) {
     check_weights(ws[0], type, k, type_info(type));
