@@ -449,12 +449,9 @@ def cache_start(cache: list | None) -> int | None:
     BatchKVCache's rows, a StaticCache's device cursor)."""
     if cache is None:
         return 0
-    if type(cache) is not list:
+    if type(cache) is not list or isinstance(next((c for c in cache if c is not None), None), BatchKVCache):
         return None
-    first = next((c for c in cache if c is not None), None)
-    if first is None:
-        return 0
-    return None if isinstance(first, BatchKVCache) else first.offset
+    return cache_offset(cache)
 
 
 def cache_positions(cache: list | None, batch: int, t: int, device: torch.device) -> torch.Tensor:
