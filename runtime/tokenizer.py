@@ -27,6 +27,7 @@ import os
 import struct
 from array import array
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,9 @@ class Tokenizer:
         tokens = meta.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens:
             raise ModelFormatError(f"{where}: no tokenizer.ggml.tokens; cannot rebuild the tokenizer")
-        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        _check_array(tokens, str, "tokens", where)
+        types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        _check_array(types, int, "token_type", where)
         if len(types) != len(tokens):
             raise ModelFormatError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for "
                                    f"{len(tokens)} tokens")
@@ -115,7 +118,7 @@ class Tokenizer:
                 raise ModelFormatError(f"{where}: tokenizer.ggml.scores has {len(scores)} entries for "
                                        f"{len(tokens)} tokens")
             unk = meta.get("tokenizer.ggml.unknown_token_id", types.index(UNKNOWN) if UNKNOWN in types else 0)
-            proto = SpmModel([str(t) for t in tokens], [float(s) for s in scores], [int(t) for t in types],
+            proto = SpmModel(tokens, [float(s) for s in scores], types,
                              model_type=2, byte_fallback=BYTE in types, unk_id=int(unk),
                              add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
                              remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces",
@@ -125,8 +128,8 @@ class Tokenizer:
             merges = meta.get("tokenizer.ggml.merges")
             if not isinstance(merges, list):
                 raise ModelFormatError(f"{where}: gpt2 tokenizer without tokenizer.ggml.merges")
-            tok = _gpt2_tokenizer([str(t) for t in tokens], [int(t) for t in types], [str(m) for m in merges],
-                                  str(meta.get("tokenizer.ggml.pre") or "default"), where)
+            _check_array(merges, str, "merges", where)
+            tok = _gpt2_tokenizer(tokens, types, merges, str(meta.get("tokenizer.ggml.pre") or "default"), where)
             add_bos_default = False
         else:
             raise ModelFormatError(f"{where}: tokenizer.ggml.model {kind!r} is not supported (llama, gpt2)")
@@ -495,6 +498,13 @@ def _gpt2_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre:
     return tok
 
 
+def _check_array(values: Any, kind: type, key: str, where: str) -> None:
+    """tokenizer.ggml.<key> is a list of `kind` (a GGUF array has one element type: its first tells)."""
+    if not isinstance(values, list) or values and (not isinstance(values[0], kind) or isinstance(values[0], bool)):
+        what = type(values[0]).__name__ if isinstance(values, list) else type(values).__name__
+        raise ModelFormatError(f"{where}: tokenizer.ggml.{key} holds {what} values, not {kind.__name__}")
+
+
 def first_ids(pieces: list[str]) -> dict[str, int]:
     """piece -> its first id (a repeated piece keeps the first): the later pairs of the reversed list win."""
     return dict(zip(reversed(pieces), range(len(pieces) - 1, -1, -1), strict=True))
@@ -505,7 +515,7 @@ def _add_token_types(tok: HFTokenizer, tokens: list[str], types: list[int]) -> N
     (matched in any text, as SentencePiece and llama.cpp match them)."""
     if len(tokens) != len(types):
         raise ValueError(f"{len(tokens)} tokens but {len(types)} token types")
-    others = [(i, k) for i, k in enumerate(types) if k != NORMAL]  # few: one pass over the types only
+    others = [(i, types[i]) for i in compress(range(len(types)), map(NORMAL.__ne__, types))]  # few; found in C
     tok.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i, k in others
                             if k in (CONTROL, UNKNOWN)])
     tok.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i, k in others

@@ -237,6 +237,7 @@ MAX_ARRAY_TOTAL = 1 << 23  # elements in all metadata arrays together (each cost
 MAX_NESTED_ARRAY_LEN = 4_096  # elements in an array of arrays (real files have none)
 MAX_ARRAY_STRING = 1 << 16  # bytes in one string inside an array (a vocabulary token, a merge)
 _U64 = struct.Struct("<Q")
+SHORT_STRINGS_SPAN = 16 << 20  # short_strings' bytes at most (a 262k vocabulary: ~4 MB); past it, the loop
 MAX_KEY = 1 << 16  # bytes in a metadata key
 
 # GGUF metadata value types: id -> (name, little-endian numpy dtype); 8 is string, 9 is array
@@ -441,8 +442,12 @@ class _Cursor:
         return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(n)]
 
     def strings(self, n: int, what: str) -> list[str]:
-        """n strings in a row (vocabularies: ~100k of them). A loop without take()'s checks first (SmolLM2's
-        49k: 45 -> 25 ms); where it meets something wrong, the checked loop reads them again and says what."""
+        """n strings in a row (vocabularies: ~100k of them). Found and decoded as one block where the
+        layout is proven (short_strings), else a loop without take()'s checks (SmolLM2's 49k: 45 -> 25 ms);
+        where that meets something wrong, the checked loop reads them again and says what."""
+        if n > 64 and (found := short_strings(self.buf, self.pos, n)) is not None:
+            out, self.pos = found
+            return out
         buf, pos, end = self.buf, self.pos, len(self.buf)
         out: list[str] = []
         append, length = out.append, _U64.unpack_from
@@ -477,6 +482,44 @@ class _Cursor:
             pos += k
         self.pos = pos
         return out
+
+
+def short_strings(buf: memoryview, pos: int, n: int) -> tuple[list[str], int] | None:
+    """The n strings at pos when each is 1-255 bytes long with no zero byte in it (a vocabulary's tokens, its
+    merges), and the position after them; None when that is not so. Done over the bytes at once (SmolLM2's
+    49k tokens or merges: 25-28 -> ~10 ms of a ~200 ms load): a length under 256 is a nonzero-free run of 7
+    bytes after its first, so the candidates are where such runs start; the first n of them are the strings'
+    lengths exactly when each is the previous one's end (checked for all). Then each length's first seven
+    bytes are dropped and its eighth (a zero) stays between the strings as a separator that none of them
+    holds (checked: n + 1 pieces), and all are decoded at once."""
+    end = min(len(buf), pos + SHORT_STRINGS_SPAN)  # the bytes looked at (then ~3x that in scratch) at most
+    if n < 1 or end - pos < 8:
+        return None
+    w = min(end - pos, 16 * n + 64)  # a guess at the strings' extent, doubled until n candidates are in it
+    while True:
+        a = np.frombuffer(buf, np.uint8, w, pos)
+        z = a == 0
+        run = z[1:w - 6].copy()
+        for j in range(2, 8):
+            run &= z[j:w - 7 + j]
+        cand = np.flatnonzero(run)
+        if w == end - pos or len(cand) >= n and cand[n - 1] + 8 + 255 <= w:  # the n-th string's end is in too
+            break
+        w = min(end - pos, 2 * w)
+    if len(cand) < n or cand[0] != 0:
+        return None
+    cand = cand[:n]
+    lens = a[cand].astype(np.int64)
+    stop = int(cand[-1] + 8 + lens[-1])
+    if stop > w or not np.array_equal(cand[1:], cand[:-1] + 8 + lens[:-1]):
+        return None
+    keep = np.ones(stop, dtype=bool)
+    keep[(cand[:, None] + np.arange(7)).ravel()] = False
+    out = a[:stop][keep].tobytes().decode("utf-8", "surrogateescape").split("\x00")
+    if len(out) != n + 1:
+        return None
+    del out[0]
+    return out, pos + stop
 
 
 def _pad(n: int, alignment: int) -> int:

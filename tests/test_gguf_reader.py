@@ -19,7 +19,7 @@ import torch
 
 from quant.formats import GGML_BLOCKS, GGMLType, quantize, to_int4
 from runtime.errors import ModelFormatError
-from runtime.weights import read_gguf
+from runtime.weights import _Cursor, read_gguf, short_strings
 from tests import ggml_oracle
 from tests.fixtures import calls_bounded, llama_cpp_source, smollm2_gguf
 
@@ -613,3 +613,46 @@ def test_zero_dimensional_tensor(tmp_path: Path) -> None:
     path.write_bytes(blob)
     t = read_gguf(path).tensor("s")
     assert t.shape == () and float(t) == 2.5
+
+
+def _string_array(strings: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<Q", len(s)) + s for s in strings)
+
+
+@pytest.mark.parametrize("case", ["vocabulary", "empty", "zero byte", "seven zeros", "256 bytes", "bad utf-8",
+                                  "at the end", "long last"])
+def test_short_strings_equal_the_checked_loop(case: str) -> None:
+    """The vocabulary reader's all-at-once path (short_strings) gives the checked loop's strings and end, or
+    declines (None) where its layout does not hold; _Cursor.strings is right either way."""
+    rng = np.random.default_rng(list(case.encode()))
+    pieces = [bytes(rng.integers(1, 256, rng.integers(1, 12), dtype=np.uint8)) for _ in range(3000)]
+    pieces[5] = "Ġthe ĊĊ ▁über 你好".encode()
+    fits = True
+    if case == "empty":  # an empty string's length is 8 zero bytes: the byte before it is a candidate too
+        pieces[10:13] = [b"", b"x", b""]
+        fits = False
+    elif case == "zero byte":
+        pieces[100] = b"a\x00b"
+        fits = False
+    elif case == "seven zeros":
+        pieces[200] = b"\x05" + b"\x00" * 7 + b"z"
+        fits = False
+    elif case == "256 bytes":
+        pieces[300] = b"q" * 256
+        fits = False
+    elif case == "bad utf-8":
+        pieces[7:10] = [b"\xe2\x82", b"\xac", b"\xff\xfe"]  # a character cut between two pieces
+    elif case == "long last":
+        pieces[-1] = b"w" * 255
+    tail = b"" if case in ("at the end", "long last") else struct.pack("<I", 7) + b"\x00" * 64
+    buf = memoryview(b"\x01\x02\x03" + _string_array(pieces) + tail)
+    want = [p.decode("utf-8", "surrogateescape") for p in pieces]
+    end = len(buf) - len(tail)
+    cur = _Cursor(Path("x.gguf"), buf)
+    cur.pos = 3
+    assert cur.checked_strings(len(pieces), "s") == want and cur.pos == end
+    got = short_strings(buf, 3, len(pieces))
+    assert (got == (want, end)) if fits else got is None
+    cur.pos = 3
+    assert cur.strings(len(pieces), "s") == want and cur.pos == end
+    assert short_strings(buf, 3, len(pieces) + 1) is None or case not in ("at the end", "long last")

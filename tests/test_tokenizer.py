@@ -255,6 +255,12 @@ def test_gguf_metadata_errors(tmp_path):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.token_type": [1, 1, 1]})
     with pytest.raises(ModelFormatError, match="tokenizer.ggml.model 'bert' is not supported"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.model": "bert"})
+    with pytest.raises(ModelFormatError, match="tokenizer.ggml.tokens holds int values, not str"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.tokens": list(range(len(meta["tokenizer.ggml.tokens"])))})
+    with pytest.raises(ModelFormatError, match="tokenizer.ggml.token_type holds float values, not int"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.token_type": [1.0] * len(meta["tokenizer.ggml.tokens"])})
+    with pytest.raises(ModelFormatError, match="tokenizer.ggml.merges holds list values, not str"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": [["a", "b"]]})
 
 
 # ---- encode_parts ---------------------------------------------------------------------------------
