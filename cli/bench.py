@@ -1,8 +1,9 @@
 """`mamba-cli bench MODEL`: llama-bench-style speed figures for our runtime (measured by runtime/bench.py).
 
 Reports load time, prefill tokens/s (-p), decode tokens/s (-n) at a context depth (-d), peak memory,
-and how close decode comes to the memory-bandwidth limit: bytes of weights read per token divided by
-this machine's measured copy bandwidth.
+and how close decode comes to the memory-bandwidth limit: this machine's measured copy bandwidth over the
+bytes a decode step must move (the weights it reads, plus the cache: Mamba states read and written, keys and
+values read at the figure's context).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
     measure(m, prompt, decode, depth, reps)   median prefill and decode tokens/s from fresh caches
     copy_bandwidth(nbytes, device)            bytes/s of a large tensor copy: the memory-bandwidth yardstick
     bytes_per_token(m)                        weight bytes one decode step reads
+    state_bytes_per_token(m, positions)       cache bytes it moves besides: recurrent states read and
+                                              written, keys and values read at that many positions
     bench(m, prompt, decode, depth, reps, compiled)   one row: load/compile time, pp/tg tokens/s, peak
                                               memory, and decode speed against the bandwidth limit
 """
@@ -14,6 +16,7 @@ import time
 
 import torch
 
+from runtime.cache import KVCache, RollingKVCache, SSMState
 from runtime.device import peak_cuda_bytes, peak_rss_bytes
 from runtime.loader import LoadedModel
 
@@ -38,14 +41,31 @@ def _sync(device) -> None:
 
 
 def bytes_per_token(m: LoadedModel) -> int:
-    """Weight bytes one decode step reads: everything but the embedding table (only one row is read)."""
-    embed = {id(t) for mod in m.module.modules() if isinstance(mod, torch.nn.Embedding) for t in mod.parameters()}
+    """Weight bytes one decode step reads: everything but the token embedding's table (one row of it is read),
+    unless the head is tied to it (then read whole)."""
+    skip = None if m.config.get("tie_word_embeddings") else m.module.input_embedding()
     seen, total = set(), 0
-    for t in list(m.module.parameters()) + list(m.module.buffers()):
-        if t.data_ptr() in seen or (id(t) in embed and not m.config.get("tie_word_embeddings")):
+    for mod in m.module.modules():
+        if mod is skip:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def state_bytes_per_token(m: LoadedModel, positions: int) -> int:
+    """Cache bytes one decode step moves at `positions` of context besides the weights: each Mamba layer
+    reads and writes its whole state (Codestral-Mamba-7B: 64 layers x 4.1 MiB, each way: 13% on top of its
+    weights), each attention layer reads its keys and values (llama.cpp moves the same)."""
+    total = 0
+    for c in m.module.make_cache(1):
+        if isinstance(c, SSMState):
+            total += 2 * c.nbytes
+        elif isinstance(c, (KVCache, RollingKVCache)):
+            seen = min(positions, c.window) if isinstance(c, RollingKVCache) else positions
+            total += 2 * c.k.shape[0] * c.k.shape[1] * c.k.shape[3] * c.k.element_size() * seen
     return total
 
 
@@ -83,13 +103,15 @@ def bench(m: LoadedModel, prompt: int, decode: int, depth: int, reps: int, compi
     rss = peak_rss_bytes()  # before the copy probe's 512 MiB
     bw = copy_bandwidth(device=dev)
     per_tok = bytes_per_token(m)
-    limit = bw / per_tok
+    state = state_bytes_per_token(m, depth + prompt + decode // 2)  # the decode figure's middle step
+    limit = bw / (per_tok + state)
     row = {"model": m.source, "arch": m.arch, "device": dev, "threads": torch.get_num_threads(),
            "load_s": round(m.load_seconds, 3),
            "compile_s": round(m.compile_seconds, 2) if compiled is None else compiled,
            f"pp{prompt}_tps": round(r["prefill_tps"], 1),
            f"tg{decode}_tps": round(r["decode_tps"], 1), "depth": depth,
-           "weights_mib_per_token": round(per_tok / 2**20, 1), "copy_gbps": round(bw / 1e9, 2),
+           "weights_mib_per_token": round(per_tok / 2**20, 1), "state_mib_per_token": round(state / 2**20, 1),
+           "copy_gbps": round(bw / 1e9, 2),
            "bandwidth_limit_tps": round(limit, 1), "of_limit": round(r["decode_tps"] / limit, 3),
            "peak_rss_mib": round(rss / 2**20)}
     if dev.startswith("cuda"):

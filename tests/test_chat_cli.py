@@ -284,3 +284,28 @@ def test_threads_default_to_physical_cores_and_obey_the_flag():
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         assert p.returncode == 0, p.stderr
         assert f"({want} thread" in " ".join(p.stderr.split()), p.stderr
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bench_bytes_a_step_moves(tied):
+    """The bandwidth limit's bytes: every weight but an untied embedding's table (a tied head reads it whole),
+    plus each Mamba state read and written and each attention layer's keys and values read at the context."""
+    from runtime.bench import bytes_per_token, state_bytes_per_token
+
+    folder = build_tiny("JambaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                                 num_attention_heads=4, num_key_value_heads=2, num_experts=2,
+                                                 num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+                                                 attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+                                                 mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+                                                 tie_word_embeddings=tied))
+    m = load_model(folder, device="cpu", dtype="float32")
+    embedding = m.module.input_embedding().weight
+    everything = {t.data_ptr(): t.numel() * t.element_size() for t in (*m.module.parameters(), *m.module.buffers())}
+    table = embedding.numel() * embedding.element_size()
+    assert bytes_per_token(m) == sum(everything.values()) - (0 if tied else table)
+    cache = m.make_cache(1)
+    states = [c for c in cache if hasattr(c, "ssm")]
+    assert len(states) == 2 and len(cache) == 4
+    per_position = 2 * 2 * 16 * 4  # keys and values, 2 kv heads of 16, float32
+    assert state_bytes_per_token(m, 0) == 2 * sum(c.nbytes for c in states)
+    assert state_bytes_per_token(m, 100) - state_bytes_per_token(m, 0) == 2 * 100 * per_position
