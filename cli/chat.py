@@ -22,6 +22,7 @@ from cli.common import (
     MODEL_ARG,
     QUANTIZE_OPT,
     THREADS_OPT,
+    CompileInBackground,
     Sampling,
     cpu_threads,
     decode_path,
@@ -76,11 +77,21 @@ class Chat:
         self.messages: list[dict] = []
         self.session = Session(m)
         self.stop_ids: list[int] | None = None  # None: the model's EOS ids
+        self.compiling: CompileInBackground | None = None  # joined before the model first runs
 
     def ids(self) -> list[int]:
         return chat_prompt(self.m, self.messages, self.system)[0]
 
     def reply(self, text: str) -> None:
+        if (compiling := self.compiling) is not None:
+            try:
+                compiling.wait()
+            except KeyboardInterrupt:  # as Ctrl-C in a reply: the conversation stays (and the compile goes on)
+                self.console.print("[dim]stopped (Ctrl-C) before the reply began[/]")
+                return
+            finally:
+                if compiling.thread is None:
+                    self.compiling = None
         self.messages.append({"role": "user", "content": text})
         stats = Stats()
         pieces: list[str] = []
@@ -211,17 +222,19 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal. /help inside lists the commands."""
     console = Console(highlight=False)
-    m = load(model, device, dtype, gpu_layers, compile, threads, quantize)
+    m = load(model, device, dtype, gpu_layers, "background" if compile else False, threads, quantize)
     c = Chat(m, Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens), system,
              console, verbose)
     if ignore_eos:
         c.stop_ids = []
     if resume:
         c.load(resume)
+    if compile and not m.on_one_gpu():  # (load() captured a GPU's decode steps: milliseconds)
+        c.compiling = CompileInBackground(m)  # while the first message is typed
     err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}"
               + (quant_path(m) + decode_path(m) if verbose else "") + ", "
               f"loaded in {m.load_seconds:.1f} s"
-              + (f" (+{m.compile_seconds:.1f} s compiling)" if m.compile_seconds else "") + ". "
+              + (" (compiling the decode step meanwhile)" if c.compiling else "") + ". "
               "/help for commands, /exit or Ctrl-D to quit.[/]")
     while True:
         try:

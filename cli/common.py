@@ -311,10 +311,43 @@ def stored_quantized(path: Path, qtype: str) -> Path:
     return dest
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool | None = False,
+class CompileInBackground:
+    """The CPU decode step's compile (LoadedModel.compile) in a thread, so that chat's prompt comes up as soon
+    as the model is loaded and the compile runs while the first message is typed (SmolLM2: dynamo's and
+    inductor's imports and a compile from the disk cache, ~4 s; a first compile up to ~15 s). wait() before
+    the model runs: it joins the thread (a status line while it is still going) and says if compiled code
+    will not run, once."""
+
+    def __init__(self, m: LoadedModel) -> None:
+        self.m, self.why, self.error = m, None, None
+        self.thread: threading.Thread | None = threading.Thread(target=self._run, name="mamba-cli compile",
+                                                               daemon=True)  # a quit does not wait for it
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.why = self.m.compile()
+        except BaseException as e:  # raised where the model is next used, as a compile in the foreground
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is None:
+            return
+        if self.thread.is_alive():
+            with err.status("finishing the decode step's compile…", spinner="dots"):
+                self.thread.join()
+        self.thread = None
+        if self.error is not None:
+            raise self.error
+        if self.why and "MAMBA_CLI_NO_COMPILE" not in self.why and "no layer" not in self.why:
+            err.print(f"[dim]decode step not compiled ({self.why}); running eagerly[/]")
+
+
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool | str | None = False,
          threads: int | None = None, quantize: str | None = None) -> LoadedModel:
     """Load with a status line; compile (None: only on a GPU, where capturing the decode steps costs
-    milliseconds) compiles the CPU decode step or captures the GPU's (LoadedModel.compile)."""
+    milliseconds) compiles the CPU decode step or captures the GPU's (LoadedModel.compile); "background"
+    leaves a CPU compile to the caller (CompileInBackground)."""
     set_threads(threads)
     path = resolve(model)
     qtype = choose_quant(path, device, dtype, quantize.lower() if quantize else None)
@@ -336,6 +369,8 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
         why = m.compile()
         if why and "MAMBA_CLI" not in why:
             err.print(f"[dim]decode steps not captured ({why}); running eagerly[/]")
+    elif compile == "background":
+        pass
     elif compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
                         spinner="dots"):

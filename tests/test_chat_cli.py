@@ -309,3 +309,30 @@ def test_bench_bytes_a_step_moves(tied):
     per_position = 2 * 2 * 16 * 4  # keys and values, 2 kv heads of 16, float32
     assert state_bytes_per_token(m, 0) == 2 * sum(c.nbytes for c in states)
     assert state_bytes_per_token(m, 100) - state_bytes_per_token(m, 0) == 2 * 100 * per_position
+
+
+def test_compile_in_background_is_joined_before_the_first_reply(monkeypatch):
+    """chat compiles the CPU decode step in a thread while the first message is typed; the first reply joins it
+    and runs compiled steps, with the same words as an eager chat; an error in the compile is raised there."""
+    from cli.common import CompileInBackground
+    from runtime import compile as comp
+
+    monkeypatch.delenv("MAMBA_CLI_NO_COMPILE", raising=False)
+    eager, fast = chat_for("mamba"), chat_for("mamba")
+    fast.compiling = CompileInBackground(fast.m)
+    before = sum(comp.direct_calls.values())
+    for c in (eager, fast):
+        c.reply("Hello there")
+    assert fast.compiling is None and sum(comp.direct_calls.values()) > before
+    assert all(layer.compiled_step for layer in fast.m.module.layers)
+    assert fast.messages == eager.messages
+
+    broken = chat_for("mamba")
+
+    def fail():
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(broken.m, "compile", fail)
+    broken.compiling = CompileInBackground(broken.m)
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        broken.reply("Hello")
