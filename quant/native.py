@@ -18,7 +18,8 @@ Ops (namespace mamba_cli, CPU):
     ggml_quantize(x, type)             blocks (B, 32 or 256) float32 -> (B, bytes) uint8, Q4_0 / Q4_1 / Q8_0 /
                                        Q4_K / Q6_K, as llama.cpp's reference packers (quant/formats.py is
                                        their torch port)
-    simd()                             which path was compiled: "avx2" or "generic"
+    simd()                             which path was compiled: "avx2", "avx2+vnni", "neon+dotprod" or
+                                       "generic"
 """
 
 from __future__ import annotations

@@ -19,16 +19,26 @@
 // types: 4 for R <= 2, else 2; each activation block is reused for each), nb blocks per row.
 //
 // Paths: AVX2 (+FMA, F16C) when compiled for a CPU that has it, with VNNI dot products where the CPU has
-// AVX-512-VNNI or AVX-VNNI; otherwise plain C++ of the same integer arithmetic (ARM builds take this one,
-// auto-vectorized by the compiler: no NEON path is written yet). On AVX2, from a few activation rows on,
+// AVX-512-VNNI or AVX-VNNI; NEON with the ARMv8.2 dot product (SDOT) on ARM CPUs that have it (Apple M1 and
+// later, Graviton 2 and later, Cortex-A76 and later): the one-token and few-row products of every type, in
+// the plain path's order of float operations (same results); otherwise plain C++ of the same integer
+// arithmetic, auto-vectorized by the compiler. On AVX2, from a few activation rows on,
 // the weights go 8 rows at a time through tiles built per call (see "tiles" below: prefill); one token of
 // Q4_0 / Q4_1 weights takes two rows per vector and two blocks at a time (dot_nib4). Threads come
 // from torch's intra-op pool (at::parallel_for over N, each thread a contiguous share, the idle taking
 // others' rows from the back).
 
+#ifndef MC_CORE_ONLY  // MC_CORE_ONLY: the kernels without torch (tests/native/simd_check.cpp includes this file)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#else
+#include <cstdlib>
+#define TORCH_CHECK(cond, ...) \
+  do {                         \
+    if (!(cond)) std::abort(); \
+  } while (0)
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -36,12 +46,16 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MC_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define MC_NEON 1
 #endif
 
 namespace {
@@ -72,6 +86,10 @@ static_assert(sizeof(BQ8_0) == 34 && sizeof(BQ8_1) == 36 && sizeof(BQ4_K) == 144
 inline float h2f(fp16 h) {
 #ifdef MC_AVX2
   return _cvtsh_ss(h);
+#elif defined(__aarch64__)  // one fcvt: every value, subnormals and NaN payloads included, as the plain code
+  __fp16 v;
+  std::memcpy(&v, &h, 2);
+  return (float)v;
 #else
   const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
   uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
@@ -283,6 +301,46 @@ inline __m256i dot_us(__m256i u, __m256i s) {
 }
 #endif
 
+#ifdef MC_NEON
+// ---------------------------------------------------------------- NEON helpers (ARMv8.2 dot products)
+//
+// The NEON path keeps the plain path's arithmetic and order: each block's (or sub-block's) integer dot
+// product from SDOT (int8 x int8, 4-lane sums), summed across lanes (exact), then scaled and accumulated in
+// float32 as the plain loops do, so both give the same floats (tests/native/simd_check.cpp checks it).
+
+// 16 bytes of nibbles -> 32 quants 0..15: the low nibbles (elements 0-15), then the high ones (16-31)
+inline int8x16x2_t nibbles32(const uint8_t* qs) {
+  const uint8x16_t v = vld1q_u8(qs);
+  return {{vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0xF))), vreinterpretq_s8_u8(vshrq_n_u8(v, 4))}};
+}
+
+// Q5's fifth bits: bit j of the 32-bit qh -> 0x10 in byte j
+inline int8x16x2_t fifth_bits32(const uint8_t* qh) {
+  static const uint8_t kByte[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  static const uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  const uint8x16_t bytes = vreinterpretq_u8_u32(vdupq_n_u32(h)), bit = vld1q_u8(kBit), x10 = vdupq_n_u8(0x10);
+  const uint8x16_t lo = vtstq_u8(vqtbl1q_u8(bytes, vld1q_u8(kByte)), bit);
+  const uint8x16_t hi = vtstq_u8(vqtbl1q_u8(bytes, vld1q_u8(kByte + 16)), bit);
+  return {{vreinterpretq_s8_u8(vandq_u8(lo, x10)), vreinterpretq_s8_u8(vandq_u8(hi, x10))}};
+}
+
+inline int8x16x2_t or_sub(int8x16x2_t a, int8x16x2_t b, int8_t off) {  // (a | b) - off, bytewise
+  const int8x16_t o = vdupq_n_s8(off);
+  return {{vsubq_s8(vorrq_s8(a.val[0], b.val[0]), o), vsubq_s8(vorrq_s8(a.val[1], b.val[1]), o)}};
+}
+
+// the sum of a[j] * y[j] over 32 int8 quants
+inline int dot32_s8(const int8x16x2_t& a, const int8_t* y) {
+  return vaddvq_s32(vdotq_s32(vdotq_s32(vdupq_n_s32(0), a.val[0], vld1q_s8(y)), a.val[1], vld1q_s8(y + 16)));
+}
+
+// the sum of a[j] * y[j] over 16 int8 quants
+inline int dot16_s8(int8x16_t a, const int8_t* y) { return vaddvq_s32(vdotq_s32(vdupq_n_s32(0), a, vld1q_s8(y))); }
+#endif
+
 // ---------------------------------------------------------------- row dot products
 //
 // Each dot<R> computes out[r] = <weight row w, activation row r> for r < R from quantized activations
@@ -302,6 +360,12 @@ struct DQ4_0 {
 #ifdef MC_AVX2
   static __m256i v(const B& b) { return nibbles32(b.qs); }
 #endif
+#ifdef MC_NEON  // the NEON decoders give the quants q as the plain path does (signed, offset taken off)
+  static int8x16x2_t n(const B& b) {
+    const int8x16x2_t u = nibbles32(b.qs);
+    return {{vsubq_s8(u.val[0], vdupq_n_s8(8)), vsubq_s8(u.val[1], vdupq_n_s8(8))}};
+  }
+#endif
 };
 struct DQ4_1 {
   using B = BQ4_1;
@@ -310,6 +374,9 @@ struct DQ4_1 {
   static int q(const B& b, int j) { return j < 16 ? b.qs[j] & 0xF : b.qs[j - 16] >> 4; }
 #ifdef MC_AVX2
   static __m256i v(const B& b) { return nibbles32(b.qs); }
+#endif
+#ifdef MC_NEON
+  static int8x16x2_t n(const B& b) { return nibbles32(b.qs); }
 #endif
 };
 inline int fifth_bit(const uint8_t* qh, int j) {
@@ -327,6 +394,9 @@ struct DQ5_0 {
     return _mm256_or_si256(nibbles32(b.qs), _mm256_and_si256(bits32(b.qh), _mm256_set1_epi8(0x10)));
   }
 #endif
+#ifdef MC_NEON
+  static int8x16x2_t n(const B& b) { return or_sub(nibbles32(b.qs), fifth_bits32(b.qh), 16); }
+#endif
 };
 struct DQ5_1 {
   using B = BQ5_1;
@@ -338,6 +408,9 @@ struct DQ5_1 {
     return _mm256_or_si256(nibbles32(b.qs), _mm256_and_si256(bits32(b.qh), _mm256_set1_epi8(0x10)));
   }
 #endif
+#ifdef MC_NEON
+  static int8x16x2_t n(const B& b) { return or_sub(nibbles32(b.qs), fifth_bits32(b.qh), 0); }
+#endif
 };
 struct DQ8_0 {
   using B = BQ8_0;
@@ -346,6 +419,9 @@ struct DQ8_0 {
   static int q(const B& b, int j) { return b.qs[j]; }
 #ifdef MC_AVX2
   static __m256i v(const B& b) { return _mm256_loadu_si256((const __m256i*)b.qs); }
+#endif
+#ifdef MC_NEON
+  static int8x16x2_t n(const B& b) { return {{vld1q_s8(b.qs), vld1q_s8(b.qs + 16)}}; }
 #endif
 };
 
@@ -549,6 +625,21 @@ void dot32(int64_t nb, const uint8_t* const* wr, const uint8_t* const* act, cons
   }
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) out[c * R + r] = hsum(acc[c][r]) + mins[c][r];
+#elif defined(MC_NEON)
+  float s[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) s[c][r] = 0.f;
+  for (int64_t i = 0; i < nb; ++i)
+    for (int c = 0; c < RW; ++c) {
+      const int8x16x2_t q = D::n(w[c][i]);  // unpacked once for the R activation rows
+      const float dw = h2f(w[c][i].d);
+      for (int r = 0; r < R; ++r) {
+        s[c][r] += (float)dot32_s8(q, q8[r][i].qs) * dw * dx[r][i];
+        if constexpr (D::kMin) mins[c][r] += h2f(w[c][i].m) * sx[r][i];
+      }
+    }
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = s[c][r] + mins[c][r];
 #else
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) {
@@ -646,6 +737,37 @@ void dot_q4_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
       m = _mm_add_ss(m, _mm_movehdup_ps(m));
       out[c * R + r] = hsum(acc[c][r]) - _mm_cvtss_f32(m);
     }
+#elif defined(MC_NEON)
+  float acc[RW][R], mins[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = mins[c][r] = 0.f;
+  const uint8x16_t m4 = vdupq_n_u8(0xF);
+  for (int64_t i = 0; i < nb; ++i)
+    for (int c = 0; c < RW; ++c) {
+      uint8_t sc[8], mn[8];
+      k4_scales(w[c][i].scales, sc, mn);
+      int8x16_t q[16];  // sub-block 2j: the low nibbles of bytes 32j..32j+31 (q[4j], q[4j+1]); 2j+1: the high
+      for (int j = 0; j < 4; ++j) {
+        const uint8x16_t v0 = vld1q_u8(w[c][i].qs + 32 * j), v1 = vld1q_u8(w[c][i].qs + 32 * j + 16);
+        q[4 * j] = vreinterpretq_s8_u8(vandq_u8(v0, m4));
+        q[4 * j + 1] = vreinterpretq_s8_u8(vandq_u8(v1, m4));
+        q[4 * j + 2] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4));
+        q[4 * j + 3] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
+      }
+      const float d = h2f(w[c][i].d), dmin = h2f(w[c][i].dmin);
+      for (int r = 0; r < R; ++r) {
+        const BQ8_K& y = q8[r][i];
+        int m = 0, sum = 0;
+        for (int j = 0; j < 8; ++j) m += mn[j] * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
+        for (int j = 0; j < 4; ++j)
+          sum += sc[2 * j] * dot32_s8({{q[4 * j], q[4 * j + 1]}}, y.qs + 64 * j) +
+                 sc[2 * j + 1] * dot32_s8({{q[4 * j + 2], q[4 * j + 3]}}, y.qs + 64 * j + 32);
+        acc[c][r] += d * y.d * (float)sum;
+        mins[c][r] += dmin * y.d * (float)m;
+      }
+    }
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = acc[c][r] - mins[c][r];
 #else
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) {
@@ -744,6 +866,44 @@ void dot_q6_k(int64_t nb, const uint8_t* const* wr, const BQ8_K* const* q8, cons
   }
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) out[c * R + r] = hsum(acc[c][r]);
+#elif defined(MC_NEON)
+  float s[RW][R];
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) s[c][r] = 0.f;
+  const uint8x16_t m15 = vdupq_n_u8(15), m3 = vdupq_n_u8(3);
+  const int8x16_t m32 = vdupq_n_s8(32);
+  for (int64_t i = 0; i < nb; ++i)
+    for (int c = 0; c < RW; ++c) {
+      // per half j, 128 quants in 8 vectors of 16: element 16t + l of the half is vector t (its scale sc[t])
+      int8x16_t q[2][8];
+      for (int j = 0; j < 2; ++j) {
+        const uint8_t* ql = w[c][i].ql + 64 * j;
+        const uint8_t* qh = w[c][i].qh + 32 * j;
+        for (int u = 0; u < 2; ++u) {  // elements 16u..16u+15 of each of the four 32-runs
+          const uint8x16_t l0 = vld1q_u8(ql + 16 * u), l1 = vld1q_u8(ql + 32 + 16 * u), h = vld1q_u8(qh + 16 * u);
+          const uint8x16_t a = vorrq_u8(vandq_u8(l0, m15), vshlq_n_u8(vandq_u8(h, m3), 4));
+          const uint8x16_t b = vorrq_u8(vandq_u8(l1, m15), vshlq_n_u8(vandq_u8(vshrq_n_u8(h, 2), m3), 4));
+          const uint8x16_t e = vorrq_u8(vshrq_n_u8(l0, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(h, 4), m3), 4));
+          const uint8x16_t f = vorrq_u8(vshrq_n_u8(l1, 4), vshlq_n_u8(vshrq_n_u8(h, 6), 4));
+          q[j][u] = vsubq_s8(vreinterpretq_s8_u8(a), m32);
+          q[j][2 + u] = vsubq_s8(vreinterpretq_s8_u8(b), m32);
+          q[j][4 + u] = vsubq_s8(vreinterpretq_s8_u8(e), m32);
+          q[j][6 + u] = vsubq_s8(vreinterpretq_s8_u8(f), m32);
+        }
+      }
+      const float d = h2f(w[c][i].d);
+      for (int r = 0; r < R; ++r) {
+        int sum = 0;
+        for (int j = 0; j < 2; ++j) {
+          const int8_t* y = q8[r][i].qs + 128 * j;
+          const int8_t* sc = w[c][i].scales + 8 * j;
+          for (int t = 0; t < 8; ++t) sum += sc[t] * dot16_s8(q[j][t], y + 16 * t);
+        }
+        s[c][r] += d * q8[r][i].d * (float)sum;
+      }
+    }
+  for (int c = 0; c < RW; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = s[c][r];
 #else
   for (int c = 0; c < RW; ++c)
     for (int r = 0; r < R; ++r) {
@@ -1185,6 +1345,21 @@ void dot_tile(int64_t type, int64_t nb, int64_t j, int64_t je, const uint8_t* wp
   }
 }
 
+std::string simd() {
+#if defined(MC_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+  return "avx2+vnni";
+#elif defined(MC_AVX2)
+  return "avx2";
+#elif defined(MC_NEON)
+  return "neon+dotprod";
+#else
+  return "generic";
+#endif
+}
+
+
+#ifndef MC_CORE_ONLY
+
 void check_weights(const at::Tensor& w, int64_t type, int64_t k, const TypeInfo& ti) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2,
               "mamba_cli: weights must be a 2-D uint8 CPU tensor of blocks");
@@ -1507,17 +1682,11 @@ at::Tensor ggml_dequant(const at::Tensor& w, int64_t type, int64_t k) {
   return out;
 }
 
-std::string simd() {
-#if defined(MC_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
-  return "avx2+vnni";
-#elif defined(MC_AVX2)
-  return "avx2";
-#else
-  return "generic";
-#endif
-}
+#endif  // MC_CORE_ONLY
 
 }  // namespace
+
+#ifndef MC_CORE_ONLY
 
 TORCH_LIBRARY(mamba_cli, m) {
   m.def("ggml_mm(Tensor x, Tensor w, int type, int k, Tensor? rows=None) -> Tensor");
@@ -1533,3 +1702,4 @@ TORCH_LIBRARY_IMPL(mamba_cli, CPU, m) {
   m.impl("ggml_mm_id", &ggml_mm_id);
   m.impl("ggml_dequant", &ggml_dequant);
 }
+#endif  // MC_CORE_ONLY
