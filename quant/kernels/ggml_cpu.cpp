@@ -173,10 +173,32 @@ inline float max_abs(const float* x, int n) {  // n % 8 == 0
 #endif
 
 // sums (Q8_0 only, optional): each block's sum of quants, as float (exact: at most 32 x 127)
+#ifdef MC_NEON
+inline float max_abs(const float* x, int n) {  // n % 4 == 0; maxNum skips NaNs, as std::max does
+  float32x4_t m = vdupq_n_f32(0.f);
+  for (int j = 0; j < n; j += 4) m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(x + j)));
+  return vmaxnmvq_f32(m);
+}
+
+// n floats times id rounded half to even (the same values as round_even(x * id)), at most `hi`, as int8;
+// returns their sum
+inline int round_pack(const float* x, float id, int8_t* q, int n, int hi = 127) {
+  int32x4_t sum = vdupq_n_s32(0);
+  const int32x4_t top = vdupq_n_s32(hi);
+  for (int j = 0; j < n; j += 8) {
+    const int32x4_t a = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j), id)), top);
+    const int32x4_t b = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j + 4), id)), top);
+    sum = vaddq_s32(sum, vaddq_s32(a, b));
+    vst1_s8(q + j, vmovn_s16(vcombine_s16(vmovn_s32(a), vmovn_s32(b))));
+  }
+  return vaddvq_s32(sum);
+}
+#endif
+
 template <bool WithSum>
 void quantize_q8(const float* x, void* out, int64_t k, float* sums = nullptr) {
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
-#ifdef MC_AVX2
+#if defined(MC_AVX2) || defined(MC_NEON)
     const float amax = max_abs(x, QK);
 #else
     float amax = 0.f;
@@ -196,6 +218,8 @@ void quantize_q8(const float* x, void* out, int64_t k, float* sums = nullptr) {
     int sum = 0;
 #ifdef MC_AVX2
     _mm256_storeu_si256((__m256i*)qs, round_pack32(x, _mm256_set1_ps(id), WithSum || sums ? &sum : nullptr));
+#elif defined(MC_NEON)
+    sum = round_pack(x, id, qs, QK);
 #else
     for (int j = 0; j < QK; ++j) {
       qs[j] = (int8_t)round_even(x[j] * id);
@@ -211,7 +235,7 @@ void quantize_q8(const float* x, void* out, int64_t k, float* sums = nullptr) {
 void quantize_q8_k(const float* x, BQ8_K* y, int64_t k) {
   for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K, ++y) {
     float amax = 0.f, max = 0.f;
-#ifdef MC_AVX2
+#if defined(MC_AVX2) || defined(MC_NEON)
     amax = max_abs(x, QK_K);
     for (int j = 0; j < QK_K; ++j)
       if (std::fabs(x[j]) == amax) { max = x[j]; break; }
@@ -230,6 +254,8 @@ void quantize_q8_k(const float* x, BQ8_K* y, int64_t k) {
     const __m256 is = _mm256_set1_ps(iscale);
     for (int j = 0; j < QK_K; j += 32)  // |iscale * x| <= 127: the scalar path's min(127, .) never bites
       _mm256_storeu_si256((__m256i*)(y->qs + j), round_pack32(x + j, is, nullptr));
+#elif defined(MC_NEON)
+    round_pack(x, iscale, y->qs, QK_K);
 #else
     for (int j = 0; j < QK_K; ++j) y->qs[j] = (int8_t)std::min(127, round_even(iscale * x[j]));
 #endif
