@@ -31,6 +31,7 @@ from itertools import compress
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -409,7 +410,8 @@ def cached_spm_merges(pieces: list[str], scores: list[float], types: list[int]) 
             ids = array("i", payload)
     except (OSError, ValueError):
         pass
-    if ids is not None and len(ids) % 2 == 0 and (not ids or min(ids) >= 0):
+    # no negative id (numpy's min: builtins.min took 3 ms over a 32k vocabulary's 60k ids)
+    if ids is not None and len(ids) % 2 == 0 and (not ids or np.frombuffer(ids, np.int32).min() >= 0):
         piece = pieces.__getitem__  # pairs of strings built in C (a list comprehension: ~35 vs ~17 ms for 59k)
         try:
             return list(zip(map(piece, ids[::2]), map(piece, ids[1::2]), strict=True))
