@@ -172,7 +172,6 @@ inline float max_abs(const float* x, int n) {  // n % 8 == 0
 }
 #endif
 
-// sums (Q8_0 only, optional): each block's sum of quants, as float (exact: at most 32 x 127)
 #ifdef MC_NEON
 inline float max_abs(const float* x, int n) {  // n % 4 == 0; maxNum skips NaNs, as std::max does
   float32x4_t m = vdupq_n_f32(0.f);
@@ -180,11 +179,11 @@ inline float max_abs(const float* x, int n) {  // n % 4 == 0; maxNum skips NaNs,
   return vmaxnmvq_f32(m);
 }
 
-// n floats times id rounded half to even (the same values as round_even(x * id)), at most `hi`, as int8;
-// returns their sum
-inline int round_pack(const float* x, float id, int8_t* q, int n, int hi = 127) {
+// n floats times id rounded half to even (the same values as round_even(x * id)), at most 127 (the plain
+// Q8_K path's min), as int8; returns their sum
+inline int round_pack(const float* x, float id, int8_t* q, int n) {
   int32x4_t sum = vdupq_n_s32(0);
-  const int32x4_t top = vdupq_n_s32(hi);
+  const int32x4_t top = vdupq_n_s32(127);
   for (int j = 0; j < n; j += 8) {
     const int32x4_t a = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j), id)), top);
     const int32x4_t b = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + j + 4), id)), top);
@@ -195,6 +194,7 @@ inline int round_pack(const float* x, float id, int8_t* q, int n, int hi = 127) 
 }
 #endif
 
+// sums (Q8_0 only, optional): each block's sum of quants, as float (exact: at most 32 x 127)
 template <bool WithSum>
 void quantize_q8(const float* x, void* out, int64_t k, float* sums = nullptr) {
   for (int64_t i = 0; i < k / QK; ++i, x += QK) {
