@@ -1335,6 +1335,25 @@ void quantize_row(int64_t type, const float* x, uint8_t* out, int64_t k, float* 
   }
 }
 
+// The activation format of a weight type: 0 Q8_0, 1 Q8_1, 2 Q8_K
+inline int act_format(const TypeInfo& ti) {
+  return ti.block == QK_K ? 2 : ti.act_bytes == (int64_t)sizeof(BQ8_1) ? 1 : 0;
+}
+
+// One activation row of K values quantized for weights of `type` into q, with each 32-block's d (dx) and s
+// (sx) as float, as the row products take them: for Q8_0 s is the sum of the block's quants (Q4_0 and Q5_0
+// subtract their offset times it), for Q8_1 its stored s. Q8_K blocks carry their own (dx, sx unwritten).
+void quantize_act(int64_t type, const float* x, uint8_t* q, int64_t k, float* dx, float* sx) {
+  const TypeInfo ti = type_info(type);
+  const int f = act_format(ti);
+  quantize_row(type, x, q, k, f == 0 ? sx : nullptr);
+  for (int64_t i = 0; f < 2 && i < k / ti.block; ++i) {
+    const fp16* h = (const fp16*)(q + i * ti.act_bytes);  // d, then s for Q8_1
+    dx[i] = h2f(h[0]);
+    if (f == 1) sx[i] = h2f(h[1]);
+  }
+}
+
 // out[c * R + r] = <weight row w[c], activation row r> for c < RW, r < R
 template <int RW, int R>
 void dot_rows(int64_t type, int64_t nb, const uint8_t* const* w, const uint8_t* const* q8, const float* const* dx,
@@ -1422,7 +1441,7 @@ Part make_part(const at::Tensor& w, int64_t type, int64_t k, const c10::optional
   p.type = type;
   p.src = nullptr;
   p.n = w.size(0);
-  p.act = p.ti.block == QK_K ? 2 : p.ti.act_bytes == (int64_t)sizeof(BQ8_1) ? 1 : 0;
+  p.act = act_format(p.ti);
   // rows: output column j is weight row rows[j] (a row permutation read in place, e.g. llama.cpp's q/k).
   // A permutation of every row is walked in stored order, writing column inv[s] for stored row s: the
   // weight stream stays sequential for the hardware prefetcher. Any other index reads rows[j] for column j.
@@ -1521,20 +1540,12 @@ at::Tensor mm_parts(const at::Tensor& x_in, std::vector<Part>& parts, int64_t k)
     row_bytes[f] = nbk[f] * p.ti.act_bytes;
     q8[f].resize((size_t)(m * row_bytes[f]));
     scales[f].resize((size_t)(2 * m * nbk[f]));
-    const int64_t nb = nbk[f], rb = row_bytes[f], type = p.type, ab = p.ti.act_bytes;
+    const int64_t nb = nbk[f], rb = row_bytes[f], type = p.type;
     uint8_t* qd = q8[f].data();
     float* sd = scales[f].data();
     auto quant_rows = [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        uint8_t* q = qd + r * rb;
-        // Q8_0: s is the sum of the block's quants (Q4_0 and Q5_0 subtract their offset times it)
-        quantize_row(type, xp + r * k, q, k, f == 0 ? sd + (2 * r + 1) * nb : nullptr);
-        for (int64_t i = 0; f < 2 && i < nb; ++i) {
-          const fp16* h = (const fp16*)(q + i * ab);  // d, then s for Q8_1
-          sd[(2 * r) * nb + i] = h2f(h[0]);
-          if (f == 1) sd[(2 * r + 1) * nb + i] = h2f(h[1]);
-        }
-      }
+      for (int64_t r = b; r < e; ++r)
+        quantize_act(type, xp + r * k, qd + r * rb, k, sd + 2 * r * nb, sd + (2 * r + 1) * nb);
     };
     // one row (a decode step): inline, a parallel region would cost more than the row (4.3 -> 3.7 us a call)
     if (m == 1) quant_rows(0, 1); else at::parallel_for(0, m, 1, quant_rows);

@@ -55,16 +55,16 @@ struct Act {  // one activation row quantized as the op does, with each 32-block
   std::vector<double> value;  // the dequantized activations
 };
 
-Act quantize(int64_t type, const std::vector<float>& x) {
+Act quantize(int64_t type, const std::vector<float>& x) {  // as mm_parts does, then the values
   const TypeInfo ti = type_info(type);
   const int64_t k = (int64_t)x.size(), nb = k / ti.block;
   Act a;
   a.q.resize((size_t)(nb * ti.act_bytes));
   a.dx.resize((size_t)nb);
   a.sx.resize((size_t)nb);
-  const int f = ti.block == QK_K ? 2 : ti.act_bytes == (int64_t)sizeof(BQ8_1) ? 1 : 0;
-  quantize_row(type, x.data(), a.q.data(), k, f == 0 ? a.sx.data() : nullptr);
+  quantize_act(type, x.data(), a.q.data(), k, a.dx.data(), a.sx.data());
   a.value.resize((size_t)k);
+  const int f = act_format(ti);
   for (int64_t i = 0; i < nb; ++i) {
     const uint8_t* b = a.q.data() + i * ti.act_bytes;
     if (f == 2) {
@@ -72,9 +72,6 @@ Act quantize(int64_t type, const std::vector<float>& x) {
       for (int j = 0; j < QK_K; ++j) a.value[(size_t)(i * QK_K + j)] = (double)y.d * y.qs[j];
       continue;
     }
-    const fp16* h = (const fp16*)b;
-    a.dx[(size_t)i] = h2f(h[0]);
-    if (f == 1) a.sx[(size_t)i] = h2f(h[1]);
     const int8_t* qs = (const int8_t*)(b + (f == 1 ? 4 : 2));
     for (int j = 0; j < QK; ++j) a.value[(size_t)(i * QK + j)] = (double)a.dx[(size_t)i] * qs[j];
   }
