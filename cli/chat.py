@@ -222,14 +222,15 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal. /help inside lists the commands."""
     console = Console(highlight=False)
-    m = load(model, device, dtype, gpu_layers, "background" if compile else False, threads, quantize)
+    # None: load() captures a GPU's decode steps (milliseconds); a CPU's compile runs below, in the background
+    m = load(model, device, dtype, gpu_layers, None if compile else False, threads, quantize)
     c = Chat(m, Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens), system,
              console, verbose)
     if ignore_eos:
         c.stop_ids = []
     if resume:
         c.load(resume)
-    if compile and not m.on_one_gpu():  # (load() captured a GPU's decode steps: milliseconds)
+    if compile and not m.on_one_gpu():
         c.compiling = CompileInBackground(m)  # while the first message is typed
     err.print(f"[dim]{Path(m.source).name} ({m.arch}) on {m.input_device}{cpu_threads(m)}"
               + (quant_path(m) + decode_path(m) if verbose else "") + ", "

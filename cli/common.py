@@ -343,11 +343,10 @@ class CompileInBackground:
             err.print(f"[dim]decode step not compiled ({self.why}); running eagerly[/]")
 
 
-def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool | str | None = False,
+def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, compile: bool | None = False,
          threads: int | None = None, quantize: str | None = None) -> LoadedModel:
     """Load with a status line; compile (None: only on a GPU, where capturing the decode steps costs
-    milliseconds) compiles the CPU decode step or captures the GPU's (LoadedModel.compile); "background"
-    leaves a CPU compile to the caller (CompileInBackground)."""
+    milliseconds) compiles the CPU decode step or captures the GPU's (LoadedModel.compile)."""
     set_threads(threads)
     path = resolve(model)
     qtype = choose_quant(path, device, dtype, quantize.lower() if quantize else None)
@@ -369,8 +368,6 @@ def load(model: str, device: str, dtype: str | None, gpu_layers: int | None, com
         why = m.compile()
         if why and "MAMBA_CLI" not in why:
             err.print(f"[dim]decode steps not captured ({why}); running eagerly[/]")
-    elif compile == "background":
-        pass
     elif compile:
         with err.status("compiling the decode step (first time for this model shape: up to ~15 s; then cached)…",
                         spinner="dots"):
