@@ -35,7 +35,16 @@ from quant.formats import INT4_TYPES, to_int4
 from quant.linear import Blocks
 from runtime import compile, graphs, registry
 from runtime.cache import StaticCache, cache_offset, make_static
-from runtime.device import check_fits, default_dtype, destination, layer_devices, module_device, place, resolve_device
+from runtime.device import (
+    check_fits,
+    default_dtype,
+    destination,
+    keep_freed_memory,
+    layer_devices,
+    module_device,
+    place,
+    resolve_device,
+)
 from runtime.errors import MambaCliError, ModelFormatError
 from runtime.layers import MoE, fuse_projections
 from runtime.models.base import hooks
@@ -210,6 +219,7 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str | tor
             dtype = DTYPES[dtype]
     if dtype is None:
         dtype = default_dtype(device)
+    keep_freed_memory()
     if not (path.is_dir() or path.is_file() and path.suffix == ".gguf"):
         raise MambaCliError(f"{path}: not a model folder or .gguf file")
     # No cyclic garbage collection while the model is built: the thousands of objects it makes (modules,

@@ -286,6 +286,47 @@ def test_threads_default_to_physical_cores_and_obey_the_flag():
         assert f"({want} thread" in " ".join(p.stderr.split()), p.stderr
 
 
+MALLOC_PROBE = """
+import resource, sys, torch
+from runtime.device import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.randn(10 << 20)  # 40 MiB: above glibc's largest mmap threshold (32 MiB), below the kept size
+def step():  # two 40 MiB temporaries alive at once, then freed: as a layer's activations are
+    ts = [x * i for i in range(2)]
+    del ts
+for _ in range(3):
+    step()
+before = faults()
+for _ in range(10):
+    step()
+print(kept, faults() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_freed_activations_are_reused_not_faulted_in_again():
+    """keep_freed_memory: glibc keeps freed 40 MiB blocks for the next ones (20 allocations, a tenth of the page
+    faults or less; without it each is a fresh mapping, faulted in page by page); left alone when the user set
+    glibc's malloc variables."""
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    runs = {}
+    for arm, extra in (("keep", {}), ("plain", {}), ("keep", {"MALLOC_PERTURB_": "0"})):
+        p = subprocess.run([sys.executable, "-c", MALLOC_PROBE, arm], capture_output=True, text=True, cwd=ROOT,
+                           env={**env, **extra}, timeout=120)
+        assert p.returncode == 0, p.stderr
+        runs[arm, bool(extra)] = p.stdout.split()
+    assert runs["keep", False][0] == "True" and runs["keep", True][0] == "False", runs  # the user's settings win
+    kept, plain = int(runs["keep", False][1]), int(runs["plain", False][1])
+    assert plain > 20 * 10240 * 0.9 and kept < plain / 10, runs  # 40 MiB = 10,240 pages
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_bench_bytes_a_step_moves(tied):
     """The bandwidth limit's bytes: every weight but an untied embedding's table (a tied head reads it whole),
