@@ -125,6 +125,28 @@ def test_ssd_scan_chunked_matches_sequential(t, chunk, groups):
     assert rel(y0, y0_ref) < 1e-5 and rel(h0_fast, h0_ref) < 1e-5
 
 
+def test_ssd_scan_decays_exact_and_survives_large_ones():
+    """The decay matrix against each sum taken in float64 (l >= s; 0 above the diagonal), for sums from ~1e-4 to
+    hundreds per chunk, and the whole scan with decays that large: finite, and equal to the sequential one."""
+    gen = torch.Generator().manual_seed(5)
+    for scale in (1e-4, 0.05, 1.0, 40.0):
+        a = -torch.rand(2, 3, 64, generator=gen) * scale
+        d = a.double()
+        want = torch.zeros(2, 3, 64, 64, dtype=torch.float64)
+        for i in range(64):
+            for j in range(i + 1):
+                want[..., i, j] = torch.exp(d[..., j + 1:i + 1].sum(-1).clamp(min=ssm.EXP_FLOOR))
+        got = ssm._decay_matrix(a)
+        assert got.dtype == torch.float32 and (got.triu(1) == 0).all()
+        assert float(((got.double() - want).abs() / want.clamp_min(1e-30)).max()) < 2e-6  # float32 exp
+    x, dt, A, B, C, D, h0 = mamba2_inputs(1, 150, 4, 3, 2, 5, seed=9)
+    dt = dt * 40.0  # dt A of tens to hundreds a step
+    y_ref, h_ref = ssm.ssd_scan_ref(x, dt, A, B, C, D, h0.clone())
+    y, h = ssm.ssd_scan(x, dt, A, B, C, D, h0.clone(), chunk=64)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    assert rel(y, y_ref) < 1e-5 and rel(h, h_ref) < 1e-5
+
+
 def test_ssd_step_and_split_prefill_match_scan():
     x, dt, A, B, C, D, h0 = mamba2_inputs(1, 50, 6, 4, 3, 7, seed=2)
     y_ref, h_ref = ssm.ssd_scan_ref(x, dt, A, B, C, D, h0.clone())
