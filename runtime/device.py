@@ -7,6 +7,7 @@
                                          streams every tensor straight there)
     to_device                            the copies between split layers (a copy to the CPU is blocking)
     keep_freed_memory                    glibc's malloc told to keep freed activations for the next pass
+    release_free_memory                  ... and to hand back what loading freed
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ KEEP_MMAP_BYTES, KEEP_TRIM_BYTES = 64 << 20, 128 << 20
 _malloc_kept: bool | None = None
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (whose malloc the two functions below tune), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks of up to 64 MiB in the process (up to 128 MiB of them at the
     heap's top) instead of returning each to the system, once per process; True when it was set.
@@ -77,23 +88,28 @@ def keep_freed_memory() -> bool:
     A forward pass allocates and frees the same activation sizes layer after layer. glibc serves blocks above
     its mmap threshold (128 KiB, raised as it sees larger ones, at most 32 MiB) with fresh mappings and
     returns them on free, and trims the heap's top beyond twice that, so the next layer page-faults its
-    memory in again, zeroed: 310-540k minor faults in mamba2-130m's 2,048-token prefill (1.2-2.2 GB), and
-    ~1.8 us each (the whole prefill 445-548 -> 549-659 tok/s with these settings, faults 0). The 64 MiB
-    covers the 7B shapes' activations at 512 tokens (Mistral's gate/up output is 58 MiB). Peak memory
-    stays what the pass needs; freed memory up to the trim bound stays resident between passes.
-    Left alone where the user set glibc's malloc variables (MALLOC_*_, GLIBC_TUNABLES) and off glibc."""
+    memory in again, zeroed: 270-540k minor faults (1-2 GB) in mamba2-130m's 2,048-token prefill, ~1.8 us
+    each. With these settings ~0: the prefill's median 445 / 515 / 548 / 552 / 411 / 536 -> 549 / 591 / 659
+    / 560 / 662 / 675 tok/s (six pairs of fresh processes, alternating). The 64 MiB covers the 7B shapes'
+    activations at 512 tokens (Mistral's gate/up output is 58 MiB). The peak is what a pass needs, as
+    before; what loading freed is still handed back (release_free_memory). Left alone where the user set
+    glibc's malloc variables (MALLOC_*_, GLIBC_TUNABLES) and off glibc."""
     global _malloc_kept
     if _malloc_kept is None:
         _malloc_kept = False
         user = any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ
-        if not user and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                mallopt = ctypes.CDLL(None).mallopt
-            except (OSError, AttributeError):
-                return False
-            _malloc_kept = bool(mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_BYTES)) and bool(
-                mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_BYTES))
+        libc = None if user else _glibc()
+        if libc is not None:
+            _malloc_kept = bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_BYTES)) and bool(
+                libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_BYTES))
     return _malloc_kept
+
+
+def release_free_memory() -> None:
+    """Hand the heap that loading freed (dequantization and packing scratch) back to the system (glibc)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def available_ram() -> int:

@@ -15,7 +15,6 @@ its names map onto ours through the architecture's GGUF_NAMES table (runtime/ggu
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import gc
@@ -43,6 +42,7 @@ from runtime.device import (
     layer_devices,
     module_device,
     place,
+    release_free_memory,
     resolve_device,
 )
 from runtime.errors import MambaCliError, ModelFormatError
@@ -352,14 +352,6 @@ def chosen_kv_dtype(four_bit: bool) -> torch.dtype | None:
     if want not in ("auto", "f16", "f32"):
         raise MambaCliError(f"{KV_CACHE_ENV}={want!r}: use f16, f32 or auto")
     return torch.float16 if want == "f16" or want == "auto" and four_bit else None
-
-
-def release_free_memory() -> None:
-    """Hand the heap that loading freed (dequantization and packing scratch) back to the OS (glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def gguf_config(gf, arch_mod) -> dict[str, Any]:
