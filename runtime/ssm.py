@@ -205,27 +205,29 @@ def ssd_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
 EXP_FLOOR = -60.0  # exp() of anything lower is < 1e-26: clamped so exp never makes (slow) denormals
 
 
-def _decay_matrix(a: Tensor) -> Tensor:
-    """a : (..., L) -> (..., L, L): [l, s] = exp(a[s+1] + ... + a[l]) for l >= s, 0 above the diagonal.
+def _decays(a: Tensor) -> tuple[Tensor, Tensor]:
+    """a : (..., L)  ->  the decay matrix (..., L, L): [l, s] = exp(a[s+1] + ... + a[l]) for l >= s, 0 above the
+    diagonal; and the cumulative sums of a (..., L), both in a's dtype.
 
-    The sums are differences of one cumulative sum taken in float64: exact to ~1e-16 of the chunk's total,
-    so the decays between nearby positions deep into a chunk keep float32's precision (differences of a
-    float32 cumsum would lose it). On the CPU these are the same floats as the sums taken directly, a masked
-    cumsum over (L, L) (torch accumulates a float32 cumsum in float64), at half the cost: mamba2-130m's 24
-    heads of a 64-chunk 215 -> 121 us. a <= 0, so the float64 cumsum never rises and each kept sum is <= 0;
-    above the diagonal the differences are >= 0, clamped to 0 before exp and zeroed after.
+    One cumulative sum in float64 serves both. The matrix's sums are its differences: exact to ~1e-16 of the
+    chunk's total, so the decays between nearby positions deep into a chunk keep float32's precision
+    (differences of a float32 cumsum would lose it). On the CPU these are the same floats as the sums taken
+    directly, a masked cumsum over (L, L), and the cumulative sums the same as a.cumsum (torch accumulates a
+    float32 cumsum in float64), at half the cost: mamba2-130m's 24 heads of a 64-chunk 215 -> 121 us. a <= 0,
+    so the float64 cumsum never rises and each kept sum is <= 0; above the diagonal the differences are >= 0,
+    clamped to 0 before exp and zeroed after.
     """
-    n = a.shape[-1]
     cum = a.double().cumsum(-1)
     seg = torch.sub(cum[..., :, None], cum[..., None, :]).to(a.dtype)  # [l, s] = a[s+1] + ... + a[l]
-    return seg.clamp_(min=EXP_FLOOR, max=0.0).exp_().mul_(_lower_mask(n, a.dtype, a.device))
+    decay = seg.clamp_(min=EXP_FLOOR, max=0.0).exp_().mul_(_lower_mask(a.shape[-1], a.dtype, a.device))
+    return decay, cum.to(a.dtype)
 
 
 _LOWER_MASKS: dict[tuple, Tensor] = {}
 
 
 def _lower_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """_decay_matrix's multiplier: 1 where l >= s, else 0."""
+    """_decays' multiplier: 1 where l >= s, else 0."""
     key = (n, dtype, device)
     if key not in _LOWER_MASKS:
         _LOWER_MASKS[key] = torch.ones(n, n, dtype=torch.bool, device=device).tril().to(dtype)
@@ -259,9 +261,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
         xdt = (x[:, s:e] * dt[:, s:e, :, None]).view(b, L, g, r, p)
         Bc, Cc = Bt[:, :, s:e].reshape(b * g, L, n), Ct[:, :, s:e].reshape(b * g, L, n)  # (B G, L, N)
         dA = (dt[:, s:e] * A).transpose(1, 2)  # (B, H, L)
-        cum = dA.cumsum(-1)
+        decay, cum = _decays(dA)  # (B, H, L, L), (B, H, L)
         # 1. intra-chunk: y_l = sum_{s<=l} (C_l . B_s) exp(dA_{s+1} + ... + dA_l) dt_s x_s
-        scores = torch.bmm(Cc, Bc.transpose(1, 2)).view(b, g, 1, L, L) * _decay_matrix(dA).view(b, g, r, L, L)
+        scores = torch.bmm(Cc, Bc.transpose(1, 2)).view(b, g, 1, L, L) * decay.view(b, g, r, L, L)
         yc = torch.matmul(scores, xdt.permute(0, 2, 3, 1, 4))  # (B, G, R, L, P)
         # 2. carried state: y_l += exp(cum_l) C_l h
         out = torch.bmm(Cc, h).view(b, g, L, r, p)

@@ -136,7 +136,8 @@ def test_ssd_scan_decays_exact_and_survives_large_ones():
         for i in range(64):
             for j in range(i + 1):
                 want[..., i, j] = torch.exp(d[..., j + 1:i + 1].sum(-1).clamp(min=ssm.EXP_FLOOR))
-        got = ssm._decay_matrix(a)
+        got, cum = ssm._decays(a)
+        assert torch.equal(cum, a.cumsum(-1))  # the scan's cumulative sums, as torch's own
         assert got.dtype == torch.float32 and (got.triu(1) == 0).all()
         assert float(((got.double() - want).abs() / want.clamp_min(1e-30)).max()) < 2e-6  # float32 exp
     x, dt, A, B, C, D, h0 = mamba2_inputs(1, 150, 4, 3, 2, 5, seed=9)
